@@ -1,0 +1,29 @@
+"""Dynamo-Py: write small Python service classes; the framework wires them into a pipeline.
+
+Public API:
+
+    from dynamo_sdk import service, endpoint, api, depends, async_on_start, ServiceConfig
+"""
+
+from dynamo_sdk.sdk.config import ServiceConfig
+from dynamo_sdk.sdk.context import dynamo_context
+from dynamo_sdk.sdk.endpoint import api, endpoint
+from dynamo_sdk.sdk.lifecycle import async_on_shutdown, async_on_start, liveness, readiness
+from dynamo_sdk.sdk.service import DynamoService, depends, service
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamoService",
+    "ServiceConfig",
+    "__version__",
+    "api",
+    "async_on_shutdown",
+    "async_on_start",
+    "depends",
+    "dynamo_context",
+    "endpoint",
+    "liveness",
+    "readiness",
+    "service",
+]

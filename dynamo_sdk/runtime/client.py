@@ -1,0 +1,428 @@
+"""The caller side: typed clients of remote endpoints, and the response streams they return.
+
+`ServiceClient` is what `depends(Other)` resolves to; `client.generate` is an `EndpointClient`
+and `client.generate(req)` a `ResponseStream` (an async iterator; awaitable for one-answer
+endpoints). Routing: calling the endpoint publishes to its queue-group subject (NATS picks an
+instance); `.round_robin()`, `.random()` and `.direct(instance_id)` pick one from discovery and
+use its instance subject.
+
+Every call has its own reply subject under the process's one wildcard inbox. Frames are routed
+to the call's stream; a watchdog fails streams whose instance went silent or left discovery, so
+a dead callee is an error, never a hang. Closing a stream early (break, cancellation, garbage
+collection) sends a cancel to the callee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import random
+import time
+import weakref
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
+from dynamo_sdk.runtime import codec
+from dynamo_sdk.runtime.discovery import InstanceWatcher
+from dynamo_sdk.runtime.errors import (
+    InstanceNotFoundError,
+    NoInstancesError,
+    RemoteError,
+    StreamLostError,
+)
+from dynamo_sdk.runtime.protocol import (
+    FrameKind,
+    RequestFrame,
+    cancel_subject,
+    instance_subject,
+    request_encoder,
+    response_decoder,
+    subject_prefix,
+)
+from dynamo_sdk.runtime.server import cancel_frame
+
+if TYPE_CHECKING:
+    from dynamo_sdk.sdk.service import DynamoService
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class CallDispatcher:
+    """Owns the process's reply inbox and routes frames to open streams."""
+
+    def __init__(self, nc: NATS, stream_timeout: float) -> None:
+        self.nc = nc
+        self.stream_timeout = stream_timeout
+        self._nuid = NUID()
+        self._prefix = f"_INBOX.{self._nuid.next().decode()}"
+        # Weak: a stream the caller dropped (break out of `async for`) must be collectable, so
+        # that its finalizer can tell the callee to stop.
+        self._streams: weakref.WeakValueDictionary[str, ResponseStream] = (
+            weakref.WeakValueDictionary()
+        )
+        self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
+        await self.nc.flush()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for stream in list(self._streams.values()):
+            stream._fail(StreamLostError("the runtime was shut down"))
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def new_call(self) -> tuple[str, str]:
+        token = self._nuid.next().decode()
+        return token, f"{self._prefix}.{token}"
+
+    def register(self, token: str, stream: ResponseStream) -> None:
+        self._streams[token] = stream
+
+    def unregister(self, token: str) -> None:
+        self._streams.pop(token, None)
+
+    def fail_instance(self, instance_id: int) -> None:
+        for stream in list(self._streams.values()):
+            if stream.instance_id == instance_id:
+                stream._fail(
+                    StreamLostError(
+                        f"{stream.target}: instance {instance_id:x} left discovery mid-stream "
+                        "(its process died or lost its lease)"
+                    )
+                )
+
+    async def _on_frame(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[1]
+        stream = self._streams.get(token)
+        if stream is None:
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            stream._fail(
+                NoInstancesError(f"{stream.target}: no instance is listening (NATS no responders)")
+            )
+            return
+        stream._on_frame(msg.data)
+
+    async def _watch(self) -> None:
+        interval = max(self.stream_timeout / 4.0, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for stream in list(self._streams.values()):
+                if now - stream.last_frame > self.stream_timeout:
+                    who = f"instance {stream.instance_id:x}" if stream.instance_id else "the callee"
+                    stream._fail(
+                        StreamLostError(
+                            f"{stream.target}: no frame from {who} for {self.stream_timeout:.1f} s "
+                            "(it died or is unreachable)"
+                        )
+                    )
+
+
+class ResponseStream:
+    """The answer to one call: iterate it (`async for`) or `await` it for a single answer."""
+
+    def __init__(
+        self,
+        endpoint: EndpointClient,
+        request: Any,
+        *,
+        mode: str,
+        instance_id: int | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._request = request
+        self._mode = mode
+        self._pinned = instance_id
+        self.target = endpoint.target
+        self.instance_id: int = 0
+        self.request_id = ""
+        self.last_frame = time.monotonic()
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._started = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._decoder = endpoint.response_decoder
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- public API -------------------------------------------------------------------
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._started:
+            await self._start()
+        while True:
+            if self._items:
+                item = self._items.popleft()
+                if item is _END:
+                    self._finish()
+                    raise StopAsyncIteration
+                return item
+            if self._error is not None:
+                self._finish()
+                raise self._error
+            if self._done:
+                raise StopAsyncIteration
+            assert self._loop is not None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                await self.aclose()
+                raise
+            finally:
+                self._waiter = None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._single().__await__()
+
+    async def _single(self) -> Any:
+        items = [item async for item in self]
+        if len(items) != 1:
+            raise RemoteError(
+                self.target, "ProtocolError", f"expected one answer, got {len(items)}"
+            )
+        return items[0]
+
+    async def aclose(self) -> None:
+        """Stop early: the callee is told to cancel the request."""
+        if self._started and not self._done:
+            self._done = True
+            self._endpoint.dispatcher.unregister(self.request_id)
+            with contextlib.suppress(Exception):
+                await self._endpoint.nc.publish(
+                    self._endpoint.cancel_subject, cancel_frame(self.request_id)
+                )
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if (
+            self._started
+            and not self._done
+            and self._loop is not None
+            and not self._loop.is_closed()
+        ):
+            self._done = True
+            self._endpoint.dispatcher.unregister(self.request_id)
+            ep = self._endpoint
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(
+                    _publish_soon,
+                    self._loop,
+                    ep.nc,
+                    ep.cancel_subject,
+                    cancel_frame(self.request_id),
+                )
+
+    # ---- internals --------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        ep = self._endpoint
+        subject = await ep._pick_subject(self._mode, self._pinned)
+        if self._pinned is not None:
+            self.instance_id = self._pinned
+        token, reply = ep.dispatcher.new_call()
+        self.request_id = token
+        self.last_frame = time.monotonic()
+        ep.dispatcher.register(token, self)
+        payload = request_encoder.encode(
+            RequestFrame(token, msgspec.Raw(codec.encode(self._request)))
+        )
+        try:
+            await ep.nc.publish(subject, payload, reply=reply)
+        except Exception:
+            ep.dispatcher.unregister(token)
+            raise
+
+    def _finish(self) -> None:
+        self._done = True
+        self._endpoint.dispatcher.unregister(self.request_id)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _on_frame(self, data: bytes) -> None:
+        self.last_frame = time.monotonic()
+        try:
+            frame = response_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self._fail(RemoteError(self.target, "ProtocolError", f"undecodable frame: {exc}"))
+            return
+        if not self.instance_id:
+            self.instance_id = frame.instance_id
+        decode = self._decoder.decode
+        try:
+            for raw in frame.items:
+                self._items.append(decode(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            self._fail(RemoteError(self.target, "ResponseDecodeError", str(exc)))
+            return
+        if frame.kind == FrameKind.END:
+            self._items.append(_END)
+            self._endpoint.dispatcher.unregister(self.request_id)
+        elif frame.kind == FrameKind.ERROR:
+            err = frame.error
+            self._fail(
+                RemoteError(self.target, err.type if err else "Error", err.message if err else "")
+            )
+            return
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None and not self._done:
+            self._error = error
+            self._endpoint.dispatcher.unregister(self.request_id)
+            self._wake()
+
+
+def _publish_soon(loop: asyncio.AbstractEventLoop, nc: NATS, subject: str, data: bytes) -> None:
+    if not nc.is_closed:
+        loop.create_task(nc.publish(subject, data))
+
+
+class EndpointClient:
+    """Calls one endpoint of a remote component."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        dispatcher: CallDispatcher,
+        watcher: InstanceWatcher,
+        *,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        response_type: Any = Any,
+        wait_for_instances: float = 0.0,
+    ) -> None:
+        self.nc = nc
+        self.dispatcher = dispatcher
+        self.watcher = watcher
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
+        self.target = f"{namespace}/{component}/{endpoint}"
+        self.queue_subject = subject_prefix(namespace, component, endpoint)
+        self.cancel_subject = cancel_subject(namespace, component)
+        self.response_decoder = codec.decoder_for(response_type)
+        self.wait_for_instances = wait_for_instances
+        self._rr = itertools.count()
+
+    def __call__(self, request: Any) -> ResponseStream:
+        """Call any live instance (NATS queue group balances)."""
+        return ResponseStream(self, request, mode="any")
+
+    def round_robin(self, request: Any) -> ResponseStream:
+        return ResponseStream(self, request, mode="round_robin")
+
+    def random(self, request: Any) -> ResponseStream:
+        return ResponseStream(self, request, mode="random")
+
+    def direct(self, instance_id: int, request: Any) -> ResponseStream:
+        return ResponseStream(self, request, mode="direct", instance_id=instance_id)
+
+    def instance_ids(self) -> list[int]:
+        """Live instances as discovery knows them now."""
+        return sorted(self.watcher.instances)
+
+    async def wait_for_instance_ids(self, timeout: float | None = None) -> list[int]:
+        """Wait (up to `timeout`, default the client's wait) until at least one instance is live."""
+        await self._live_ids(self.wait_for_instances if timeout is None else timeout)
+        return self.instance_ids()
+
+    async def _live_ids(self, wait: float) -> list[int]:
+        await asyncio.wait_for(self.watcher.ready.wait(), max(wait, 10.0))
+        deadline = time.monotonic() + wait
+        while not self.watcher.instances:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoInstancesError(
+                    f"no live instance of {self.target}"
+                    + (f" after waiting {wait:.1f} s" if wait > 0 else "")
+                    + " (is the service running? workers register in etcd once started)"
+                )
+            await self.watcher.wait_for_change(left)
+        return sorted(self.watcher.instances)
+
+    async def _pick_subject(self, mode: str, instance_id: int | None) -> str:
+        ids = await self._live_ids(self.wait_for_instances)
+        if mode == "any":
+            return self.queue_subject
+        if mode == "direct":
+            assert instance_id is not None
+            if instance_id not in self.watcher.instances:
+                raise InstanceNotFoundError(
+                    f"{self.target}: instance {instance_id:x} is not live "
+                    f"(live: {', '.join(f'{i:x}' for i in ids)})"
+                )
+            chosen = instance_id
+        elif mode == "round_robin":
+            chosen = ids[next(self._rr) % len(ids)]
+        elif mode == "random":
+            chosen = random.choice(ids)
+        else:
+            raise ValueError(f"unknown routing mode {mode!r}")
+        return instance_subject(self.namespace, self.component, self.endpoint, chosen)
+
+
+class ServiceClient:
+    """A client of every endpoint of one service: `client.<endpoint>(request)`."""
+
+    def __init__(self, service: DynamoService[Any], make_endpoint: Any) -> None:
+        self._service = service
+        self._make_endpoint = make_endpoint
+        self._endpoints: dict[str, EndpointClient] = {}
+
+    def endpoint(self, name: str) -> EndpointClient:
+        client = self._endpoints.get(name)
+        if client is None:
+            spec = self._service.endpoints.get(name)
+            if spec is None:
+                raise AttributeError(
+                    f"service {self._service.name} has no endpoint {name!r} "
+                    f"(endpoints: {', '.join(sorted(self._service.endpoints)) or 'none'})"
+                )
+            client = self._make_endpoint(self._service, spec)
+            self._endpoints[name] = client
+        return client
+
+    def __getattr__(self, name: str) -> EndpointClient:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.endpoint(name)
+
+    def instance_ids(self) -> list[int]:
+        """Live instances of the service (of its first endpoint)."""
+        if not self._service.endpoints:
+            return []
+        return self.endpoint(next(iter(self._service.endpoints))).instance_ids()
+
+    def __repr__(self) -> str:
+        return f"<client of {self._service.namespace}/{self._service.name}>"

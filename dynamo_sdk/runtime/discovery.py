@@ -1,0 +1,210 @@
+"""Discovery through etcd: instances register under a lease; clients watch a prefix.
+
+Key layout: `instances/{namespace}/{component}/{endpoint}:{lease_id_hex}` → JSON
+(`InstanceInfo`). The key is bound to the worker's lease, kept alive in the background; when
+the process dies the lease runs out (TTL, default 10 s) and etcd deletes the key, which every
+watching client sees as a DELETE: the dead instance leaves routing without anyone cleaning up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aetcd
+import msgspec
+
+from dynamo_sdk.runtime.errors import RuntimeConnectionError
+
+log = logging.getLogger(__name__)
+
+INSTANCE_ROOT = "instances"
+
+
+class InstanceInfo(msgspec.Struct):
+    namespace: str
+    component: str
+    endpoint: str
+    instance_id: int
+    subject: str
+    metadata: dict[str, Any] = {}
+
+
+def endpoint_prefix(namespace: str, component: str, endpoint: str) -> str:
+    return f"{INSTANCE_ROOT}/{namespace}/{component}/{endpoint}:"
+
+
+def instance_key(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
+    return f"{endpoint_prefix(namespace, component, endpoint)}{instance_id:x}"
+
+
+class Lease:
+    """The process's primary lease, refreshed every TTL/3 until revoked."""
+
+    def __init__(self, client: aetcd.Client, ttl: int, on_lost: Callable[[], None]) -> None:
+        self.client = client
+        self.ttl = ttl
+        self.id = 0
+        self._on_lost = on_lost
+        self._task: asyncio.Task[None] | None = None
+
+    async def grant(self) -> None:
+        lease = await self.client.lease(self.ttl)
+        self.id = int(lease.id)
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.ttl / 3.0, 0.2)
+        failures = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await asyncio.wait_for(self.client.refresh_lease(self.id), interval)
+                if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
+                    log.error(
+                        "etcd lease %x expired: this instance is no longer discoverable", self.id
+                    )
+                    self._on_lost()
+                    return
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.warning("etcd lease keep-alive failed (%d): %s", failures, exc)
+                if failures * interval >= self.ttl:
+                    self._on_lost()
+                    return
+
+    async def revoke(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.id:
+            with contextlib.suppress(Exception):
+                await self.client.revoke_lease(self.id)
+
+
+class InstanceWatcher:
+    """The live instances under one prefix, kept current by an etcd watch."""
+
+    def __init__(self, client: aetcd.Client, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.instances: dict[int, InstanceInfo] = {}
+        self.ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._removal_listeners: list[Callable[[int], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._watch: Any = None
+        self._stopping = False
+        self._decoder = msgspec.json.Decoder(InstanceInfo)
+
+    def on_removed(self, listener: Callable[[int], None]) -> None:
+        self._removal_listeners.append(listener)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        # aetcd turns a cancelled watch into its own errors, so a flag ends the loop for sure.
+        self._stopping = True
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._watch.cancel(), 2.0)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._task, 2.0)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _apply_put(self, value: bytes) -> None:
+        try:
+            info = self._decoder.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("ignoring malformed instance record under %s: %s", self.prefix, exc)
+            return
+        self.instances[info.instance_id] = info
+        self._changed.set()
+
+    def _apply_delete(self, key: bytes) -> None:
+        try:
+            instance_id = int(key.decode().rsplit(":", 1)[1], 16)
+        except (IndexError, ValueError):
+            return
+        if self.instances.pop(instance_id, None) is not None:
+            self._changed.set()
+            for listener in self._removal_listeners:
+                listener(instance_id)
+
+    async def _run(self) -> None:
+        prefix = self.prefix.encode()
+        while not self._stopping:
+            try:
+                snapshot = await self.client.get_prefix(prefix)
+                seen: set[int] = set()
+                for kv in snapshot:
+                    self._apply_put(kv.value)
+                    try:
+                        seen.add(int(kv.key.decode().rsplit(":", 1)[1], 16))
+                    except (IndexError, ValueError):
+                        pass
+                for gone in set(self.instances) - seen:
+                    self._apply_delete(f"{self.prefix}{gone:x}".encode())
+                self.ready.set()
+                revision = snapshot.header.revision + 1
+                self._watch = await self.client.watch_prefix(prefix, start_revision=revision)
+                async for event in self._watch:
+                    if event.kind == "PUT":
+                        self._apply_put(event.kv.value)
+                    else:
+                        self._apply_delete(event.kv.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._stopping:
+                    return
+                log.warning("etcd watch on %s broke (%s); re-syncing", self.prefix, exc)
+                await asyncio.sleep(0.5)
+
+
+async def connect_etcd(endpoints: list[str], timeout: float = 5.0) -> aetcd.Client:
+    """Connect to the first reachable etcd endpoint (`http://host:port` or `host:port`)."""
+    errors: list[str] = []
+    for endpoint in endpoints:
+        hostport = endpoint.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        if not host:
+            host, port = hostport, "2379"
+        client = aetcd.Client(host=host, port=int(port), timeout=int(max(timeout, 1)))
+        try:
+            await asyncio.wait_for(client.connect(), timeout)
+            await asyncio.wait_for(client.status(), timeout)
+            return client
+        except Exception as exc:
+            errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+            with contextlib.suppress(Exception):
+                await client.close()
+    raise RuntimeConnectionError(
+        "cannot reach etcd at "
+        + ", ".join(endpoints)
+        + (f" ({'; '.join(errors)})" if errors else "")
+    )
+
+
+def encode_instance(info: InstanceInfo) -> bytes:
+    return msgspec.json.encode(info)
+
+
+def decode_json(value: bytes) -> Any:
+    return json.loads(value)

@@ -1,0 +1,61 @@
+"""The wire contract between a caller and a callee: a few msgspec structs, msgpack-encoded.
+
+A call is one NATS message to the endpoint's subject, with a reply subject unique to the
+call. The callee answers on that reply subject with a stream of `ResponseFrame`s; items are
+pre-encoded (`Raw`) so that each item is encoded once and decoded straight into the caller's
+type. Several items produced without the generator pausing travel in one frame.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FrameKind(enum.IntEnum):
+    DATA = 0  # items follow, the stream goes on
+    END = 1  # the last items (maybe none); the stream is complete
+    ERROR = 2  # the callee raised; `error` says what
+    HEARTBEAT = 3  # nothing new, but the callee is alive and still working
+
+
+class RequestFrame(msgspec.Struct, array_like=True):
+    request_id: str
+    payload: msgspec.Raw
+
+
+class ErrorInfo(msgspec.Struct, array_like=True):
+    type: str
+    message: str
+
+
+class ResponseFrame(msgspec.Struct, array_like=True):
+    kind: FrameKind
+    instance_id: int
+    items: list[msgspec.Raw] = []
+    error: ErrorInfo | None = None
+
+
+class CancelFrame(msgspec.Struct, array_like=True):
+    request_id: str
+
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(RequestFrame)
+response_decoder = msgspec.msgpack.Decoder(ResponseFrame)
+cancel_decoder = msgspec.msgpack.Decoder(CancelFrame)
+
+
+def subject_prefix(namespace: str, component: str, endpoint: str) -> str:
+    """The queue-group subject of an endpoint; instance subjects extend it."""
+    return f"dyn.{namespace}.{component}.{endpoint}"
+
+
+def instance_subject(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
+    return f"{subject_prefix(namespace, component, endpoint)}.{instance_id:x}"
+
+
+def cancel_subject(namespace: str, component: str) -> str:
+    """Cancellations are broadcast per component; only the instance running the request acts."""
+    return f"dyn.{namespace}.{component}._cancel"

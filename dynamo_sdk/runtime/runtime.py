@@ -1,0 +1,247 @@
+"""`DistributedRuntime`: one process's connections to NATS and etcd, and what it serves.
+
+A worker process has one runtime: one NATS connection (calls and streams), one etcd client,
+one lease (its instance id), one reply inbox for the calls it makes. Clients of remote
+endpoints share one etcd watch per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from dynamo_sdk.runtime.client import CallDispatcher, EndpointClient, ServiceClient
+from dynamo_sdk.runtime.discovery import (
+    InstanceInfo,
+    InstanceWatcher,
+    Lease,
+    connect_etcd,
+    encode_instance,
+    endpoint_prefix,
+    instance_key,
+)
+from dynamo_sdk.runtime.errors import RuntimeConnectionError
+from dynamo_sdk.runtime.server import EndpointServer, Handler
+
+if TYPE_CHECKING:
+    import aetcd
+
+    from dynamo_sdk.sdk.endpoint import EndpointSpec
+    from dynamo_sdk.sdk.service import DynamoService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass
+class RuntimeSettings:
+    """Where the servers are and how patient to be; each has an environment variable."""
+
+    nats_url: str = DEFAULT_NATS
+    etcd_endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ETCD])
+    lease_ttl: int = 10  # DYN_LEASE_TTL: seconds until a dead worker leaves discovery
+    wait_for_instances: float = 0.0  # DYN_WAIT_FOR_INSTANCES: seconds a call waits for one
+    stream_timeout: float = 5.0  # DYN_STREAM_TIMEOUT: silence after which a stream is lost
+    heartbeat_interval: float = 1.0  # DYN_HEARTBEAT_INTERVAL: callee keep-alive on streams
+
+    @classmethod
+    def from_env(cls) -> RuntimeSettings:
+        etcd = os.environ.get("ETCD_ENDPOINTS", DEFAULT_ETCD)
+        settings = cls(
+            nats_url=os.environ.get("NATS_SERVER", DEFAULT_NATS),
+            etcd_endpoints=[e.strip() for e in etcd.split(",") if e.strip()],
+            lease_ttl=int(_env_float("DYN_LEASE_TTL", 10)),
+            wait_for_instances=_env_float("DYN_WAIT_FOR_INSTANCES", 0.0),
+            stream_timeout=_env_float("DYN_STREAM_TIMEOUT", 5.0),
+            heartbeat_interval=_env_float("DYN_HEARTBEAT_INTERVAL", 1.0),
+        )
+        if settings.lease_ttl < 1:
+            raise ValueError("DYN_LEASE_TTL must be >= 1 second")
+        if settings.stream_timeout <= settings.heartbeat_interval:
+            raise ValueError("DYN_STREAM_TIMEOUT must exceed DYN_HEARTBEAT_INTERVAL")
+        return settings
+
+
+class DistributedRuntime:
+    """Connections and registrations of one process."""
+
+    def __init__(self, nc: NATS, etcd: aetcd.Client, settings: RuntimeSettings) -> None:
+        self.nc = nc
+        self.etcd = etcd
+        self.settings = settings
+        self.lease = Lease(etcd, settings.lease_ttl, self._lease_lost)
+        self.dispatcher = CallDispatcher(nc, settings.stream_timeout)
+        self.servers: list[EndpointServer] = []
+        self._watchers: dict[str, InstanceWatcher] = {}
+        self._service_clients: dict[int, ServiceClient] = {}
+        self._registered: list[str] = []
+        self.lease_lost = asyncio.Event()
+        self._on_lease_lost: list[Callable[[], None]] = []
+
+    @classmethod
+    async def connect(cls, settings: RuntimeSettings | None = None) -> DistributedRuntime:
+        """Connect to NATS and etcd, take a lease, open the reply inbox."""
+        settings = settings or RuntimeSettings.from_env()
+        try:
+            nc = await nats.connect(
+                settings.nats_url,
+                connect_timeout=5,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+            )
+        except Exception as exc:
+            raise RuntimeConnectionError(
+                f"cannot reach NATS at {settings.nats_url}: {exc}"
+            ) from exc
+        try:
+            etcd = await connect_etcd(settings.etcd_endpoints)
+        except BaseException:
+            await nc.close()
+            raise
+        runtime = cls(nc, etcd, settings)
+        await runtime.lease.grant()
+        await runtime.dispatcher.start()
+        return runtime
+
+    @property
+    def instance_id(self) -> int:
+        """This process's instance id: its etcd lease id."""
+        return self.lease.id
+
+    def on_lease_lost(self, callback: Callable[[], None]) -> None:
+        self._on_lease_lost.append(callback)
+
+    def _lease_lost(self) -> None:
+        self.lease_lost.set()
+        for callback in self._on_lease_lost:
+            callback()
+
+    # ---- serving ----------------------------------------------------------------------
+
+    async def serve_endpoint(
+        self,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        handler: Handler,
+        *,
+        request_type: Any = Any,
+        streaming: bool = True,
+        metadata: dict[str, Any] | None = None,
+        register: bool = True,
+    ) -> EndpointServer:
+        """Subscribe `handler` on NATS and (unless told not to) register it in etcd."""
+        server = EndpointServer(
+            self.nc,
+            namespace=namespace,
+            component=component,
+            endpoint=endpoint,
+            instance_id=self.instance_id,
+            handler=handler,
+            request_type=request_type,
+            streaming=streaming,
+            heartbeat_interval=self.settings.heartbeat_interval,
+        )
+        await server.start()
+        self.servers.append(server)
+        if register:
+            await self.register(server, metadata or {})
+        return server
+
+    async def register(self, server: EndpointServer, metadata: dict[str, Any]) -> None:
+        info = InstanceInfo(
+            namespace=server.namespace,
+            component=server.component,
+            endpoint=server.endpoint,
+            instance_id=self.instance_id,
+            subject=server.instance_subject,
+            metadata=metadata,
+        )
+        key = instance_key(server.namespace, server.component, server.endpoint, self.instance_id)
+        await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
+        self._registered.append(key)
+
+    async def unregister_all(self) -> None:
+        """Withdraw every registration of this process (its keys leave discovery at once)."""
+        for key in self._registered:
+            with contextlib.suppress(Exception):
+                await self.etcd.delete(key.encode())
+        self._registered.clear()
+
+    # ---- calling ----------------------------------------------------------------------
+
+    def watcher(self, namespace: str, component: str, endpoint: str) -> InstanceWatcher:
+        prefix = endpoint_prefix(namespace, component, endpoint)
+        watcher = self._watchers.get(prefix)
+        if watcher is None:
+            watcher = InstanceWatcher(self.etcd, prefix)
+            watcher.on_removed(self.dispatcher.fail_instance)
+            watcher.start()
+            self._watchers[prefix] = watcher
+        return watcher
+
+    def endpoint_client(
+        self, namespace: str, component: str, endpoint: str, response_type: Any = Any
+    ) -> EndpointClient:
+        return EndpointClient(
+            self.nc,
+            self.dispatcher,
+            self.watcher(namespace, component, endpoint),
+            namespace=namespace,
+            component=component,
+            endpoint=endpoint,
+            response_type=response_type,
+            wait_for_instances=self.settings.wait_for_instances,
+        )
+
+    def service_client(self, service: DynamoService[Any]) -> ServiceClient:
+        client = self._service_clients.get(id(service))
+        if client is None:
+
+            def make(svc: DynamoService[Any], spec: EndpointSpec) -> EndpointClient:
+                return self.endpoint_client(svc.namespace, svc.name, spec.name, spec.response_type)
+
+            client = ServiceClient(service, make)
+            self._service_clients[id(service)] = client
+        return client
+
+    # ---- shutdown ---------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> int:
+        """Leave discovery, stop taking requests, let in-flight ones finish (up to `grace`)."""
+        await self.unregister_all()
+        results = await asyncio.gather(*(s.drain(grace) for s in self.servers))
+        return sum(results)
+
+    async def shutdown(self) -> None:
+        for server in self.servers:
+            await server.close()
+        for watcher in self._watchers.values():
+            await watcher.stop()
+        await self.dispatcher.close()
+        await self.lease.revoke()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        with contextlib.suppress(Exception):
+            await self.etcd.close()

@@ -1,0 +1,303 @@
+"""The callee side: serve one endpoint of one instance over NATS.
+
+Each instance subscribes to the endpoint's queue-group subject (NATS spreads requests over the
+group) and to its own instance subject (direct routing). Every request runs in its own task;
+items are streamed back to the request's reply subject. Items produced while the generator
+does not pause are sent together in one frame; the buffer is flushed as soon as the generator
+waits, so a slow stream (tokens) still leaves item by item with no added latency.
+
+A request is cancelled when its caller says so (a `CancelFrame` on the component's cancel
+subject): the handler's task is cancelled, so the generator sees `CancelledError` at its
+current `await` (or `GeneratorExit` if it was parked at a `yield`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from dynamo_sdk.runtime import codec
+from dynamo_sdk.runtime.errors import BadRequestError
+from dynamo_sdk.runtime.protocol import (
+    CancelFrame,
+    ErrorInfo,
+    FrameKind,
+    ResponseFrame,
+    cancel_decoder,
+    cancel_subject,
+    instance_subject,
+    request_decoder,
+    subject_prefix,
+)
+from dynamo_sdk.sdk.context import set_request_context
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], AsyncIterator[Any] | Awaitable[Any]]
+
+MAX_ITEMS_PER_FRAME = 256
+_frame_encoder = msgspec.msgpack.Encoder()
+
+
+class _Stream:
+    __slots__ = ("buf", "flush_scheduled", "last_sent", "pending", "reply", "request_id", "task")
+
+    def __init__(self, request_id: str, reply: str) -> None:
+        self.request_id = request_id
+        self.reply = reply
+        self.buf: list[msgspec.Raw] = []
+        self.flush_scheduled = False
+        self.pending: asyncio.Task[None] | None = None
+        self.last_sent = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+
+
+class EndpointServer:
+    """Serves `handler` for one (namespace, component, endpoint) as one instance."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        instance_id: int,
+        handler: Handler,
+        request_type: Any,
+        streaming: bool,
+        heartbeat_interval: float = 1.0,
+    ) -> None:
+        self.nc = nc
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
+        self.instance_id = instance_id
+        self.handler = handler
+        self.streaming = streaming
+        self.heartbeat_interval = heartbeat_interval
+        self.queue_subject = subject_prefix(namespace, component, endpoint)
+        self.instance_subject = instance_subject(namespace, component, endpoint, instance_id)
+        self._decoder = codec.decoder_for(request_type)
+        self._active: dict[str, _Stream] = {}
+        self._recently_cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._subs: list[Any] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.served = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._subs.append(
+            await self.nc.subscribe(
+                self.queue_subject, queue=self.queue_subject, cb=self._on_request
+            )
+        )
+        self._subs.append(await self.nc.subscribe(self.instance_subject, cb=self._on_request))
+        self._subs.append(
+            await self.nc.subscribe(
+                cancel_subject(self.namespace, self.component), cb=self._on_cancel
+            )
+        )
+        await self.nc.flush()
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
+
+    async def stop_accepting(self) -> None:
+        """Unsubscribe from request subjects: new calls go to other instances (or fail fast)."""
+        self._accepting = False
+        for sub in self._subs[:2]:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already gone
+                pass
+        del self._subs[:2]
+
+    async def drain(self, grace: float) -> int:
+        """Let in-flight streams finish for up to `grace` seconds, then cancel the rest.
+
+        Returns how many streams had to be cancelled.
+        """
+        await self.stop_accepting()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            pass
+        cancelled = 0
+        for stream in list(self._active.values()):
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel("worker shutting down")
+                cancelled += 1
+        if self._active:
+            await asyncio.gather(
+                *(s.task for s in self._active.values() if s.task is not None),
+                return_exceptions=True,
+            )
+        return cancelled
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        self._subs.clear()
+
+    # ---- request handling -------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("%s: request without a reply subject dropped", self.queue_subject)
+            return
+        try:
+            frame = request_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self._send(msg.reply, FrameKind.ERROR, [], ErrorInfo("BadRequestError", str(exc)))
+            return
+        if not self._accepting:
+            await self._send(
+                msg.reply,
+                FrameKind.ERROR,
+                [],
+                ErrorInfo("WorkerShuttingDown", f"instance {self.instance_id:x} is draining"),
+            )
+            return
+        if frame.request_id in self._recently_cancelled:
+            return
+        stream = _Stream(frame.request_id, msg.reply)
+        self._active[frame.request_id] = stream
+        self._idle.clear()
+        stream.task = asyncio.get_running_loop().create_task(self._run(stream, frame.payload))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            request_id = cancel_decoder.decode(msg.data).request_id
+        except msgspec.DecodeError:
+            return
+        stream = self._active.get(request_id)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel("cancelled by caller")
+        else:
+            # The cancel may overtake its request; remember it briefly so the request is dropped.
+            now = time.monotonic()
+            self._recently_cancelled[request_id] = now
+            while self._recently_cancelled:
+                oldest, at = next(iter(self._recently_cancelled.items()))
+                if now - at < 30 and len(self._recently_cancelled) < 10_000:
+                    break
+                del self._recently_cancelled[oldest]
+
+    async def _run(self, stream: _Stream, payload: msgspec.Raw) -> None:
+        set_request_context(self.endpoint, stream.request_id)
+        agen: Any = None
+        try:
+            try:
+                request = self._decoder.decode(payload)
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                raise BadRequestError(f"bad request for {self.queue_subject}: {exc}") from exc
+            if self.streaming:
+                agen = self.handler(request)
+                loop = asyncio.get_running_loop()
+                async for item in agen:
+                    stream.buf.append(msgspec.Raw(codec.encode(item)))
+                    if len(stream.buf) >= MAX_ITEMS_PER_FRAME:
+                        await self._flush(stream, FrameKind.DATA)
+                    elif not stream.flush_scheduled:
+                        stream.flush_scheduled = True
+                        loop.call_soon(self._flush_when_idle, stream)
+            else:
+                result = await self.handler(request)  # type: ignore[misc]
+                stream.buf.append(msgspec.Raw(codec.encode(result)))
+            await self._flush(stream, FrameKind.END)
+            self.served += 1
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            reason = task.cancelling() if task is not None else 0
+            if reason and not self._accepting:
+                await self._flush(
+                    stream,
+                    FrameKind.ERROR,
+                    ErrorInfo("WorkerShuttingDown", "the worker shut down before the stream ended"),
+                )
+        except Exception as exc:
+            log.debug("%s: handler raised", self.queue_subject, exc_info=True)
+            await self._flush(stream, FrameKind.ERROR, ErrorInfo(type(exc).__name__, str(exc)))
+        finally:
+            if agen is not None:
+                try:
+                    await agen.aclose()
+                except BaseException:
+                    pass
+            self._active.pop(stream.request_id, None)
+            if not self._active:
+                self._idle.set()
+
+    def _flush_when_idle(self, stream: _Stream) -> None:
+        """Runs once the generator paused: ship what it produced so far, in order."""
+        stream.flush_scheduled = False
+        if not stream.buf:
+            return
+        items, stream.buf = stream.buf, []
+        previous = stream.pending
+        stream.pending = asyncio.get_running_loop().create_task(
+            self._send_after(previous, stream, FrameKind.DATA, items)
+        )
+
+    async def _send_after(
+        self,
+        previous: asyncio.Task[None] | None,
+        stream: _Stream,
+        kind: FrameKind,
+        items: list[msgspec.Raw],
+    ) -> None:
+        if previous is not None and not previous.done():
+            await previous
+        await self._send(stream.reply, kind, items, None)
+        stream.last_sent = time.monotonic()
+
+    async def _flush(
+        self, stream: _Stream, kind: FrameKind, error: ErrorInfo | None = None
+    ) -> None:
+        if stream.pending is not None and not stream.pending.done():
+            await stream.pending
+        items, stream.buf = stream.buf, []
+        await self._send(stream.reply, kind, items, error)
+        stream.last_sent = time.monotonic()
+
+    async def _send(
+        self, reply: str, kind: FrameKind, items: list[msgspec.Raw], error: ErrorInfo | None
+    ) -> None:
+        frame = ResponseFrame(kind=kind, instance_id=self.instance_id, items=items, error=error)
+        try:
+            await self.nc.publish(reply, _frame_encoder.encode(frame))
+        except Exception as exc:  # connection closing: the caller's watchdog reports it
+            log.debug("%s: could not send a frame: %s", self.queue_subject, exc)
+
+    async def _heartbeats(self) -> None:
+        """Tell callers of long-running streams that this instance is still alive."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            now = time.monotonic()
+            for stream in list(self._active.values()):
+                if now - stream.last_sent >= self.heartbeat_interval:
+                    stream.last_sent = now
+                    await self._send(stream.reply, FrameKind.HEARTBEAT, [], None)
+
+
+def cancel_frame(request_id: str) -> bytes:
+    return _frame_encoder.encode(CancelFrame(request_id))

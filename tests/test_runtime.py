@@ -1,0 +1,268 @@
+"""The runtime against real NATS and etcd: streaming, errors, cancellation, routing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from dynamo_sdk.runtime import (
+    DistributedRuntime,
+    InstanceNotFoundError,
+    NoInstancesError,
+    RemoteError,
+    StreamLostError,
+)
+from dynamo_sdk.serve.embedded import EmbeddedServers
+from tests.conftest import settings_for
+
+
+class Req(msgspec.Struct):
+    text: str
+    n: int = 3
+
+
+class Part(msgspec.Struct):
+    index: int
+    text: str
+
+
+async def test_stream_typed_items(runtime: DistributedRuntime, unique_ns: str) -> None:
+    async def handler(req: Req) -> AsyncIterator[Part]:
+        for i in range(req.n):
+            yield Part(i, req.text)
+
+    await runtime.serve_endpoint(unique_ns, "Echo", "generate", handler, request_type=Req)
+    client = runtime.endpoint_client(unique_ns, "Echo", "generate", response_type=Part)
+    items = [p async for p in client(Req("hi", n=5))]
+    assert items == [Part(i, "hi") for i in range(5)]
+
+
+async def test_single_answer_is_awaitable(runtime: DistributedRuntime, unique_ns: str) -> None:
+    async def handler(req: Req) -> str:
+        return req.text.upper()
+
+    await runtime.serve_endpoint(
+        unique_ns, "Upper", "call", handler, request_type=Req, streaming=False
+    )
+    client = runtime.endpoint_client(unique_ns, "Upper", "call")
+    assert await client(Req("abc")) == "ABC"
+
+
+async def test_large_fast_stream_arrives_in_order(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    async def handler(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await runtime.serve_endpoint(unique_ns, "Count", "count", handler, request_type=int)
+    client = runtime.endpoint_client(unique_ns, "Count", "count", response_type=int)
+    got = [i async for i in client(20_000)]
+    assert got == list(range(20_000))
+
+
+async def test_remote_error_is_typed(runtime: DistributedRuntime, unique_ns: str) -> None:
+    async def handler(req: Req) -> AsyncIterator[str]:
+        yield "first"
+        raise ValueError(f"bad text {req.text!r}")
+
+    await runtime.serve_endpoint(unique_ns, "Boom", "generate", handler, request_type=Req)
+    client = runtime.endpoint_client(unique_ns, "Boom", "generate")
+    seen: list[str] = []
+    with pytest.raises(RemoteError) as info:
+        async for item in client(Req("x")):
+            seen.append(item)
+    assert seen == ["first"]
+    assert info.value.error_type == "ValueError"
+    assert "bad text 'x'" in str(info.value)
+
+
+async def test_bad_request_payload_is_a_remote_error(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    async def handler(req: Req) -> AsyncIterator[str]:
+        yield req.text
+
+    await runtime.serve_endpoint(unique_ns, "Typed", "generate", handler, request_type=Req)
+    client = runtime.endpoint_client(unique_ns, "Typed", "generate")
+    with pytest.raises(RemoteError) as info:
+        _ = [x async for x in client({"text": 42})]
+    assert info.value.error_type == "BadRequestError"
+
+
+async def test_no_instance_fails_fast(runtime: DistributedRuntime, unique_ns: str) -> None:
+    client = runtime.endpoint_client(unique_ns, "Nobody", "generate")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoInstancesError, match="no live instance"):
+        _ = [x async for x in client("hello")]
+    assert loop.time() - started < 2.0
+
+
+async def test_no_instance_waits_when_configured(
+    servers: EmbeddedServers, runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    caller = await DistributedRuntime.connect(settings_for(servers, wait_for_instances=10.0))
+    try:
+        client = caller.endpoint_client(unique_ns, "Late", "generate")
+
+        async def start_late() -> None:
+            await asyncio.sleep(0.5)
+
+            async def handler(req: str) -> AsyncIterator[str]:
+                yield req + "!"
+
+            await runtime.serve_endpoint(unique_ns, "Late", "generate", handler, request_type=str)
+
+        starter = asyncio.create_task(start_late())
+        assert [x async for x in client("late")] == ["late!"]
+        await starter
+    finally:
+        await caller.shutdown()
+
+
+async def test_cancellation_reaches_callee(runtime: DistributedRuntime, unique_ns: str) -> None:
+    stopped = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0.01)
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            seen.append(type(exc).__name__)
+            stopped.set()
+            raise
+
+    await runtime.serve_endpoint(unique_ns, "Slow", "generate", handler, request_type=int)
+    client = runtime.endpoint_client(unique_ns, "Slow", "generate", response_type=int)
+    got = []
+    async for i in client(10_000):
+        got.append(i)
+        if len(got) == 2:
+            break
+    assert got == [0, 1]
+    await asyncio.wait_for(stopped.wait(), 1.0)
+    assert seen and seen[0] in {"CancelledError", "GeneratorExit"}
+
+
+async def test_task_cancellation_reaches_callee(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    stopped = asyncio.Event()
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        try:
+            yield 0
+            await asyncio.sleep(3600)
+            yield 1
+        finally:
+            stopped.set()
+
+    await runtime.serve_endpoint(unique_ns, "Hang", "generate", handler, request_type=int)
+    client = runtime.endpoint_client(unique_ns, "Hang", "generate", response_type=int)
+
+    async def consume() -> None:
+        async for _ in client(1):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(stopped.wait(), 1.0)
+
+
+async def _second_instance(
+    servers: EmbeddedServers, ns: str, component: str, tag: str
+) -> DistributedRuntime:
+    rt = await DistributedRuntime.connect(settings_for(servers))
+
+    async def handler(req: str) -> AsyncIterator[str]:
+        yield tag
+
+    await rt.serve_endpoint(ns, component, "who", handler, request_type=str)
+    return rt
+
+
+async def test_round_robin_and_direct(servers: EmbeddedServers, unique_ns: str) -> None:
+    a = await _second_instance(servers, unique_ns, "Pool", "a")
+    b = await _second_instance(servers, unique_ns, "Pool", "b")
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+        client = caller.endpoint_client(unique_ns, "Pool", "who")
+        ids = await client.wait_for_instance_ids(5.0)
+        while len(ids) < 2:
+            await asyncio.sleep(0.05)
+            ids = client.instance_ids()
+        assert sorted(ids) == sorted([a.instance_id, b.instance_id])
+
+        answers = [await client.round_robin("x") for _ in range(6)]
+        assert answers.count("a") == 3 and answers.count("b") == 3
+        assert answers[0] != answers[1]
+
+        assert await client.direct(a.instance_id, "x") == "a"
+        assert await client.direct(b.instance_id, "x") == "b"
+        with pytest.raises(InstanceNotFoundError):
+            await client.direct(0xDEAD, "x")
+
+        spread = {await client("x") for _ in range(40)}
+        assert spread == {"a", "b"}
+        assert {await client.random("x") for _ in range(40)} == {"a", "b"}
+    finally:
+        for rt in (caller, a, b):
+            await rt.shutdown()
+
+
+async def test_instance_leaves_discovery_on_shutdown(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    a = await _second_instance(servers, unique_ns, "Gone", "a")
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+        client = caller.endpoint_client(unique_ns, "Gone", "who")
+        assert await client.wait_for_instance_ids(5.0) == [a.instance_id]
+        await a.shutdown()
+        for _ in range(50):
+            if not client.instance_ids():
+                break
+            await asyncio.sleep(0.05)
+        assert client.instance_ids() == []
+    finally:
+        await caller.shutdown()
+
+
+async def test_silent_callee_is_a_stream_lost_error(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """A callee that stops sending (no frames, no heartbeats) fails the stream, not hangs."""
+    callee = await DistributedRuntime.connect(settings_for(servers))
+    caller = await DistributedRuntime.connect(
+        settings_for(servers, stream_timeout=1.0, heartbeat_interval=0.2)
+    )
+    try:
+
+        async def handler(req: str) -> AsyncIterator[str]:
+            yield "one"
+            await asyncio.sleep(3600)
+            yield "never"
+
+        server = await callee.serve_endpoint(
+            unique_ns, "Mute", "generate", handler, request_type=str
+        )
+        assert server._heartbeat_task is not None
+        server._heartbeat_task.cancel()  # simulate a frozen process: no heartbeats
+        client = caller.endpoint_client(unique_ns, "Mute", "generate")
+        got = []
+        with pytest.raises(StreamLostError):
+            async for item in client("x"):
+                got.append(item)
+        assert got == ["one"]
+    finally:
+        await caller.shutdown()
+        await callee.shutdown()
