@@ -32,6 +32,7 @@ class InstanceInfo(msgspec.Struct):
     instance_id: int
     subject: str
     metadata: dict[str, Any] = {}
+    draining: bool = False  # still finishing streams, but takes no new requests
 
 
 def endpoint_prefix(namespace: str, component: str, endpoint: str) -> str:
@@ -96,7 +97,8 @@ class InstanceWatcher:
     def __init__(self, client: aetcd.Client, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self.instances: dict[int, InstanceInfo] = {}
+        self.instances: dict[int, InstanceInfo] = {}  # routable now
+        self.draining: set[int] = set()  # alive, finishing streams, not routable
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._removal_listeners: list[Callable[[int], None]] = []
@@ -134,7 +136,13 @@ class InstanceWatcher:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("ignoring malformed instance record under %s: %s", self.prefix, exc)
             return
-        self.instances[info.instance_id] = info
+        if info.draining:
+            # Leaving gracefully: route nothing new to it, but its streams go on.
+            self.instances.pop(info.instance_id, None)
+            self.draining.add(info.instance_id)
+        else:
+            self.instances[info.instance_id] = info
+            self.draining.discard(info.instance_id)
         self._changed.set()
 
     def _apply_delete(self, key: bytes) -> None:
@@ -142,7 +150,9 @@ class InstanceWatcher:
             instance_id = int(key.decode().rsplit(":", 1)[1], 16)
         except (IndexError, ValueError):
             return
-        if self.instances.pop(instance_id, None) is not None:
+        known = self.instances.pop(instance_id, None) is not None or instance_id in self.draining
+        self.draining.discard(instance_id)
+        if known:
             self._changed.set()
             for listener in self._removal_listeners:
                 listener(instance_id)
@@ -159,7 +169,7 @@ class InstanceWatcher:
                         seen.add(int(kv.key.decode().rsplit(":", 1)[1], 16))
                     except (IndexError, ValueError):
                         pass
-                for gone in set(self.instances) - seen:
+                for gone in (set(self.instances) | self.draining) - seen:
                     self._apply_delete(f"{self.prefix}{gone:x}".encode())
                 self.ready.set()
                 revision = snapshot.header.revision + 1

@@ -53,6 +53,25 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
+async def _nats_error(exc: Exception) -> None:
+    # nats-py's default logs a traceback for every failed reconnect attempt; one line is enough.
+    log.warning("NATS: %s", exc or type(exc).__name__)
+
+
+class _NatsEvents:
+    """Connection callbacks that stay quiet during our own shutdown."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    async def disconnected(self) -> None:
+        if not self.closing:
+            log.warning("NATS: disconnected, reconnecting")
+
+    async def reconnected(self) -> None:
+        log.info("NATS: reconnected")
+
+
 @dataclass
 class RuntimeSettings:
     """Where the servers are and how patient to be; each has an environment variable."""
@@ -94,14 +113,16 @@ class DistributedRuntime:
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, InstanceWatcher] = {}
         self._service_clients: dict[int, ServiceClient] = {}
-        self._registered: list[str] = []
+        self._registered: dict[str, InstanceInfo] = {}
         self.lease_lost = asyncio.Event()
         self._on_lease_lost: list[Callable[[], None]] = []
+        self._nats_events = _NatsEvents()
 
     @classmethod
     async def connect(cls, settings: RuntimeSettings | None = None) -> DistributedRuntime:
         """Connect to NATS and etcd, take a lease, open the reply inbox."""
         settings = settings or RuntimeSettings.from_env()
+        events = _NatsEvents()
         try:
             nc = await nats.connect(
                 settings.nats_url,
@@ -109,6 +130,9 @@ class DistributedRuntime:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
+                error_cb=_nats_error,
+                disconnected_cb=events.disconnected,
+                reconnected_cb=events.reconnected,
             )
         except Exception as exc:
             raise RuntimeConnectionError(
@@ -120,6 +144,7 @@ class DistributedRuntime:
             await nc.close()
             raise
         runtime = cls(nc, etcd, settings)
+        runtime._nats_events = events
         await runtime.lease.grant()
         await runtime.dispatcher.start()
         return runtime
@@ -180,14 +205,18 @@ class DistributedRuntime:
         )
         key = instance_key(server.namespace, server.component, server.endpoint, self.instance_id)
         await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
-        self._registered.append(key)
+        self._registered[key] = info
 
-    async def unregister_all(self) -> None:
-        """Withdraw every registration of this process (its keys leave discovery at once)."""
-        for key in self._registered:
+    async def mark_draining(self) -> None:
+        """Tell clients to route nothing new here, without failing the streams still running.
+
+        A deleted key means "this instance died" to its callers (their streams fail at once);
+        a draining one only leaves routing. The keys go for good when the lease is revoked.
+        """
+        for key, info in self._registered.items():
+            info.draining = True
             with contextlib.suppress(Exception):
-                await self.etcd.delete(key.encode())
-        self._registered.clear()
+                await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
 
     # ---- calling ----------------------------------------------------------------------
 
@@ -230,11 +259,12 @@ class DistributedRuntime:
 
     async def drain(self, grace: float) -> int:
         """Leave discovery, stop taking requests, let in-flight ones finish (up to `grace`)."""
-        await self.unregister_all()
+        await self.mark_draining()
         results = await asyncio.gather(*(s.drain(grace) for s in self.servers))
         return sum(results)
 
     async def shutdown(self) -> None:
+        self._nats_events.closing = True
         for server in self.servers:
             await server.close()
         for watcher in self._watchers.values():

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from dynamo_sdk.serve.procutil import die_with_parent
 
@@ -56,6 +57,19 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout:
             return
         time.sleep(0.05)
     raise EmbeddedServerError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def _spawn(cmd: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops the
+    # servers after its workers drained (they need NATS and etcd to do so).
+    return subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
 
 
 @dataclass

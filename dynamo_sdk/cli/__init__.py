@@ -1,0 +1,1 @@
+"""The `dynamo` command line."""

@@ -1,0 +1,243 @@
+"""The supervisor behind `dynamo serve`: one OS process per worker, kept alive, drained on exit.
+
+Each worker runs `python -m dynamo_sdk.serve.worker` in its own session (so a terminal's Ctrl-C
+reaches the supervisor alone, which then drains the workers in order) with the parent-death
+signal set (so killing the supervisor leaves no orphans). Its output is relayed line by line
+with a `[Service:index]` prefix. A worker that exits while the graph is running is restarted
+with exponential backoff; one whose `/livez` probe fails repeatedly is killed and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from dynamo_sdk.serve.embedded import free_port
+from dynamo_sdk.serve.procutil import die_with_parent
+
+log = logging.getLogger("dynamo.supervisor")
+
+
+@dataclass
+class WorkerPlan:
+    """What to start: one worker of one service, its GPUs and extra environment."""
+
+    service: str
+    index: int
+    gpus: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}:{self.index}"
+
+
+@dataclass
+class RestartPolicy:
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    stable_after: float = 30.0  # a worker that lived this long restarts with the initial backoff
+
+
+@dataclass
+class HealthPolicy:
+    interval: float = 2.0
+    failures_to_restart: int = 3
+    timeout: float = 2.0
+
+
+@dataclass
+class WorkerState:
+    plan: WorkerPlan
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    health_port: int = 0
+    pids: list[int] = field(default_factory=list)
+
+
+async def probe_livez(port: int, timeout: float) -> bool | None:
+    """GET /livez: True/False for an answer, None when nothing listens yet."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = status_line.split()
+        return len(parts) >= 2 and parts[1] == b"200"
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+class Supervisor:
+    """Starts every planned worker and keeps the graph running until told to stop."""
+
+    def __init__(
+        self,
+        graph: str,
+        plans: list[WorkerPlan],
+        *,
+        base_env: dict[str, str],
+        cwd: str,
+        grace: float = 10.0,
+        restart: RestartPolicy | None = None,
+        health: HealthPolicy | None = None,
+        out: TextIO | None = None,
+    ) -> None:
+        self.graph = graph
+        self.workers = [WorkerState(plan) for plan in plans]
+        self.base_env = base_env
+        self.cwd = cwd
+        self.grace = grace
+        self.restart = restart or RestartPolicy()
+        self.health = health or HealthPolicy()
+        self.out = out or sys.stdout
+        self.stopping = asyncio.Event()
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: draining %d worker(s)", len(self.workers))
+            self.stopping.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        tasks = [asyncio.create_task(self._supervise(w)) for w in self.workers]
+        await self.stopping.wait()
+        await self._stop_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("all workers stopped")
+        return 0
+
+    async def _stop_all(self) -> None:
+        live = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = self.grace + 5.0
+        waits = [asyncio.create_task(p.wait()) for p in live]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=deadline)
+            if pending:
+                log.warning(
+                    "%d worker(s) did not exit in %.0f s; killing them", len(pending), deadline
+                )
+                for proc in live:
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def _env(self, state: WorkerState) -> dict[str, str]:
+        plan = state.plan
+        env = dict(self.base_env)
+        env.update(plan.env)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in plan.gpus)
+        env["DYN_SERVICE_NAME"] = plan.service
+        env["DYN_WORKER_INDEX"] = str(plan.index)
+        env["DYN_HEALTH_PORT"] = str(state.health_port)
+        env["DYN_DRAIN_GRACE"] = str(self.grace)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    async def _spawn(self, state: WorkerState) -> asyncio.subprocess.Process:
+        state.health_port = free_port()
+        plan = state.plan
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dynamo_sdk.serve.worker",
+            "--graph",
+            self.graph,
+            "--service",
+            plan.service,
+            "--worker-index",
+            str(plan.index),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._env(state),
+            cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        state.proc = proc
+        state.pids.append(proc.pid)
+        gpus = f" on GPU(s) {','.join(map(str, plan.gpus))}" if plan.gpus else ""
+        log.info("started %s (pid %d)%s", plan.label, proc.pid, gpus)
+        return proc
+
+    async def _relay(self, state: WorkerState, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        prefix = f"[{state.plan.label}] "
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            self.out.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+            self.out.flush()
+
+    async def _watch_health(self, state: WorkerState, proc: asyncio.subprocess.Process) -> None:
+        failures = 0
+        seen_alive = False
+        while proc.returncode is None and not self.stopping.is_set():
+            await asyncio.sleep(self.health.interval)
+            result = await probe_livez(state.health_port, self.health.timeout)
+            if result is None and not seen_alive:
+                continue  # still starting up: its health server is not listening yet
+            if result:
+                seen_alive, failures = True, 0
+                continue
+            failures += 1
+            if failures >= self.health.failures_to_restart and not self.stopping.is_set():
+                log.error(
+                    "%s failed its liveness probe %d times; killing it", state.plan.label, failures
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
+
+    async def _supervise(self, state: WorkerState) -> None:
+        backoff = self.restart.initial_backoff
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                proc = await self._spawn(state)
+            except OSError as exc:
+                log.error("cannot start %s: %s", state.plan.label, exc)
+                self.request_stop()
+                return
+            relay = asyncio.create_task(self._relay(state, proc))
+            health = asyncio.create_task(self._watch_health(state, proc))
+            code = await proc.wait()
+            health.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+            if self.stopping.is_set():
+                log.info("%s exited with code %d", state.plan.label, code)
+                return
+            if time.monotonic() - started >= self.restart.stable_after:
+                backoff = self.restart.initial_backoff
+            state.restarts += 1
+            log.warning(
+                "%s exited with code %d; restart #%d in %.1f s",
+                state.plan.label,
+                code,
+                state.restarts,
+                backoff,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            backoff = min(backoff * 2, self.restart.max_backoff)

@@ -1,0 +1,7 @@
+"""The one request type the hello-world services exchange."""
+
+import msgspec
+
+
+class Req(msgspec.Struct):
+    text: str
