@@ -249,3 +249,80 @@ def test_dry_run_and_config_errors(tmp_path: Path) -> None:
 
     missing = run_dynamo(["serve", "graphs.nope:Frontend", "--dry-run"], cwd=HELLO_DIR)
     assert missing.returncode != 0 and "graphs.nope" in missing.stderr
+
+
+PROBED_GRAPH = textwrap.dedent(
+    """
+    import os, time
+    from dynamo_sdk import endpoint, liveness, readiness, service
+
+    FLAGS = os.environ["PROBE_FLAGS"]
+
+    @service(dynamo={"namespace": "probed"})
+    class Probed:
+        def __init__(self):
+            self.born = time.monotonic()
+
+        @liveness
+        def alive(self):
+            # the first incarnation turns unhealthy; its replacement stays healthy
+            return not os.path.exists(os.path.join(FLAGS, "sick")) or (
+                os.path.exists(os.path.join(FLAGS, "cured"))
+            )
+
+        @readiness
+        def ready(self):
+            return os.path.exists(os.path.join(FLAGS, "ready"))
+
+        @endpoint()
+        async def ping(self, req: str):
+            yield "pong"
+    """
+)
+
+
+def test_readiness_gates_registration_and_liveness_restarts(
+    servers: EmbeddedServers, tmp_path: Path
+) -> None:
+    (tmp_path / "probed_graph.py").write_text(PROBED_GRAPH)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    serve = ServeProcess(
+        ["probed_graph:Probed"],
+        cwd=tmp_path,
+        env={
+            **servers.env(),
+            "PROBE_FLAGS": str(flags),
+            "DYN_HEALTH_INTERVAL": "0.3",
+            "DYN_HEALTH_FAILURES": "2",
+        },
+        log_path=tmp_path / "serve.log",
+    )
+
+    async def instances(wait: float) -> list[int]:
+        rt = await DistributedRuntime.connect(settings_for(servers))
+        try:
+            client = rt.endpoint_client("probed", "Probed", "ping")
+            await client.watcher.ready.wait()
+            await asyncio.sleep(wait)
+            return client.instance_ids()
+        finally:
+            await rt.shutdown()
+
+    try:
+        serve.wait_for(lambda: bool(serve.worker_pids("Probed:0")), 30, "the worker to start")
+        time.sleep(2.0)
+        assert asyncio.run(instances(0.5)) == [], "registered before readiness passed"
+        (flags / "ready").touch()
+        serve.wait_for(lambda: "ready: instance" in serve.output(), 30, "readiness")
+        assert len(asyncio.run(instances(0.2))) == 1
+
+        (flags / "sick").touch()
+        serve.wait_for(
+            lambda: "failed its liveness probe" in serve.output(), 30, "the liveness kill"
+        )
+        (flags / "cured").touch()
+        serve.wait_for(lambda: len(serve.worker_pids("Probed:0")) == 2, 30, "the restart")
+        assert "Probed:0 exited with code -9; restart #1" in serve.output()
+    finally:
+        serve.stop()

@@ -34,10 +34,15 @@ class ServiceConfig(dict[str, dict[str, Any]]):
         return cls._instance
 
     @classmethod
-    def set_instance(cls, data: dict[str, dict[str, Any]] | None) -> ServiceConfig:
-        """Replace the process-wide config (used by workers and tests)."""
-        cls._instance = None if data is None else cls(data)
-        return cls.get_instance()
+    def set_instance(cls, data: dict[str, dict[str, Any]]) -> ServiceConfig:
+        """Replace the process-wide config (used by tools and tests)."""
+        cls._instance = cls(data)
+        return cls._instance
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget the config, so the next `get_instance()` reads the environment again."""
+        cls._instance = None
 
     def for_service(self, name: str) -> dict[str, Any]:
         """The settings of one service, without its `ServiceArgs` deployment section."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -47,9 +48,20 @@ class RestartPolicy:
 
 @dataclass
 class HealthPolicy:
-    interval: float = 2.0
-    failures_to_restart: int = 3
+    interval: float = 2.0  # DYN_HEALTH_INTERVAL
+    failures_to_restart: int = 3  # DYN_HEALTH_FAILURES
     timeout: float = 2.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> HealthPolicy:
+        env = os.environ if environ is None else environ
+        try:
+            return cls(
+                interval=float(env.get("DYN_HEALTH_INTERVAL", cls.interval)),
+                failures_to_restart=int(env.get("DYN_HEALTH_FAILURES", cls.failures_to_restart)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad DYN_HEALTH_INTERVAL / DYN_HEALTH_FAILURES: {exc}") from None
 
 
 @dataclass
@@ -102,7 +114,7 @@ class Supervisor:
         self.cwd = cwd
         self.grace = grace
         self.restart = restart or RestartPolicy()
-        self.health = health or HealthPolicy()
+        self.health = health or HealthPolicy.from_env()
         self.out = out or sys.stdout
         self.stopping = asyncio.Event()
 
