@@ -65,6 +65,7 @@ class CallDispatcher:
         self.stream_timeout = stream_timeout
         self._nuid = NUID()
         self._prefix = f"_INBOX.{self._nuid.next().decode()}"
+        self._calls = itertools.count(1)
         # Weak: a stream the caller dropped (break out of `async for`) must be collectable, so
         # that its finalizer can tell the callee to stop.
         self._streams: weakref.WeakValueDictionary[str, ResponseStream] = (
@@ -88,7 +89,8 @@ class CallDispatcher:
                 await self._sub.unsubscribe()
 
     def new_call(self) -> tuple[str, str]:
-        token = self._nuid.next().decode()
+        # The inbox prefix is unique per process; a counter makes each call's token unique.
+        token = format(next(self._calls), "x")
         return token, f"{self._prefix}.{token}"
 
     def register(self, token: str, stream: ResponseStream) -> None:
@@ -358,6 +360,8 @@ class EndpointClient:
         return self.instance_ids()
 
     async def _live_ids(self, wait: float) -> list[int]:
+        if self.watcher.ready.is_set() and self.watcher.instances:  # the hot path: no awaits
+            return list(self.watcher.instances)
         await asyncio.wait_for(self.watcher.ready.wait(), max(wait, 10.0))
         deadline = time.monotonic() + wait
         while not self.watcher.instances:
@@ -384,6 +388,7 @@ class EndpointClient:
                 )
             chosen = instance_id
         elif mode == "round_robin":
+            ids.sort()
             chosen = ids[next(self._rr) % len(ids)]
         elif mode == "random":
             chosen = random.choice(ids)

@@ -217,6 +217,9 @@ class EndpointServer:
                     stream.buf.append(msgspec.Raw(codec.encode(item)))
                     if len(stream.buf) >= MAX_ITEMS_PER_FRAME:
                         await self._flush(stream, FrameKind.DATA)
+                        # publish() only buffers: yield once so the frame reaches the socket
+                        # even when the generator never pauses on its own.
+                        await asyncio.sleep(0)
                     elif not stream.flush_scheduled:
                         stream.flush_scheduled = True
                         loop.call_soon(self._flush_when_idle, stream)
