@@ -266,3 +266,24 @@ async def test_silent_callee_is_a_stream_lost_error(
     finally:
         await caller.shutdown()
         await callee.shutdown()
+
+
+async def test_prefix_watcher_follows_leased_keys(
+    servers: EmbeddedServers, runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    owner = await DistributedRuntime.connect(settings_for(servers))
+    watcher = runtime.watch_prefix(f"{unique_ns}/models/")
+    await asyncio.wait_for(watcher.ready.wait(), 5)
+    assert watcher.values == {}
+    await owner.put_leased(f"{unique_ns}/models/a", b"1")
+    for _ in range(50):
+        if watcher.values:
+            break
+        await watcher.wait_for_change(0.1)
+    assert watcher.values == {f"{unique_ns}/models/a": b"1"}
+    await owner.shutdown()  # revokes the lease: its keys go with it
+    for _ in range(50):
+        if not watcher.values:
+            break
+        await watcher.wait_for_change(0.1)
+    assert watcher.values == {}

@@ -91,24 +91,23 @@ class Lease:
                 await self.client.revoke_lease(self.id)
 
 
-class InstanceWatcher:
-    """The live instances under one prefix, kept current by an etcd watch."""
+class PrefixWatcher:
+    """Mirrors every key under a prefix, kept current by an etcd watch.
+
+    A snapshot (get_prefix) then a watch from the snapshot's revision + 1, so no event falls
+    in between; when the watch breaks (etcd restarted, connection lost) it re-syncs from a new
+    snapshot and reports keys that vanished meanwhile as deleted. Subclasses interpret values.
+    """
 
     def __init__(self, client: aetcd.Client, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self.instances: dict[int, InstanceInfo] = {}  # routable now
-        self.draining: set[int] = set()  # alive, finishing streams, not routable
+        self.values: dict[str, bytes] = {}
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()
-        self._removal_listeners: list[Callable[[int], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._watch: Any = None
         self._stopping = False
-        self._decoder = msgspec.json.Decoder(InstanceInfo)
-
-    def on_removed(self, listener: Callable[[int], None]) -> None:
-        self._removal_listeners.append(listener)
 
     def start(self) -> None:
         if self._task is None:
@@ -130,11 +129,68 @@ class InstanceWatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def _apply_put(self, value: bytes) -> None:
+    def on_put(self, key: str, value: bytes) -> None:
+        """A key was created or updated (subclasses extend)."""
+
+    def on_delete(self, key: str) -> None:
+        """A key was deleted or its lease ran out (subclasses extend)."""
+
+    def _put(self, key: str, value: bytes) -> None:
+        self.values[key] = value
+        self.on_put(key, value)
+        self._changed.set()
+
+    def _delete(self, key: str) -> None:
+        if self.values.pop(key, None) is not None:
+            self.on_delete(key)
+            self._changed.set()
+
+    async def _run(self) -> None:
+        prefix = self.prefix.encode()
+        while not self._stopping:
+            try:
+                snapshot = await self.client.get_prefix(prefix)
+                current = {kv.key.decode(): kv.value for kv in snapshot}
+                for key in set(self.values) - set(current):
+                    self._delete(key)
+                for key, value in current.items():
+                    self._put(key, value)
+                self.ready.set()
+                revision = snapshot.header.revision + 1
+                self._watch = await self.client.watch_prefix(prefix, start_revision=revision)
+                async for event in self._watch:
+                    if event.kind == "PUT":
+                        self._put(event.kv.key.decode(), event.kv.value)
+                    else:
+                        self._delete(event.kv.key.decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._stopping:
+                    return
+                log.warning("etcd watch on %s broke (%s); re-syncing", self.prefix, exc)
+                await asyncio.sleep(0.5)
+
+
+class InstanceWatcher(PrefixWatcher):
+    """The live instances of one endpoint: routable ones, and draining ones."""
+
+    def __init__(self, client: aetcd.Client, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.instances: dict[int, InstanceInfo] = {}  # routable now
+        self.draining: set[int] = set()  # alive, finishing streams, not routable
+        self._removal_listeners: list[Callable[[int], None]] = []
+        self._decoder = msgspec.json.Decoder(InstanceInfo)
+
+    def on_removed(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(instance_id)` when an instance dies (not when it drains)."""
+        self._removal_listeners.append(listener)
+
+    def on_put(self, key: str, value: bytes) -> None:
         try:
             info = self._decoder.decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("ignoring malformed instance record under %s: %s", self.prefix, exc)
+            log.warning("ignoring malformed instance record %s: %s", key, exc)
             return
         if info.draining:
             # Leaving gracefully: route nothing new to it, but its streams go on.
@@ -143,49 +199,17 @@ class InstanceWatcher:
         else:
             self.instances[info.instance_id] = info
             self.draining.discard(info.instance_id)
-        self._changed.set()
 
-    def _apply_delete(self, key: bytes) -> None:
+    def on_delete(self, key: str) -> None:
         try:
-            instance_id = int(key.decode().rsplit(":", 1)[1], 16)
+            instance_id = int(key.rsplit(":", 1)[1], 16)
         except (IndexError, ValueError):
             return
         known = self.instances.pop(instance_id, None) is not None or instance_id in self.draining
         self.draining.discard(instance_id)
         if known:
-            self._changed.set()
             for listener in self._removal_listeners:
                 listener(instance_id)
-
-    async def _run(self) -> None:
-        prefix = self.prefix.encode()
-        while not self._stopping:
-            try:
-                snapshot = await self.client.get_prefix(prefix)
-                seen: set[int] = set()
-                for kv in snapshot:
-                    self._apply_put(kv.value)
-                    try:
-                        seen.add(int(kv.key.decode().rsplit(":", 1)[1], 16))
-                    except (IndexError, ValueError):
-                        pass
-                for gone in (set(self.instances) | self.draining) - seen:
-                    self._apply_delete(f"{self.prefix}{gone:x}".encode())
-                self.ready.set()
-                revision = snapshot.header.revision + 1
-                self._watch = await self.client.watch_prefix(prefix, start_revision=revision)
-                async for event in self._watch:
-                    if event.kind == "PUT":
-                        self._apply_put(event.kv.value)
-                    else:
-                        self._apply_delete(event.kv.key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._stopping:
-                    return
-                log.warning("etcd watch on %s broke (%s); re-syncing", self.prefix, exc)
-                await asyncio.sleep(0.5)
 
 
 async def connect_etcd(endpoints: list[str], timeout: float = 5.0) -> aetcd.Client:

@@ -23,6 +23,7 @@ from dynamo_sdk.runtime.discovery import (
     InstanceInfo,
     InstanceWatcher,
     Lease,
+    PrefixWatcher,
     connect_etcd,
     encode_instance,
     endpoint_prefix,
@@ -111,7 +112,7 @@ class DistributedRuntime:
         self.lease = Lease(etcd, settings.lease_ttl, self._lease_lost)
         self.dispatcher = CallDispatcher(nc, settings.stream_timeout)
         self.servers: list[EndpointServer] = []
-        self._watchers: dict[str, InstanceWatcher] = {}
+        self._watchers: dict[str, PrefixWatcher] = {}
         self._service_clients: dict[int, ServiceClient] = {}
         self._registered: dict[str, InstanceInfo] = {}
         self.lease_lost = asyncio.Event()
@@ -218,12 +219,25 @@ class DistributedRuntime:
             with contextlib.suppress(Exception):
                 await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
 
+    async def put_leased(self, key: str, value: bytes) -> None:
+        """Store `key` for as long as this process lives (bound to its lease)."""
+        await self.etcd.put(key.encode(), value, lease=self.instance_id)
+
+    def watch_prefix(self, prefix: str) -> PrefixWatcher:
+        """A started watcher mirroring every key under `prefix` (stopped at shutdown)."""
+        watcher = self._watchers.get(prefix)
+        if watcher is None:
+            watcher = PrefixWatcher(self.etcd, prefix)
+            watcher.start()
+            self._watchers[prefix] = watcher
+        return watcher
+
     # ---- calling ----------------------------------------------------------------------
 
     def watcher(self, namespace: str, component: str, endpoint: str) -> InstanceWatcher:
         prefix = endpoint_prefix(namespace, component, endpoint)
         watcher = self._watchers.get(prefix)
-        if watcher is None:
+        if not isinstance(watcher, InstanceWatcher):
             watcher = InstanceWatcher(self.etcd, prefix)
             watcher.on_removed(self.dispatcher.fail_instance)
             watcher.start()

@@ -1,0 +1,47 @@
+"""The interface every engine implements; see `dynamo_sdk.llm.protocol` for the data."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
+
+
+class EngineStats(msgspec.Struct):
+    """A snapshot for logs and Prometheus; engines fill what they know."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    prefix_cache_hit_rate: float = 0.0  # fraction of queried prompt tokens found cached
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    max_batch_running: int = 0  # the most requests seen running in one step
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An LLM engine: token ids in, token id deltas out, cancellable."""
+
+    context_length: int
+
+    async def start(self) -> None:
+        """Load weights, allocate caches. Called once before the first request."""
+
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Stream deltas. Closing the iterator early aborts the request (frees its KV)."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current load and totals (cheap; called several times a second)."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Release the engine."""
+
+
+class EngineError(Exception):
+    """An engine failed to start or to serve a request."""

@@ -1,0 +1,76 @@
+"""The engine contract: what a Processor sends a Worker, and what streams back.
+
+Every engine (vLLM, echo, the project's own, a mocker) takes a `PreprocessedRequest` (token
+ids plus sampling and stop settings) and yields `EngineOutput` deltas: the new token ids since
+the last output, their logprobs when asked for, and a finish reason on the last one. Text never
+crosses this boundary; tokenizing and detokenizing are the Processor's job, so engines stay
+interchangeable and the Frontend and Processor never change when one is added.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class SamplingOptions(msgspec.Struct, omit_defaults=True):
+    temperature: float | None = None  # None: engine default (1.0); 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class StopConditions(msgspec.Struct, omit_defaults=True):
+    max_tokens: int  # resolved by the Processor: never None here
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []  # stop when generated (EOS ids included here unless ignore_eos)
+
+
+class OutputOptions(msgspec.Struct, omit_defaults=True):
+    logprobs: int | None = None  # number of top logprobs per token (0 = only the sampled one)
+
+
+class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    model: str
+    token_ids: list[int]
+    stop: StopConditions
+    sampling: SamplingOptions = SamplingOptions()
+    output: OutputOptions = OutputOptions()
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class EngineOutput(msgspec.Struct, omit_defaults=True):
+    """A delta: tokens generated since the previous output of the same request."""
+
+    token_ids: list[int]
+    # per new token: its own logprob, and the top-k alternatives (when logprobs were asked for)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    finish_reason: FinishReason | None = None
+    # set on the first output: how many prompt tokens the engine found already cached
+    cached_tokens: int | None = None
+    error: str | None = None
+
+
+class ModelEntry(msgspec.Struct):
+    """What a worker registers in etcd under `models/{name}:{instance}` for the Frontend."""
+
+    name: str
+    namespace: str
+    component: str
+    endpoint: str
+    context_length: int
+    path: str = ""
