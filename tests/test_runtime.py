@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -287,3 +288,25 @@ async def test_prefix_watcher_follows_leased_keys(
             break
         await watcher.wait_for_change(0.1)
     assert watcher.values == {}
+
+
+async def test_items_keep_their_order_when_the_generator_pauses(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    """Regression: the last item, produced right after a pause, must not be overtaken by END."""
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            if i % 3 != 2:
+                await asyncio.sleep(0)
+
+    await runtime.serve_endpoint(unique_ns, "Pausing", "generate", handler, request_type=int)
+    client = runtime.endpoint_client(unique_ns, "Pausing", "generate", response_type=int)
+    for n in (1, 3, 6, 30):  # n % 3 == 0: the last item comes right after a pause
+        results = await asyncio.gather(*([_collect(client, n) for _ in range(20)]))
+        assert all(r == list(range(n)) for r in results)
+
+
+async def _collect(client: Any, n: int) -> list[int]:
+    return [i async for i in client(n)]

@@ -276,9 +276,11 @@ class EndpointServer:
     async def _flush(
         self, stream: _Stream, kind: FrameKind, error: ErrorInfo | None = None
     ) -> None:
-        if stream.pending is not None and not stream.pending.done():
-            await stream.pending
+        # Take the items first: while we wait for the previous frame, a scheduled
+        # `_flush_when_idle` must find nothing to send, or it would overtake this frame.
         items, stream.buf = stream.buf, []
+        while stream.pending is not None and not stream.pending.done():
+            await stream.pending
         await self._send(stream.reply, kind, items, error)
         stream.last_sent = time.monotonic()
 
