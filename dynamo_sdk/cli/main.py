@@ -68,6 +68,28 @@ def serve(
     sys.exit(code)
 
 
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="Example: dynamo run in=http out=vllm ./my-model --http-port 8000 --max-model-len 2048",
+)
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Serve a model in one process: in=http|text|batch:FILE.jsonl out=vllm|echo MODEL [flags]."""
+    from dynamo_sdk.llm.engines.base import EngineError
+    from dynamo_sdk.llm.model_resolver import ModelNotAvailableError
+    from dynamo_sdk.llm.run import RunUsageError
+    from dynamo_sdk.llm.run import run as run_model
+    from dynamo_sdk.llm.tokenizer import TokenizerError
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    try:
+        run_model(list(ctx.args))
+    except (RunUsageError, ModelNotAvailableError, EngineError, TokenizerError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.command()
 def env() -> None:
     """Show versions, the NATS/etcd servers `dynamo serve` would use, and the GPUs seen."""

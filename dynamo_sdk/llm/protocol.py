@@ -9,7 +9,7 @@ interchangeable and the Frontend and Processor never change when one is added.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -43,8 +43,8 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     model: str
     token_ids: list[int]
     stop: StopConditions
-    sampling: SamplingOptions = SamplingOptions()
-    output: OutputOptions = OutputOptions()
+    sampling: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
+    output: OutputOptions = msgspec.field(default_factory=OutputOptions)
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -74,3 +74,45 @@ class ModelEntry(msgspec.Struct):
     endpoint: str
     context_length: int
     path: str = ""
+
+
+# ---- Frontend ↔ Processor ------------------------------------------------------------------
+
+
+class ProcessorRequest(msgspec.Struct):
+    """An OpenAI request, already validated by the Frontend, on its way to a Processor."""
+
+    request_id: str
+    kind: Literal["chat", "completion"]
+    body: dict[str, Any]
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+
+
+class LogprobEntry(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TextDelta(msgspec.Struct, omit_defaults=True):
+    """New text since the previous delta; the last one carries finish_reason and usage."""
+
+    text: str = ""
+    token_count: int = 0
+    logprobs: list[LogprobEntry] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None

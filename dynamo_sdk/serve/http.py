@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
@@ -57,6 +58,16 @@ def add_health_routes(app: FastAPI, live: Probe, ready: Probe) -> None:
 
     app.add_api_route("/livez", livez, methods=["GET"], include_in_schema=False)
     app.add_api_route("/readyz", readyz, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics", _prometheus, methods=["GET"], include_in_schema=False)
+
+
+async def _prometheus() -> Response:
+    """The process's default Prometheus registry (what services register metrics in)."""
+    try:
+        from prometheus_client import REGISTRY, generate_latest
+    except ImportError:
+        return Response("prometheus_client is not installed\n", 404, media_type="text/plain")
+    return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")
 
 
 def _decoder(tp: Any) -> Callable[[bytes], Any]:
@@ -141,6 +152,19 @@ async def _chunks(first: Any, rest: AsyncIterator[Any], fmt: str) -> AsyncIterat
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so all workers of an @api service share its port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 class EmbeddedUvicorn(uvicorn.Server):

@@ -29,26 +29,13 @@ from dynamo_sdk.sdk.config import ServiceConfig
 from dynamo_sdk.sdk.context import dynamo_context
 from dynamo_sdk.sdk.service import DynamoService
 from dynamo_sdk.serve.graph import GraphError, find_service, load_entry, resolve_graph
-from dynamo_sdk.serve.http import add_health_routes, bind_api_methods, make_server
+from dynamo_sdk.serve.http import add_health_routes, bind_api_methods, listen_socket, make_server
 
 log = logging.getLogger("dynamo.worker")
 
 HEALTH_PORT_ENV = "DYN_HEALTH_PORT"
 DRAIN_GRACE_ENV = "DYN_DRAIN_GRACE"
 DEFAULT_HTTP_PORT = 8000
-
-
-def _listen_socket(host: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT, so all workers of an @api service share its port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class Worker:
@@ -145,12 +132,12 @@ class Worker:
             bind_api_methods(app, self.instance, self.service.apis)
             add_health_routes(app, self.live, self.ready)
             host = str(self.section.get("host", "0.0.0.0"))
-            apps.append((app, _listen_socket(host, self._api_port())))
+            apps.append((app, listen_socket(host, self._api_port())))
         health_port = os.environ.get(HEALTH_PORT_ENV)
         if health_port:
             app = FastAPI(title=f"{self.service.name} health")
             add_health_routes(app, self.live, self.ready)
-            apps.append((app, _listen_socket("127.0.0.1", int(health_port))))
+            apps.append((app, listen_socket("127.0.0.1", int(health_port))))
         for app, sock in apps:
             server = make_server(app, sock.getsockname()[0], sock.getsockname()[1])
             self.http_servers.append(server)

@@ -1,0 +1,372 @@
+"""The OpenAI-compatible HTTP edge: validation, errors, SSE, aggregation, metrics.
+
+It knows no tokenizer and no engine. A `Backend` gives it the served models and a stream of
+`TextDelta`s per request; behind it is a Processor over NATS (served graph) or in the same
+process (`dynamo run`). Every failure is an OpenAI error body with a fitting status code; a
+client that disconnects mid-stream closes the backend stream, which cancels the request all
+the way into the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from dynamo_sdk.llm.errors import LLMError, ModelNotFoundError, status_for_error_type
+from dynamo_sdk.llm.metrics import FrontendMetrics
+from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest
+from dynamo_sdk.llm.protocol import LogprobEntry, ProcessorRequest, TextDelta, Usage
+from dynamo_sdk.runtime.errors import NoInstancesError, RemoteError, StreamLostError
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    def model_names(self) -> list[str]: ...
+
+    def generate(self, request: ProcessorRequest) -> AsyncIterator[TextDelta]: ...
+
+
+def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def error_from_exception(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, LLMError):
+        return openai_error(exc.status, str(exc), exc.error_type)
+    if isinstance(exc, RemoteError):
+        status, kind = status_for_error_type(exc.error_type)
+        message = exc.remote_message if status < 500 else str(exc)
+        return openai_error(status, message, kind)
+    if isinstance(exc, NoInstancesError):
+        return openai_error(503, str(exc), "service_unavailable")
+    if isinstance(exc, StreamLostError):
+        return openai_error(502, str(exc), "upstream_error")
+    log.exception("request failed", exc_info=exc)
+    return openai_error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
+
+
+class _Accumulator:
+    """Collects a stream for a non-streaming answer."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.logprobs: list[LogprobEntry] = []
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+
+    def add(self, delta: TextDelta) -> None:
+        self.text.append(delta.text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason:
+            self.finish = delta.finish_reason
+        if delta.usage:
+            self.usage = delta.usage
+
+
+def _usage_json(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token.encode()),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                    for t in e.top
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+def _completion_logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+class OpenAIServer:
+    """Builds the FastAPI app around a backend."""
+
+    def __init__(self, backend: Backend, metrics: FrontendMetrics | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics or FrontendMetrics()
+        self.app = FastAPI(title="Dynamo OpenAI-compatible API")
+        self.app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        self.app.add_api_route("/v1/models", self.models, methods=["GET"])
+        self.app.add_api_route("/health", self.health, methods=["GET"])
+        self.app.add_api_route("/metrics", self.prometheus, methods=["GET"])
+
+    async def models(self) -> JSONResponse:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "dynamo"}
+            for name in sorted(self.backend.model_names())
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self) -> JSONResponse:
+        names = self.backend.model_names()
+        status = 200 if names else 503
+        return JSONResponse(
+            {"status": "healthy" if names else "no models", "models": names}, status
+        )
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "completion")
+
+    async def _serve(self, request: Request, kind: str) -> Response:
+        endpoint = "chat_completions" if kind == "chat" else "completions"
+        response = await self._handle(request, kind)
+        model = getattr(response, "dynamo_model", "") or ""
+        self.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
+        return response
+
+    async def _handle(self, request: Request, kind: str) -> Response:
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return openai_error(
+                400, f"request body is not valid JSON: {exc}", "invalid_request_error"
+            )
+        if not isinstance(payload, dict):
+            return openai_error(400, "request body must be a JSON object", "invalid_request_error")
+        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        try:
+            body = schema.model_validate(payload)
+        except ValidationError as exc:
+            message, param = _validation_message(exc)
+            return openai_error(400, message, "invalid_request_error", param)
+        if body.model not in self.backend.model_names():
+            return error_from_exception(
+                ModelNotFoundError(
+                    f"The model `{body.model}` does not exist or has no live worker."
+                )
+            )
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        proc_request = ProcessorRequest(
+            request_id=request_id,
+            kind="chat" if kind == "chat" else "completion",
+            body=body.model_dump(mode="json", exclude_none=True),
+        )
+        started = time.perf_counter()
+        stream = self.backend.generate(proc_request)
+        self.metrics.inflight.inc()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = TextDelta(finish_reason="stop")
+        except Exception as exc:
+            self.metrics.inflight.dec()
+            await _close(stream)
+            return error_from_exception(exc)
+        created = int(time.time())
+        if body.stream:
+            sse = self._sse(kind, body, request_id, created, first, stream, started)
+            response: Response = StreamingResponse(sse, media_type="text/event-stream")
+        else:
+            try:
+                response = await self._aggregate(
+                    kind, body, request_id, created, first, stream, started
+                )
+            except Exception as exc:
+                response = error_from_exception(exc)
+            finally:
+                self.metrics.inflight.dec()
+        response.dynamo_model = body.model  # type: ignore[attr-defined]
+        return response
+
+    async def _aggregate(
+        self,
+        kind: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        created: int,
+        first: TextDelta,
+        stream: AsyncIterator[TextDelta],
+        started: float,
+    ) -> JSONResponse:
+        acc = _Accumulator()
+        acc.add(first)
+        self.metrics.ttft.observe(time.perf_counter() - started)
+        async for delta in stream:
+            acc.add(delta)
+        self._count_usage(acc.usage)
+        text = "".join(acc.text)
+        wants_logprobs = body.logprobs_count() is not None
+        if kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": acc.finish,
+                "logprobs": _chat_logprobs(acc.logprobs) if wants_logprobs else None,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": acc.finish,
+                "logprobs": _completion_logprobs(acc.logprobs, 0) if wants_logprobs else None,
+            }
+            obj = "text_completion"
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": obj,
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "usage": _usage_json(acc.usage),
+            }
+        )
+
+    def _count_usage(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.metrics.input_tokens.inc(usage.prompt_tokens)
+            self.metrics.output_tokens.inc(usage.completion_tokens)
+
+    async def _sse(
+        self,
+        kind: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        created: int,
+        first: TextDelta,
+        stream: AsyncIterator[TextDelta],
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        wants_logprobs = body.logprobs_count() is not None
+        offset = 0
+        last = started
+        first_token = True
+
+        def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+            payload: dict[str, Any] = {
+                "id": request_id,
+                "object": obj,
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
+            if usage is not None:
+                payload["usage"] = _usage_json(usage)
+            return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+        def choice(delta: TextDelta, role: bool) -> dict[str, Any]:
+            nonlocal offset
+            lp = None
+            if wants_logprobs and delta.logprobs:
+                lp = (
+                    _chat_logprobs(delta.logprobs)
+                    if kind == "chat"
+                    else _completion_logprobs(delta.logprobs, offset)
+                )
+            if kind == "chat":
+                content: dict[str, Any] = {"content": delta.text} if delta.text or role else {}
+                if role:
+                    content["role"] = "assistant"
+                out = {
+                    "index": 0,
+                    "delta": content,
+                    "logprobs": lp,
+                    "finish_reason": delta.finish_reason,
+                }
+            else:
+                out = {
+                    "index": 0,
+                    "text": delta.text,
+                    "logprobs": lp,
+                    "finish_reason": delta.finish_reason,
+                }
+            offset += len(delta.text)
+            return out
+
+        try:
+            pending: TextDelta | None = first
+            role_sent = False
+            while True:
+                if pending is None:
+                    try:
+                        pending = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                delta, pending = pending, None
+                now = time.perf_counter()
+                if delta.text:
+                    if first_token:
+                        self.metrics.ttft.observe(now - started)
+                        first_token = False
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                if delta.usage is not None:
+                    self._count_usage(delta.usage)
+                    if body.include_usage():
+                        yield chunk([], delta.usage)
+                    continue
+                if delta.text or delta.finish_reason or delta.logprobs or not role_sent:
+                    yield chunk([choice(delta, role=(kind == "chat" and not role_sent))])
+                    role_sent = True
+            yield b"data: [DONE]\n\n"
+        except Exception as exc:  # headers are out: report in-band, as OpenAI-style servers do
+            error = error_from_exception(exc)
+            yield b"data: " + bytes(error.body) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.metrics.inflight.dec()
+            await _close(stream)
+
+
+async def _close(stream: AsyncIterator[TextDelta]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # already failed; nothing more to release
+            pass

@@ -1,0 +1,222 @@
+"""`dynamo run in=http|text|batch:FILE out=ENGINE MODEL`: one process, no NATS or etcd.
+
+- `in=http`: the OpenAI-compatible server on `--http-port` (default 8000).
+- `in=text`: an interactive chat in the terminal (history kept; `/reset` clears it, Ctrl-D quits).
+- `in=batch:FILE.jsonl`: each line is `{"prompt": ...}` or `{"messages": [...]}` plus optional
+  sampling fields; writes `FILE.out.jsonl` with the text, token counts and per-request timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynamo_sdk.llm.engines.base import Engine
+from dynamo_sdk.llm.engines.registry import create_engine
+from dynamo_sdk.llm.local import LocalBackend
+from dynamo_sdk.llm.model_resolver import resolve_model
+from dynamo_sdk.llm.protocol import ProcessorRequest
+from dynamo_sdk.llm.tokenizer import Tokenizer
+
+log = logging.getLogger("dynamo.run")
+
+
+class RunUsageError(ValueError):
+    """The `dynamo run` arguments do not make sense."""
+
+
+@dataclass
+class RunSpec:
+    input: str = "text"
+    output: str = "echo"
+    model: str = "auto"
+    served_model_name: str | None = None
+    http_port: int = 8000
+    engine_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _value(raw: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(raw)
+        except ValueError:
+            pass
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    return raw
+
+
+def parse_run_args(args: list[str]) -> RunSpec:
+    """`in=... out=... MODEL --flag value ...`; unknown `--flags` go to the engine."""
+    spec = RunSpec()
+    i = 0
+    positional: list[str] = []
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("in="):
+            spec.input = arg[3:]
+        elif arg.startswith("out="):
+            spec.output = arg[4:]
+        elif arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value = args[i + 1]
+                    i += 1
+                else:
+                    value = "true"
+            key = key.replace("-", "_")
+            if key == "http_port":
+                spec.http_port = int(value)
+            elif key == "served_model_name":
+                spec.served_model_name = value
+            else:
+                spec.engine_config[key] = _value(value)
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) > 1:
+        raise RunUsageError(f"one MODEL expected, got {positional}")
+    if positional:
+        spec.model = positional[0]
+    if not (spec.input in ("http", "text") or spec.input.startswith("batch:")):
+        raise RunUsageError(f"in={spec.input}: use in=http, in=text or in=batch:FILE.jsonl")
+    return spec
+
+
+async def _start(spec: RunSpec) -> tuple[LocalBackend, Engine]:
+    path = resolve_model(spec.model)
+    tokenizer = Tokenizer.from_pretrained(path)
+    engine = create_engine(spec.output, str(path), spec.engine_config)
+    await engine.start()
+    name = spec.served_model_name or (spec.model if spec.model != "auto" else path.name)
+    return LocalBackend(engine, tokenizer, name), engine
+
+
+async def run_http(spec: RunSpec) -> None:
+    from dynamo_sdk.llm.frontend import OpenAIServer
+    from dynamo_sdk.serve.http import listen_socket, make_server
+
+    backend, engine = await _start(spec)
+    app = OpenAIServer(backend).app
+    sock = listen_socket("0.0.0.0", spec.http_port)
+    server = make_server(app, "0.0.0.0", spec.http_port)
+    print(f"serving {backend.model_name} on http://0.0.0.0:{spec.http_port}/v1 (Ctrl-C stops)")
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await engine.shutdown()
+
+
+async def _complete(backend: LocalBackend, body: dict[str, Any], kind: str) -> dict[str, Any]:
+    request = ProcessorRequest(uuid.uuid4().hex, "chat" if kind == "chat" else "completion", body)
+    started = time.perf_counter()
+    first: float | None = None
+    text: list[str] = []
+    out: dict[str, Any] = {}
+    async for delta in backend.generate(request):
+        if delta.text and first is None:
+            first = time.perf_counter() - started
+        text.append(delta.text)
+        if delta.finish_reason:
+            out["finish_reason"] = delta.finish_reason
+        if delta.usage:
+            out["prompt_tokens"] = delta.usage.prompt_tokens
+            out["completion_tokens"] = delta.usage.completion_tokens
+    out["text"] = "".join(text)
+    out["ttft_s"] = round(first if first is not None else time.perf_counter() - started, 6)
+    out["total_s"] = round(time.perf_counter() - started, 6)
+    return out
+
+
+async def run_batch(spec: RunSpec, path: Path) -> Path:
+    backend, engine = await _start(spec)
+    raw = await asyncio.to_thread(path.read_text)
+    lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    out_path = path.with_suffix(".out.jsonl")
+
+    async def one(index: int, item: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": backend.model_name, **{k: v for k, v in item.items() if k != "model"}}
+        kind = "chat" if "messages" in body else "completion"
+        try:
+            result = await _complete(backend, body, kind)
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"index": index, **result}
+
+    started = time.perf_counter()
+    try:
+        results = await asyncio.gather(*(one(i, item) for i, item in enumerate(lines)))
+    finally:
+        await engine.shutdown()
+    with out_path.open("w") as f:
+        for result in results:
+            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+    tokens = sum(r.get("completion_tokens", 0) for r in results)
+    elapsed = time.perf_counter() - started
+    print(f"{len(results)} requests, {tokens} tokens in {elapsed:.2f} s -> {out_path}")
+    return out_path
+
+
+async def run_text(spec: RunSpec) -> None:
+    backend, engine = await _start(spec)
+    history: list[dict[str, str]] = []
+    print(f"chatting with {backend.model_name}; /reset clears the history, Ctrl-D quits")
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                line = await loop.run_in_executor(None, lambda: input("> "))
+            except EOFError:
+                print()
+                return
+            if line.strip() == "/reset":
+                history.clear()
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            body = {"model": backend.model_name, "messages": history, "max_tokens": 256}
+            request = ProcessorRequest(uuid.uuid4().hex, "chat", body)
+            reply: list[str] = []
+            try:
+                async for delta in backend.generate(request):
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+                    reply.append(delta.text)
+            except Exception as exc:
+                print(f"\n[error] {exc}")
+                history.pop()
+                continue
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        await engine.shutdown()
+
+
+def run(args: list[str]) -> None:
+    spec = parse_run_args(args)
+    if spec.input == "http":
+        coro: Any = run_http(spec)
+    elif spec.input == "text":
+        coro = run_text(spec)
+    else:
+        coro = run_batch(spec, Path(spec.input.split(":", 1)[1]))
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)

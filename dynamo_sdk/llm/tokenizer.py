@@ -1,0 +1,147 @@
+"""Text <-> token ids for the Processor, wrapping a local Hugging Face fast tokenizer.
+
+Engines only see token ids (see `protocol.py`), so everything text-shaped lives here: encoding
+prompts, rendering chat templates, decoding output, and naming tokens for logprobs. The wrapper
+keeps the rest of the package independent of `transformers` API churn (v5 returns a
+`BatchEncoding` from `apply_chat_template(tokenize=True)`, for one) and turns every failure
+into a `TokenizerError` the Frontend can report as a client error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class TokenizerError(ValueError):
+    """Loading failed, or a request cannot be tokenized (bad messages, no chat template)."""
+
+
+class Tokenizer:
+    """A loaded tokenizer plus the model's generation config (for all of its EOS ids)."""
+
+    def __init__(self, hf_tokenizer: Any, path: Path, generation_eos: Sequence[int] = ()) -> None:
+        self._tok = hf_tokenizer
+        self.path = path
+        eos: list[int] = []
+        for token_id in (hf_tokenizer.eos_token_id, *generation_eos):
+            if isinstance(token_id, int) and token_id not in eos:
+                eos.append(token_id)
+        self._eos = eos
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load from a local model folder; never reaches a model hub."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise TokenizerError(f"cannot load tokenizer from {str(folder)!r}: not a directory")
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+            raise TokenizerError(f"cannot load tokenizer from {str(folder)!r}: {exc}") from exc
+        return cls(hf, folder, _generation_eos(folder))
+
+    # -- encode / decode -------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; no BOS by default, since chat templates add their own."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Render OpenAI-style messages with the model's template and return the prompt ids.
+
+        Rendered as text and then encoded without special tokens: the template already writes
+        BOS and role markers, and this sidesteps transformers' changing `tokenize=True` return
+        type.
+        """
+        if not getattr(self._tok, "chat_template", None):
+            raise TokenizerError(
+                f"the tokenizer at {str(self.path)!r} has no chat template; "
+                "use the completions API or a model with a chat template"
+            )
+        normalized = [_normalize_message(m) for m in messages]
+        kwargs: dict[str, Any] = {}
+        if tools is not None:
+            kwargs["tools"] = tools
+        try:
+            text = self._tok.apply_chat_template(
+                normalized,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
+        except Exception as exc:  # jinja errors, e.g. a template's raise_exception()
+            raise TokenizerError(f"cannot apply chat template: {exc}") from exc
+        return self.encode(str(text), add_special_tokens=False)
+
+    # -- vocabulary ------------------------------------------------------------------------
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends generation: the tokenizer's EOS plus generation_config's list."""
+        return list(self._eos)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self._tok.bos_token_id
+        return bos if isinstance(bos, int) else None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included."""
+        return len(self._tok)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        """Raw vocabulary strings (e.g. byte-level `Ġhello`), not display text."""
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(ids))]
+
+    def id_to_token_text(self, token_id: int) -> str:
+        """Display text of one token for logprobs; special tokens are shown, not skipped."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+
+def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten OpenAI content parts to a string, since templates expect plain text."""
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise TokenizerError(
+                    f"message content part of type {kind!r}: only text content is supported"
+                )
+            texts.append(str(part.get("text", "")))
+        out["content"] = "".join(texts)
+    elif content is not None and not isinstance(content, str):
+        raise TokenizerError("message content must be a string or a list of parts")
+    return out
+
+
+def _generation_eos(folder: Path) -> list[int]:
+    """EOS ids from generation_config.json (an int or a list), which may list several."""
+    config = folder / "generation_config.json"
+    if not config.is_file():
+        return []
+    try:
+        value = json.loads(config.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TokenizerError(f"cannot read {str(config)!r}: {exc}") from exc
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []

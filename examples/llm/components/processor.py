@@ -1,0 +1,60 @@
+"""Processor: chat template, tokenizer, detokenizer, stop strings (see dynamo_sdk.llm.processor).
+
+It receives validated OpenAI requests from the Frontend and streams text deltas back, calling
+a Worker with token ids. The context length it enforces is the smallest that live workers of
+the model registered, so a request never reaches an engine that must reject it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dynamo_sdk import ServiceConfig, async_on_start, depends, dynamo_context, endpoint, service
+from dynamo_sdk.llm.model_registry import ModelWatcher
+from dynamo_sdk.llm.model_resolver import resolve_model
+from dynamo_sdk.llm.processor import OpenAIProcessor
+from dynamo_sdk.llm.protocol import ProcessorRequest, TextDelta
+from dynamo_sdk.llm.tokenizer import Tokenizer
+from examples.llm.components.worker import Worker
+
+
+@service(dynamo={"namespace": "dynamo"})
+class Processor:
+    worker = depends(Worker)
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = ServiceConfig.get_instance().for_service("Processor")
+        self.logic: OpenAIProcessor | None = None
+        self.models: ModelWatcher | None = None
+
+    @async_on_start
+    async def start(self) -> None:
+        path = resolve_model(str(self.config.get("model", "auto")))
+        served = str(self.config.get("served_model_name") or path)
+        tokenizer = Tokenizer.from_pretrained(path)
+        fallback = int(self.config.get("context_length", _config_context(path)))
+        self.logic = OpenAIProcessor(tokenizer, served, fallback)
+        assert dynamo_context.runtime is not None
+        self.models = ModelWatcher(dynamo_context.runtime)
+        await self.models.wait_ready()
+
+    @endpoint()
+    async def generate(self, request: ProcessorRequest) -> AsyncIterator[TextDelta]:
+        assert self.logic is not None and self.models is not None
+        live = self.models.context_length(self.logic.model_name)
+        if live is not None:
+            self.logic.context_length = live
+        async for delta in self.logic.generate(request, self.worker.generate):
+            yield delta
+
+
+def _config_context(path: Any) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        return int(config.get("max_position_embeddings", 2048))
+    except (OSError, ValueError):
+        return 2048
