@@ -1,0 +1,102 @@
+"""An engine with no model: it streams the prompt's own token ids back.
+
+Serving, routing, cancellation and metrics are exercised end to end by tests and benchmarks
+without loading weights, and the output is predictable (the prompt, cycled), so a test can
+check that every token crossed every hop in order. `token_delay` stands in for decode time so
+concurrency and streaming behave like a real engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.protocol import (
+    EngineOutput,
+    FinishReason,
+    PreprocessedRequest,
+    TokenLogprob,
+)
+
+
+class EchoEngine:
+    """Echoes prompt token ids, one per output, honouring the request's stop conditions."""
+
+    def __init__(self, context_length: int = 8192, token_delay: float = 0.0) -> None:
+        if context_length <= 0:
+            raise EngineError(f"context_length must be positive, got {context_length}")
+        if token_delay < 0:
+            raise EngineError(f"token_delay must be >= 0, got {token_delay}")
+        self.context_length = context_length
+        self.token_delay = token_delay
+        self._running = 0
+        self._max_running = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def shutdown(self) -> None:
+        """Nothing to release."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self._running,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            max_batch_running=self._max_running,
+        )
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Yield the prompt's ids cyclically until max_tokens or a stop id (after min_tokens).
+
+        `running` is decremented in `finally`, so a consumer that closes the stream early (a
+        cancelled client) leaves the counters right, as a real engine's abort would.
+        """
+        prompt = request.token_ids
+        stop = request.stop
+        if not prompt:
+            raise EngineError(f"request {request.request_id}: empty prompt")
+        if len(prompt) >= self.context_length:
+            raise EngineError(
+                f"request {request.request_id}: prompt of {len(prompt)} tokens does not fit "
+                f"the context length {self.context_length}"
+            )
+        stop_ids = set() if stop.ignore_eos else set(stop.stop_token_ids)
+        want_logprobs = request.output.logprobs is not None
+        self._running += 1
+        self._max_running = max(self._max_running, self._running)
+        self._prompt_tokens += len(prompt)
+        try:
+            if stop.max_tokens <= 0:
+                # nothing to generate, but the stream must still end with a finish reason
+                yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
+                return
+            for i in range(stop.max_tokens):
+                if self.token_delay > 0:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)  # stay cooperative: other streams interleave
+                token = prompt[i % len(prompt)]
+                self._generation_tokens += 1
+                generated = i + 1
+                finish: FinishReason | None = None
+                if token in stop_ids and generated > stop.min_tokens:
+                    finish = "stop"
+                elif generated >= stop.max_tokens:
+                    finish = "length"
+                out = EngineOutput(
+                    token_ids=[token],
+                    finish_reason=finish,
+                    cached_tokens=0 if i == 0 else None,
+                )
+                if want_logprobs:
+                    out.logprobs = [0.0]
+                    out.top_logprobs = [[TokenLogprob(token, 0.0)]]
+                yield out
+                if finish is not None:
+                    return
+        finally:
+            self._running -= 1

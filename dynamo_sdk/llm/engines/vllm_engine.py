@@ -1,0 +1,342 @@
+"""vLLM's `AsyncLLM` behind the Engine protocol: token ids in, token id deltas out.
+
+vLLM does the batching, paged KV cache and prefix caching; this adapter only translates the
+project's `PreprocessedRequest` into vLLM's prompt and `SamplingParams`, streams its delta
+`RequestOutput`s back as `EngineOutput`s, and makes sure a request the caller stops reading is
+aborted in the engine so its KV blocks are freed. Detokenizing stays in the Processor, so vLLM
+is asked for token ids only.
+
+vLLM is imported lazily: the rest of the package (and the echo engine) must work on machines
+where importing vLLM is slow or impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.protocol import (
+    EngineOutput,
+    FinishReason,
+    PreprocessedRequest,
+    TokenLogprob,
+)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+log = logging.getLogger(__name__)
+
+# vLLM's finish reasons as strings; anything else (a future reason, an error) maps to "error".
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "cancelled",
+}
+
+# Defaults that differ from vLLM's own: vLLM's periodic stats log line is noise for a worker
+# that exports the same numbers itself (our stat logger still receives the stats).
+_DEFAULT_ENGINE_ARGS: dict[str, Any] = {"disable_log_stats": True}
+
+
+def engine_arg_names() -> frozenset[str]:
+    """The field names `AsyncEngineArgs` accepts in this vLLM version (imports vLLM)."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except Exception as exc:  # ImportError, or vLLM failing its own platform checks
+        raise EngineError(f"vLLM is not usable here: {type(exc).__name__}: {exc}") from exc
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def normalize_engine_args(engine_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Map `max-model-len` to `max_model_len` and reject keys vLLM does not know.
+
+    Checked up front, so a typo in a config fails in milliseconds with the bad key named,
+    instead of as a TypeError after a worker has been scheduled, or silently never.
+    """
+    normalized: dict[str, Any] = {}
+    for key, value in (engine_args or {}).items():
+        name = key.replace("-", "_")
+        if name in normalized:
+            raise EngineError(f"vLLM engine arg {name!r} given twice (as {key!r})")
+        normalized[name] = value
+    if "model" in normalized:
+        raise EngineError("give the model as the engine's model, not in engine_args")
+    unknown = sorted(set(normalized) - engine_arg_names())
+    if unknown:
+        raise EngineError(
+            f"unknown vLLM engine arg(s): {', '.join(unknown)} "
+            "(see vllm.engine.arg_utils.AsyncEngineArgs for the accepted names)"
+        )
+    return normalized
+
+
+class _StatsState:
+    """What the stat logger saw; read by `VllmEngine.stats()` (same event loop, no locks)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.max_running = 0
+
+
+def _make_stat_logger_factory(state: _StatsState) -> Any:
+    """A per-engine stat logger factory (vLLM calls it with `(vllm_config, engine_index)`).
+
+    vLLM's metrics are reported through loggers it drives after every engine step; a custom
+    `StatLoggerBase` is the supported way to see them without scraping its Prometheus output.
+    The class is built here so importing this module does not import vLLM.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class DynamoStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                state.running = scheduler_stats.num_running_reqs
+                state.waiting = scheduler_stats.num_waiting_reqs
+                state.kv_usage = scheduler_stats.kv_cache_usage
+                state.max_running = max(state.max_running, state.running)
+                prefix = scheduler_stats.prefix_cache_stats
+                if prefix is not None:
+                    state.prefix_queries += prefix.queries
+                    state.prefix_hits += prefix.hits
+            if iteration_stats is not None:
+                state.prompt_tokens += iteration_stats.num_prompt_tokens
+                state.generation_tokens += iteration_stats.num_generation_tokens
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    factory: type[StatLoggerBase] = DynamoStatLogger
+    return factory
+
+
+class VllmEngine:
+    """vLLM v1 `AsyncLLM` serving one model, as an `Engine`."""
+
+    def __init__(self, model: str, engine_args: Mapping[str, Any] | None = None) -> None:
+        self.model = model
+        self._engine_args = {**_DEFAULT_ENGINE_ARGS, **normalize_engine_args(engine_args)}
+        # the configured limit until start() reads the engine's resolved one
+        self.context_length: int = int(self._engine_args.get("max_model_len") or 0)
+        self._llm: AsyncLLM | None = None
+        self._stats = _StatsState()
+        self._inflight = 0
+
+    async def start(self) -> None:
+        """Build the engine in a thread: loading weights and profiling memory takes tens of
+        seconds, and the worker's event loop must keep its etcd lease and NATS alive meanwhile.
+        """
+        if self._llm is not None:
+            return
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except Exception as exc:
+            raise EngineError(f"vLLM is not usable here: {type(exc).__name__}: {exc}") from exc
+        factory = _make_stat_logger_factory(self._stats)
+
+        def build() -> AsyncLLM:
+            args = AsyncEngineArgs(model=self.model, **self._engine_args)
+            return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
+
+        try:
+            llm = await asyncio.to_thread(build)
+        except Exception as exc:
+            raise EngineError(
+                f"vLLM failed to start model {self.model!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._llm = llm
+        self.context_length = int(llm.model_config.max_model_len)
+        log.info("vLLM engine ready: model=%s context_length=%d", self.model, self.context_length)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    def stats(self) -> EngineStats:
+        """The latest scheduler stats, clamped by what this adapter knows is in flight.
+
+        vLLM reports scheduler stats only with step outputs, so after the last request finishes
+        or is aborted the last report can still say "1 running"; an idle engine must not look
+        busy to the router or planner.
+        """
+        s = self._stats
+        running = min(s.running, self._inflight)
+        waiting = min(s.waiting, self._inflight - running)
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_usage=s.kv_usage,
+            prefix_cache_hit_rate=(s.prefix_hits / s.prefix_queries) if s.prefix_queries else 0.0,
+            prompt_tokens_total=s.prompt_tokens,
+            generation_tokens_total=s.generation_tokens,
+            max_batch_running=s.max_running,
+        )
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Stream `EngineOutput` deltas for one request.
+
+        If the consumer stops early (closes this generator, or its task is cancelled), the
+        request is aborted in vLLM so its KV blocks return to the pool at once rather than
+        after it has generated up to max_tokens for nobody.
+        """
+        llm = self._llm
+        if llm is None:
+            raise EngineError("VllmEngine.generate() called before start()")
+        params = sampling_params_for(request)
+        request_id = request.request_id
+        want_logprobs = request.output.logprobs is not None
+        top_n = request.output.logprobs or 0
+        prompt = _token_prompt(list(request.token_ids))
+        stream = llm.generate(prompt, params, request_id)
+        finished = False
+        first = True
+        self._inflight += 1
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                token_ids = list(completion.token_ids)
+                finish: FinishReason | None = None
+                if out.finished:
+                    finished = True
+                    reason = completion.finish_reason
+                    finish = _FINISH_REASONS.get(reason, "error") if reason else "stop"
+                if not token_ids and finish is None and not first:
+                    continue
+                delta = EngineOutput(token_ids=token_ids, finish_reason=finish)
+                if first:
+                    cached = getattr(out, "num_cached_tokens", None)
+                    delta.cached_tokens = int(cached) if cached is not None else None
+                    first = False
+                if want_logprobs and token_ids:
+                    delta.logprobs, delta.top_logprobs = _convert_logprobs(
+                        token_ids, completion.logprobs, top_n
+                    )
+                yield delta
+        except EngineError:
+            raise
+        except Exception as exc:  # GeneratorExit/CancelledError are BaseException: not here
+            raise EngineError(
+                f"vLLM failed request {request_id}: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._inflight -= 1
+            if not finished:
+                await self._abort(stream, request_id)
+
+    async def _abort(self, stream: AsyncIterator[Any], request_id: str) -> None:
+        """Close vLLM's stream (it aborts on close) and abort by id too, in case it never ran.
+
+        Both are idempotent in vLLM; failures are logged, never raised, because this runs while
+        the caller is already unwinding from a cancellation or an error.
+        """
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        except Exception:
+            log.debug("closing vLLM stream for %s failed", request_id, exc_info=True)
+        llm = self._llm
+        if llm is None:
+            return
+        try:
+            await llm.abort(request_id)
+        except Exception:
+            log.warning("aborting vLLM request %s failed", request_id, exc_info=True)
+
+
+def _token_prompt(token_ids: list[int]) -> Any:
+    """The prompt as an already-rendered token input.
+
+    vLLM 0.32 deprecates raw prompts (`TokensPrompt`) at `generate()` and wants rendered
+    `EngineInput`s; token ids need no rendering, so `tokens_input()` builds one directly
+    (prompt length is still validated by vLLM). Older vLLMs lack it: fall back to the raw form.
+    """
+    try:
+        from vllm.inputs import tokens_input
+    except ImportError:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=token_ids)
+    return tokens_input(token_ids)
+
+
+def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
+    """vLLM `SamplingParams` for a request: unset options keep vLLM's defaults."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = request.sampling
+    stop = request.stop
+    kwargs: dict[str, Any] = {
+        "max_tokens": stop.max_tokens,
+        "min_tokens": stop.min_tokens,
+        "ignore_eos": stop.ignore_eos,
+        "stop_token_ids": list(stop.stop_token_ids),
+        "logprobs": request.output.logprobs,
+        "output_kind": RequestOutputKind.DELTA,
+        "detokenize": False,  # the Processor detokenizes; vLLM would only duplicate the work
+    }
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        value = getattr(s, name)
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except Exception as exc:  # vLLM validates ranges (e.g. top_p in (0, 1])
+        raise EngineError(f"request {request.request_id}: invalid sampling options: {exc}") from exc
+
+
+def _convert_logprobs(
+    token_ids: list[int], logprobs: Any, top_n: int
+) -> tuple[list[float], list[list[TokenLogprob]]]:
+    """Per new token: the sampled token's logprob, and the top `top_n` alternatives.
+
+    vLLM gives one `{token_id: Logprob}` dict per position holding the top-n tokens plus the
+    sampled one (which may rank below n), so the dict is sorted and cut back to n here.
+    """
+    sampled: list[float] = []
+    tops: list[list[TokenLogprob]] = []
+    positions = list(logprobs) if logprobs is not None else []
+    for i, token in enumerate(token_ids):
+        entry = positions[i] if i < len(positions) else None
+        if not entry:
+            sampled.append(float("nan"))
+            tops.append([])
+            continue
+        own = entry.get(token)
+        sampled.append(float(own.logprob) if own is not None else float("nan"))
+        ranked = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)
+        tops.append([TokenLogprob(int(tid), float(lp.logprob)) for tid, lp in ranked[:top_n]])
+    return sampled, tops
