@@ -198,6 +198,15 @@ def test_unknown_section_is_refused() -> None:
     assert "Frontend, Worker" in message
 
 
+def test_sections_of_services_not_started_are_allowed_when_known() -> None:
+    """Serving part of a graph keeps one config file valid for every part."""
+    cfg = {"Worker": {"n": 1}, "Router": {"mode": "kv"}}
+    merged = merge_config(GRAPH, cfg, {}, known_elsewhere=["Router"])
+    assert "Router" not in merged and merged["Worker"] == {"n": 1}
+    with pytest.raises(ConfigError, match="Ruoter"):
+        merge_config(GRAPH, {"Ruoter": {}}, {}, known_elsewhere=["Router"])
+
+
 # --- apply_service_args ---------------------------------------------------------------------
 
 

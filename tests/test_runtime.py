@@ -310,3 +310,29 @@ async def test_items_keep_their_order_when_the_generator_pauses(
 
 async def _collect(client: Any, n: int) -> list[int]:
     return [i async for i in client(n)]
+
+
+async def test_lease_survives_a_blocked_event_loop(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """Blocking code in a service (a slow load) must not make the instance vanish."""
+    import time as _time
+
+    callee = await DistributedRuntime.connect(settings_for(servers, lease_ttl=2))
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+
+        async def handler(req: str) -> AsyncIterator[str]:
+            yield req
+
+        await callee.serve_endpoint(unique_ns, "Busy", "generate", handler, request_type=str)
+        client = caller.endpoint_client(unique_ns, "Busy", "generate")
+        assert await client.wait_for_instance_ids(5) == [callee.instance_id]
+        _time.sleep(5)  # block this (shared) loop for 2.5 TTLs
+        await asyncio.sleep(0.5)
+        assert client.instance_ids() == [callee.instance_id]
+        assert not callee.lease_lost.is_set()
+        assert await client("still here") == "still here"
+    finally:
+        await caller.shutdown()
+        await callee.shutdown()

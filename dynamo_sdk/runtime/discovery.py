@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,48 +45,70 @@ def instance_key(namespace: str, component: str, endpoint: str, instance_id: int
 
 
 class Lease:
-    """The process's primary lease, refreshed every TTL/3 until revoked."""
+    """The process's primary lease, refreshed every TTL/3 from a thread of its own until revoked.
+
+    The keep-alive runs on its own event loop in a daemon thread, with its own etcd
+    connection: code that blocks the main loop for a while (loading a tokenizer, a long CPU
+    step) must not make a healthy process vanish from discovery. A process that is truly
+    stuck is the liveness probe's business, not the lease's.
+    """
 
     def __init__(self, client: aetcd.Client, ttl: int, on_lost: Callable[[], None]) -> None:
         self.client = client
         self.ttl = ttl
         self.id = 0
         self._on_lost = on_lost
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def grant(self) -> None:
         lease = await self.client.lease(self.ttl)
         self.id = int(lease.id)
-        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run_keep_alive, name=f"etcd-lease-{self.id:x}", daemon=True
+        )
+        self._thread.start()
+
+    def _lost(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._on_lost)
+
+    def _run_keep_alive(self) -> None:
+        asyncio.run(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
+        client = aetcd.Client(host=self.client._host, port=self.client._port)
         failures = 0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                reply = await asyncio.wait_for(self.client.refresh_lease(self.id), interval)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    reply = await asyncio.wait_for(client.refresh_lease(self.id), interval)
+                except Exception as exc:
+                    failures += 1
+                    log.warning("etcd lease keep-alive failed (%d): %s", failures, exc)
+                    if failures * interval >= self.ttl:
+                        self._lost()
+                        return
+                    continue
                 if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
                     log.error(
                         "etcd lease %x expired: this instance is no longer discoverable", self.id
                     )
-                    self._on_lost()
+                    self._lost()
                     return
                 failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                log.warning("etcd lease keep-alive failed (%d): %s", failures, exc)
-                if failures * interval >= self.ttl:
-                    self._on_lost()
-                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def revoke(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
         if self.id:
             with contextlib.suppress(Exception):
                 await self.client.revoke_lease(self.id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,20 +165,23 @@ def merge_config(
     graph_services: list[DynamoService[Any]],
     yaml_cfg: Mapping[str, Any],
     overrides: Mapping[str, Any],
+    known_elsewhere: Iterable[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """One merged settings dict per graph service, plus the `Common` section.
 
     Overrides win over the file, key by key at any depth. A service takes the `Common` keys it
     lists in `common-configs`, unless it sets them itself, so shared values (a model path) are
     written once. Sections naming no service in the graph are refused: they are almost always
-    a typo, and silently ignoring them would deploy with defaults.
+    a typo, and silently ignoring them would deploy with defaults. The exception is
+    `known_elsewhere`: services the graph module defines but this (sub)graph does not start, so
+    one config file serves a whole graph and any part of it (`graphs.agg:Worker`).
     """
     merged = deep_merge(
         _check_sections(copy.deepcopy(dict(yaml_cfg)), "config"),
         _check_sections(copy.deepcopy(dict(overrides)), "overrides"),
     )
     names = [svc.name for svc in graph_services]
-    _check_known(merged, names)
+    _check_known(merged, [*names, *known_elsewhere])
     common = merged.get(COMMON, {})
     result: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -206,7 +209,7 @@ def _check_known(merged: Mapping[str, Any], names: list[str]) -> None:
     if unknown:
         raise ConfigError(
             f"config has section(s) for unknown service(s) {', '.join(sorted(unknown))}; "
-            f"services in this graph: {', '.join(names)} (and {COMMON})"
+            f"services known here: {', '.join(names)} (and {COMMON})"
         )
 
 

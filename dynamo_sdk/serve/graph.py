@@ -161,3 +161,17 @@ def find_service(services: Iterable[DynamoService[Any]], name: str) -> DynamoSer
             return svc
     available = ", ".join(svc.name for svc in listed) or "none"
     raise GraphError(f"no service named {name!r} in the graph; available: {available}")
+
+
+def services_defined_in(spec: str) -> list[str]:
+    """Names of every @service visible in the graph module of `spec` (`module:Entry`).
+
+    Serving part of a graph (`graphs.agg:Worker`) keeps the config sections of the parts not
+    started valid, instead of rejecting them as unknown. Call after `load_entry(spec)`.
+    """
+    module = sys.modules.get(spec.partition(":")[0])
+    found: list[str] = []
+    for value in vars(module).values() if module is not None else ():
+        if isinstance(value, DynamoService) and value.name not in found:
+            found.append(value.name)
+    return found

@@ -19,7 +19,7 @@ from dynamo_sdk.serve.config_loader import (
     parse_overrides,
 )
 from dynamo_sdk.serve.gpus import allocate, detect_gpus
-from dynamo_sdk.serve.graph import load_entry, resolve_graph
+from dynamo_sdk.serve.graph import load_entry, resolve_graph, services_defined_in
 from dynamo_sdk.serve.supervisor import WorkerPlan
 
 
@@ -50,7 +50,9 @@ def build_plan(
     entry = load_entry(graph, cwd)
     services = resolve_graph(entry)
     raw = load_yaml(config_file) if config_file else {}
-    merged = merge_config(services, raw, parse_overrides(override_args))
+    started = {svc.name for svc in services}
+    elsewhere = [name for name in services_defined_in(graph) if name not in started]
+    merged = merge_config(services, raw, parse_overrides(override_args), known_elsewhere=elsewhere)
     options = {svc.name: apply_service_args(svc, merged.get(svc.name, {})) for svc in services}
     gpus = detect_gpus(environ)
     # Leaves first: a service's dependencies are up (or coming up) before it takes traffic.

@@ -7,6 +7,7 @@ the model registered, so a request never reaches an engine that must reject it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,9 +31,10 @@ class Processor:
 
     @async_on_start
     async def start(self) -> None:
-        path = resolve_model(str(self.config.get("model", "auto")))
+        # Loading is blocking work (file I/O, imports): keep it off the event loop.
+        path = await asyncio.to_thread(resolve_model, str(self.config.get("model", "auto")))
         served = str(self.config.get("served_model_name") or path)
-        tokenizer = Tokenizer.from_pretrained(path)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
         fallback = int(self.config.get("context_length", _config_context(path)))
         self.logic = OpenAIProcessor(tokenizer, served, fallback)
         assert dynamo_context.runtime is not None

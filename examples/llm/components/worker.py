@@ -48,7 +48,9 @@ class Worker:
 
     @async_on_start
     async def start(self) -> None:
-        path = None if self.engine_name == "echo" else str(resolve_model(self.model))
+        path = None
+        if self.engine_name != "echo":
+            path = str(await asyncio.to_thread(resolve_model, self.model))
         served = str(self.config.get("served_model_name") or (path or self.model))
         engine_config = {k: v for k, v in self.config.items() if k not in FRAMEWORK_KEYS}
         self.engine = create_engine(self.engine_name, path, engine_config)
