@@ -31,6 +31,7 @@ class ServeProcess:
         log_path: Path,
     ) -> None:
         self.log_path = log_path
+        self.base = ""  # set by tests that serve HTTP
         self._log = open(log_path, "wb")
         full_env = dict(os.environ)
         for key in ("NATS_SERVER", "ETCD_ENDPOINTS"):

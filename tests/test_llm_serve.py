@@ -51,7 +51,9 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def graph(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(
+    servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeProcess]:
     port = free_port()
     serve = ServeProcess(
         [
@@ -62,7 +64,7 @@ def graph(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) ->
             "--Worker.max_num_seqs=32",
         ],
         cwd=REPO_ROOT,
-        env={**servers.env(), "DYN_LEASE_TTL": "3"},
+        env={**servers.env(), "DYN_LEASE_TTL": "5"},
         log_path=tmp_path_factory.mktemp("agg") / "serve.log",
     )
     base = f"http://127.0.0.1:{port}/v1"
@@ -75,9 +77,15 @@ def graph(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) ->
 
     try:
         serve.wait_for(up, 240, "the agg graph to list its model")
-        yield base
+        serve.base = base
+        yield serve
     finally:
         serve.stop()
+
+
+@pytest.fixture(scope="module")
+def graph(served: ServeProcess) -> str:
+    return served.base
 
 
 @pytest.fixture
@@ -252,7 +260,7 @@ def test_models_follow_workers(servers: EmbeddedServers, graph: str, tmp_path: P
             "--Common.served_model_name=echo-extra",
         ],
         cwd=REPO_ROOT,
-        env={**servers.env(), "DYN_LEASE_TTL": "3"},
+        env={**servers.env(), "DYN_LEASE_TTL": "5"},
         log_path=tmp_path / "extra.log",
     )
 
@@ -267,8 +275,25 @@ def test_models_follow_workers(servers: EmbeddedServers, graph: str, tmp_path: P
         os.kill(worker_pid, signal.SIGKILL)
         started = time.monotonic()
         while "echo-extra" in names():
-            assert time.monotonic() - started < 3 + 5, "model outlived its worker's lease"
+            assert time.monotonic() - started < 5 + 5, "model outlived its worker's lease"
             time.sleep(0.2)
         assert names() == [MODEL]
     finally:
         extra.stop()
+
+
+def test_worker_reports_load_in_logs_and_prometheus(client: Any, served: ServeProcess) -> None:
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="load", max_tokens=64, **GREEDY)
+    served.wait_for(
+        lambda: "generation" in served.output() and "tok/s" in served.output(), 30, "a load line"
+    )
+    line = next(x for x in served.output().splitlines() if "tok/s, generation" in x)
+    assert line.startswith("[Worker:0]")
+    for part in ("running", "waiting", "KV cache", "prefix cache hit"):
+        assert part in line
+    metrics = httpx.get(
+        f"http://127.0.0.1:{served.health_port('Worker:0')}/metrics", timeout=5
+    ).text
+    assert 'dynamo_worker_running_requests{model="dynamo-tiny"}' in metrics
+    assert "dynamo_worker_generation_tokens_per_second" in metrics

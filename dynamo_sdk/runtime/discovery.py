@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,17 +83,22 @@ class Lease:
     async def _keep_alive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
         client = aetcd.Client(host=self.client._host, port=self.client._port)
-        failures = 0
+        last_ok = time.monotonic()
+        wait = interval
         try:
-            while not self._stop.wait(interval):
+            while not self._stop.wait(wait):
                 try:
-                    reply = await asyncio.wait_for(client.refresh_lease(self.id), interval)
+                    reply = await asyncio.wait_for(
+                        client.refresh_lease(self.id), max(interval, 1.0)
+                    )
                 except Exception as exc:
-                    failures += 1
-                    log.warning("etcd lease keep-alive failed (%d): %s", failures, exc)
-                    if failures * interval >= self.ttl:
+                    # Retry soon rather than a whole interval later: with a short TTL on a busy
+                    # machine one slow answer must not cost the lease.
+                    log.warning("etcd lease keep-alive failed: %s", exc or type(exc).__name__)
+                    if time.monotonic() - last_ok >= self.ttl:
                         self._lost()
                         return
+                    wait = min(0.2, interval)
                     continue
                 if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
                     log.error(
@@ -100,7 +106,7 @@ class Lease:
                     )
                     self._lost()
                     return
-                failures = 0
+                last_ok, wait = time.monotonic(), interval
         finally:
             with contextlib.suppress(Exception):
                 await client.close()

@@ -189,7 +189,9 @@ class Supervisor:
         state.proc = proc
         state.pids.append(proc.pid)
         gpus = f" on GPU(s) {','.join(map(str, plan.gpus))}" if plan.gpus else ""
-        log.info("started %s (pid %d)%s", plan.label, proc.pid, gpus)
+        log.info(
+            "started %s (pid %d)%s, health port %d", plan.label, proc.pid, gpus, state.health_port
+        )
         return proc
 
     async def _relay(self, state: WorkerState, proc: asyncio.subprocess.Process) -> None:
