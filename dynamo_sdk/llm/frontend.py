@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -122,6 +123,21 @@ def _completion_logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, 
     }
 
 
+@dataclass
+class _Call:
+    """What every answer format needs to know about the request it answers."""
+
+    kind: str  # "chat" | "completion"
+    body: ChatCompletionRequest | CompletionRequest
+    request_id: str
+    created: int
+    started: float
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.body.logprobs_count() is not None
+
+
 class OpenAIServer:
     """Builds the FastAPI app around a backend."""
 
@@ -204,15 +220,13 @@ class OpenAIServer:
             self.metrics.inflight.dec()
             await _close(stream)
             return error_from_exception(exc)
-        created = int(time.time())
+        call = _Call(kind, body, request_id, int(time.time()), started)
         if body.stream:
-            sse = self._sse(kind, body, request_id, created, first, stream, started)
+            sse = self._sse(call, first, stream)
             response: Response = StreamingResponse(sse, media_type="text/event-stream")
         else:
             try:
-                response = await self._aggregate(
-                    kind, body, request_id, created, first, stream, started
-                )
+                response = await self._aggregate(call, first, stream)
             except Exception as exc:
                 response = error_from_exception(exc)
             finally:
@@ -221,23 +235,17 @@ class OpenAIServer:
         return response
 
     async def _aggregate(
-        self,
-        kind: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        request_id: str,
-        created: int,
-        first: TextDelta,
-        stream: AsyncIterator[TextDelta],
-        started: float,
+        self, call: _Call, first: TextDelta, stream: AsyncIterator[TextDelta]
     ) -> JSONResponse:
+        kind, body = call.kind, call.body
         acc = _Accumulator()
         acc.add(first)
-        self.metrics.ttft.observe(time.perf_counter() - started)
+        self.metrics.ttft.observe(time.perf_counter() - call.started)
         async for delta in stream:
             acc.add(delta)
         self._count_usage(acc.usage)
         text = "".join(acc.text)
-        wants_logprobs = body.logprobs_count() is not None
+        wants_logprobs = call.wants_logprobs
         if kind == "chat":
             choice: dict[str, Any] = {
                 "index": 0,
@@ -256,9 +264,9 @@ class OpenAIServer:
             obj = "text_completion"
         return JSONResponse(
             {
-                "id": request_id,
+                "id": call.request_id,
                 "object": obj,
-                "created": created,
+                "created": call.created,
                 "model": body.model,
                 "choices": [choice],
                 "usage": _usage_json(acc.usage),
@@ -271,26 +279,20 @@ class OpenAIServer:
             self.metrics.output_tokens.inc(usage.completion_tokens)
 
     async def _sse(
-        self,
-        kind: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        request_id: str,
-        created: int,
-        first: TextDelta,
-        stream: AsyncIterator[TextDelta],
-        started: float,
+        self, call: _Call, first: TextDelta, stream: AsyncIterator[TextDelta]
     ) -> AsyncIterator[bytes]:
+        kind, body, started = call.kind, call.body, call.started
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        wants_logprobs = body.logprobs_count() is not None
+        wants_logprobs = call.wants_logprobs
         offset = 0
         last = started
         first_token = True
 
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
             payload: dict[str, Any] = {
-                "id": request_id,
+                "id": call.request_id,
                 "object": obj,
-                "created": created,
+                "created": call.created,
                 "model": body.model,
                 "choices": choices,
             }

@@ -63,21 +63,19 @@ class Worker:
             results.append(result)
         return results
 
-    async def live(self) -> bool:
+    async def _probe(self, kind: str) -> bool:
+        """All hooks of `kind` pass (no hooks pass too); a hook that raises fails the probe."""
         try:
-            return all(bool(r) for r in await self._call_hooks("liveness"))
+            return all(bool(r) for r in await self._call_hooks(kind))
         except Exception:
-            log.exception("liveness probe raised")
+            log.exception("%s probe raised", kind)
             return False
 
+    async def live(self) -> bool:
+        return await self._probe("liveness")
+
     async def ready(self) -> bool:
-        if not self.registered:
-            return False
-        try:
-            return all(bool(r) for r in await self._call_hooks("readiness"))
-        except Exception:
-            log.exception("readiness probe raised")
-            return False
+        return self.registered and await self._probe("readiness")
 
     async def start(self) -> None:
         svc = self.service
@@ -101,7 +99,7 @@ class Worker:
             )
             self.servers.append(server)
         await self._start_http()
-        while not await self._readiness_hooks_pass():
+        while not await self._probe("readiness"):
             if self.stop.is_set():
                 return
             await asyncio.sleep(0.5)
@@ -114,13 +112,6 @@ class Worker:
             ", ".join(svc.endpoints) or "-",
             f", http port {self._api_port()}" if svc.apis else "",
         )
-
-    async def _readiness_hooks_pass(self) -> bool:
-        try:
-            return all(bool(r) for r in await self._call_hooks("readiness"))
-        except Exception:
-            log.exception("readiness probe raised")
-            return False
 
     def _api_port(self) -> int:
         return int(self.section.get("port", DEFAULT_HTTP_PORT))
