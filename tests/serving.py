@@ -69,6 +69,11 @@ class ServeProcess:
             int(p) for p in re.findall(rf"started {re.escape(label)} \(pid (\d+)\)", self.output())
         ]
 
+    def health_port(self, label: str) -> int:
+        """The health port of the newest incarnation of `Service:index`."""
+        pattern = rf"started {re.escape(label)} \(pid \d+\).*health port (\d+)"
+        return int(re.findall(pattern, self.output())[-1])
+
     def descendants(self) -> list[int]:
         try:
             return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
