@@ -1,0 +1,309 @@
+"""Paged KV-block bookkeeping with prefix caching, shared by the mocker and our own engine.
+
+Small on purpose (nano-vllm style) and strict: invariants are asserted, not hoped for. It
+mirrors vLLM's block pool where routing depends on it, so the events a mocker publishes look
+like a real worker's:
+
+* Only full blocks are hashed (``hashing.block_hash``, chained); a hashed block is findable by
+  its hash while it holds KV, in use or not.
+* A prompt reuses its longest cached full-block prefix, verified against the stored token ids
+  and parent hash (a hash match alone is not trusted). As in vLLM at least one prompt token is
+  always computed, so a fully cached prompt recomputes its last block into a fresh block.
+* Freed hashed blocks stay cached and become evictable, least recently used first; a sequence
+  frees tail-first so a prefix's tail is evicted before its head. Never-hashed free blocks are
+  handed out before any cached block is evicted.
+* One physical block per hash: a newly full block whose hash is already cached elsewhere stays
+  unregistered (no event), so every registered hash is advertised exactly once and a
+  ``BlockRemoved`` always means the worker no longer holds that hash.
+
+Events (``BlockStored`` when blocks get registered, ``BlockRemoved`` when evicted,
+``AllBlocksCleared``) go to ``on_events`` as one list per operation, hashes in wire form.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from dynamo_sdk.llm.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from dynamo_sdk.llm.kv.hashing import block_hash, hash_to_int
+
+
+class NoFreeBlocksError(Exception):
+    """Not enough free or evictable blocks; the manager's state is unchanged."""
+
+
+@dataclass
+class Allocation:
+    """A prompt's blocks; the first ``num_cached_tokens`` tokens' KV is already there."""
+
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None  # set while registered in the prefix cache
+    parent: bytes | None = None  # registered blocks: parent hash and tokens, to verify hits
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _Seq:
+    token_ids: list[int]
+    block_ids: list[int]
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
+
+
+class BlockManager:
+    """Allocates fixed-size KV blocks to sequences and keeps freed full blocks as a prefix cache."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        on_events: Callable[[list[KvEvent]], None] | None = None,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._on_events = on_events
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: deque[int] = deque(range(num_blocks))  # unhashed, ref_count 0
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # hashed, ref_count 0; LRU first
+        self._by_hash: dict[bytes, int] = {}
+        self._seqs: dict[str, _Seq] = {}
+        self._num_active = 0
+        self._queried_tokens = 0
+        self._hit_tokens = 0
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a new allocation may take: never-used/unhashed ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_active_blocks(self) -> int:
+        """Blocks referenced by at least one sequence."""
+        return self._num_active
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use by sequences (cached-but-idle blocks count as free)."""
+        return self._num_active / self.num_blocks
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list(self._seqs[seq_id].block_ids)
+
+    def num_tokens(self, seq_id: str) -> int:
+        return len(self._seqs[seq_id].token_ids)
+
+    def stats(self) -> tuple[int, int]:
+        """(prompt tokens queried against the prefix cache, tokens that hit), since creation."""
+        return self._queried_tokens, self._hit_tokens
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        hits, _ = self._match_prefix(token_ids)
+        return self._blocks_needed(len(token_ids), hits) <= self._available_with(hits)
+
+    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> Allocation:
+        """Give a prompt its blocks, reusing its cached prefix; registers its full blocks."""
+        assert seq_id not in self._seqs, f"sequence {seq_id!r} already allocated"
+        hits, hashes = self._match_prefix(token_ids)
+        needed = self._blocks_needed(len(token_ids), hits)
+        if needed > self._available_with(hits):
+            raise NoFreeBlocksError(
+                f"need {needed} blocks, {self._available_with(hits)} free or evictable"
+            )
+        events: list[KvEvent] = []
+        block_ids: list[int] = []
+        for bid in hits:
+            self._ref(bid)
+            block_ids.append(bid)
+        for _ in range(needed):
+            block_ids.append(self._take_block(events))
+        seq = _Seq(list(token_ids), block_ids, hashes)
+        self._seqs[seq_id] = seq
+        stored = [self._register(seq, i) for i in range(len(hits), len(hashes))]
+        self._emit_stored(seq, len(hits), stored, events)
+        num_cached = len(hits) * self.block_size
+        self._queried_tokens += len(token_ids)
+        self._hit_tokens += num_cached
+        self._emit(events)
+        return Allocation(list(block_ids), num_cached)
+
+    def append_token(self, seq_id: str, token_id: int) -> None:
+        """Grow a sequence by one token; registers its last block when that becomes full."""
+        seq = self._seqs[seq_id]
+        events: list[KvEvent] = []
+        if len(seq.token_ids) == len(seq.block_ids) * self.block_size:
+            if self.num_free_blocks == 0:
+                raise NoFreeBlocksError(f"no block for token {len(seq.token_ids)} of {seq_id!r}")
+            seq.block_ids.append(self._take_block(events))
+        seq.token_ids.append(token_id)
+        n = len(seq.token_ids)
+        if n % self.block_size == 0 and self.enable_prefix_caching:
+            parent = seq.hashes[-1] if seq.hashes else None
+            seq.hashes.append(block_hash(parent, seq.token_ids[n - self.block_size :]))
+            i = len(seq.hashes) - 1
+            self._emit_stored(seq, i, [self._register(seq, i)], events)
+        self._emit(events)
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence's blocks, tail first; hashed ones stay cached until evicted."""
+        seq = self._seqs.pop(seq_id)
+        for bid in reversed(seq.block_ids):
+            block = self._blocks[bid]
+            assert block.ref_count > 0, f"block {bid} freed more often than referenced"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._num_active -= 1
+                if block.hash is not None:
+                    self._evictable[bid] = None  # most recently used: evicted last
+                else:
+                    self._free.append(bid)
+
+    def clear_cache(self) -> None:
+        """Forget every cached block no sequence uses (e.g. after a weights reload)."""
+        dropped = [self._unregister(bid) for bid in self._evictable]
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        if self._num_active == 0:
+            assert not self._by_hash
+            self._emit([AllBlocksCleared()])
+        elif dropped:
+            self._emit([BlockRemoved([hash_to_int(h) for h in dropped])])
+
+    def check_invariants(self) -> None:
+        """Cross-check every index against the blocks (O(num_blocks); for tests and debugging)."""
+        refs = [0] * self.num_blocks
+        for seq in self._seqs.values():
+            assert len(seq.block_ids) == -(-len(seq.token_ids) // self.block_size)
+            full_blocks = len(seq.token_ids) // self.block_size
+            assert len(seq.hashes) == (full_blocks if self.enable_prefix_caching else 0)
+            for bid in seq.block_ids:
+                refs[bid] += 1
+        for block in self._blocks:
+            assert block.ref_count == refs[block.block_id], block
+            in_free = block.block_id in self._free
+            in_evictable = block.block_id in self._evictable
+            assert in_free + in_evictable + (block.ref_count > 0) == 1, block
+            assert in_evictable <= (block.hash is not None)
+            assert in_free <= (block.hash is None)
+            if block.hash is not None:
+                assert self._by_hash[block.hash] == block.block_id
+        assert len(self._by_hash) == sum(b.hash is not None for b in self._blocks)
+        assert self._num_active == sum(r > 0 for r in refs)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+        """Cached block ids of the longest reusable prefix, and the prompt's full-block hashes."""
+        if not self.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        hashes: list[bytes] = []
+        hits: list[int] = []
+        # At least one token must be computed: a prompt may reuse at most (len - 1) tokens.
+        max_hits = max(len(token_ids) - 1, 0) // bs
+        parent: bytes | None = None
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            tokens = tuple(token_ids[start : start + bs])
+            h = block_hash(parent, tokens)
+            if len(hits) == len(hashes) and len(hits) < max_hits:
+                bid = self._by_hash.get(h)
+                if bid is not None:
+                    block = self._blocks[bid]
+                    if block.token_ids == tokens and block.parent == parent:
+                        hits.append(bid)
+            hashes.append(h)
+            parent = h
+        return hits, hashes
+
+    def _blocks_needed(self, num_tokens: int, hits: list[int]) -> int:
+        return -(-num_tokens // self.block_size) - len(hits)
+
+    def _available_with(self, hits: list[int]) -> int:
+        """Free + evictable blocks once the hit blocks (some evictable) are taken into use."""
+        return self.num_free_blocks - sum(self._blocks[bid].ref_count == 0 for bid in hits)
+
+    def _ref(self, bid: int) -> None:
+        block = self._blocks[bid]
+        if block.ref_count == 0:
+            del self._evictable[bid]
+            self._num_active += 1
+        block.ref_count += 1
+
+    def _take_block(self, events: list[KvEvent]) -> int:
+        """A block with ref_count 1: a never-hashed free one, else evict the LRU cached one."""
+        if self._free:
+            bid = self._free.popleft()
+        else:
+            bid, _ = self._evictable.popitem(last=False)
+            events.append(BlockRemoved([hash_to_int(self._unregister(bid))]))
+        block = self._blocks[bid]
+        assert block.ref_count == 0 and block.hash is None
+        block.ref_count = 1
+        self._num_active += 1
+        return bid
+
+    def _register(self, seq: _Seq, i: int) -> bool:
+        """Cache full block ``i`` of ``seq`` by its hash; False if that hash is already cached."""
+        if not self.enable_prefix_caching:
+            return False
+        h = seq.hashes[i]
+        if h in self._by_hash:
+            return False
+        block = self._blocks[seq.block_ids[i]]
+        assert block.hash is None
+        start = i * self.block_size
+        block.hash = h
+        block.parent = seq.hashes[i - 1] if i > 0 else None
+        block.token_ids = tuple(seq.token_ids[start : start + self.block_size])
+        self._by_hash[h] = block.block_id
+        return True
+
+    def _unregister(self, bid: int) -> bytes:
+        block = self._blocks[bid]
+        h = block.hash
+        assert h is not None and self._by_hash[h] == bid
+        del self._by_hash[h]
+        block.hash, block.parent, block.token_ids = None, None, ()
+        return h
+
+    def _emit_stored(
+        self, seq: _Seq, first: int, registered: list[bool], events: list[KvEvent]
+    ) -> None:
+        """One ``BlockStored`` per contiguous run of newly registered blocks from ``first`` on."""
+        run_start: int | None = None
+        for i, ok in enumerate([*registered, False], start=first):
+            if ok and run_start is None:
+                run_start = i
+            elif not ok and run_start is not None:
+                events.append(self._stored_event(seq, run_start, i))
+                run_start = None
+
+    def _stored_event(self, seq: _Seq, start: int, end: int) -> BlockStored:
+        bs = self.block_size
+        parent = hash_to_int(seq.hashes[start - 1]) if start > 0 else None
+        return BlockStored(
+            block_hashes=[hash_to_int(h) for h in seq.hashes[start:end]],
+            parent_block_hash=parent,
+            token_ids=list(seq.token_ids[start * bs : end * bs]),
+            block_size=bs,
+        )
+
+    def _emit(self, events: list[KvEvent]) -> None:
+        if events and self._on_events is not None and self.enable_prefix_caching:
+            self._on_events(events)
