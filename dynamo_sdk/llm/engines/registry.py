@@ -65,9 +65,17 @@ def _build_vllm(model: str | None, config: Mapping[str, Any]) -> Engine:
     return VllmEngine(model, {**top, **inner})
 
 
+def _build_mocker(model: str | None, config: Mapping[str, Any]) -> Engine:
+    """The mocker simulates vLLM without a model; every knob is optional (see its docstring)."""
+    from dynamo_sdk.llm.engines.mocker import MockerEngine
+
+    return MockerEngine.from_config(config)
+
+
 _BUILDERS: dict[str, EngineBuilder] = {
     "echo": _build_echo,
     "vllm": _build_vllm,
+    "mocker": _build_mocker,
 }
 
 

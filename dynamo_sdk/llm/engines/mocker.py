@@ -1,0 +1,550 @@
+"""A simulated vLLM with no model: real scheduling and KV bookkeeping, fake compute.
+
+Routing, disaggregation and planning depend on how an engine *behaves under load* (queueing,
+batching, prefix-cache hits, KV pressure, preemption), not on what it writes. The mocker keeps
+exactly those parts of vLLM and drops the model, so dozens of workers fit on one CPU and a
+benchmark or test sees realistic TTFT/ITL shapes, KV events and load metrics:
+
+* A paged KV cache (`BlockManager`, with prefix caching) that emits the same `BlockStored` /
+  `BlockRemoved` events a vLLM worker would, so the KV-aware router can be driven by it.
+* One scheduler task doing continuous batching like vLLM v1: each step first serves the running
+  sequences (one token per decoding sequence, the next chunk for a partially prefilled one), then
+  admits waiting requests first-come first-served while `max_num_seqs`, the per-step token budget
+  `max_num_batched_tokens` and free blocks allow. A prompt's cached prefix is not recomputed:
+  only its uncached tokens count toward the budget and the prefill time. A prompt larger than
+  the remaining budget is prefilled in chunks over several steps (chunked prefill).
+* Preemption by recomputation: when a decoding sequence needs a new block and none is free, the
+  newest running sequence is preempted (its blocks freed, back to the front of the queue). Tokens
+  it already streamed stay streamed; once re-admitted it re-prefills prompt + generated tokens
+  (often mostly from its own cached blocks) and carries on.
+
+Timing model (milliseconds of simulated GPU time for one step, i.e. one forward pass)::
+
+    prefill_ms = sum over prefill chunks of
+                     n * prefill_ms_per_token + prefill_ms_quadratic * n * ctx
+                 (n = tokens computed in the chunk, ctx = context length at the chunk's end:
+                  attention makes long prompts super-linear)
+    decode_ms  = decode_ms_per_seq * B + decode_ms_per_ctx_token * C
+                 (B = decoding sequences, C = their total context: KV reads grow with context)
+    step_ms    = decode_ms_base + prefill_ms + decode_ms
+
+`decode_ms_base` is the fixed cost of any forward pass (kernel launches, sampling), so even a
+fully cached prompt costs about one decode step to its first token, as on a GPU. The scheduler
+really sleeps `step_ms / 1000 / speedup` seconds, so `speedup` compresses time uniformly for
+tests. It also advances a simulated clock by `step_ms`; `simulated_ttft_ms()` reads TTFTs on that
+clock, which, unlike wall-clock time, does not depend on how busy the host CPU is.
+
+Generated tokens are pseudo-random but deterministic: token `i` of a request is a hash of
+(`seed`, prompt, `i`) modulo `vocab_size`, so equal prompts give equal outputs (good for cache
+and routing tests) while different prompts diverge. A generated id in `stop_token_ids` stops the
+request (after `min_tokens`), as in vLLM; `ignore_eos` needs no handling here because the
+Processor already leaves EOS ids out of `stop_token_ids` when it is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import inspect
+import logging
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
+from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
+from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+KvEventCallback = Callable[[list[KvEvent]], None]
+
+_U64 = (1 << 64) - 1
+_TTFT_HISTORY = 4096  # simulated TTFTs kept for `simulated_ttft_ms` (oldest dropped first)
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a cheap, well-spread 64-bit hash of a counter."""
+    x = (x + 0x9E3779B97F4A7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+class _State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request inside the scheduler."""
+
+    seq_id: str  # unique per submission: client request ids may repeat
+    request: PreprocessedRequest
+    prompt_len: int
+    tokens: list[int]  # prompt + generated; the block manager holds KV slots for all of them
+    key: int  # hash of (seed, prompt): the root of this request's token stream
+    stop_ids: frozenset[int]
+    arrival_ms: float  # on the simulated clock
+    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
+    state: _State = _State.WAITING
+    num_computed: int = 0  # tokens whose KV is computed; the rest are prefilled before sampling
+    prefilling: bool = True  # (re)admitted and not yet sampled since: prefill cost, not decode
+    cached_tokens: int = 0  # prefix-cache hit of the latest admission before the first output
+    sent_first: bool = False
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class _Work(NamedTuple):
+    seq: _Seq
+    num_tokens: int  # tokens computed for it this step (1 for a decode)
+
+
+class MockerEngine:
+    """A model-free engine with vLLM's scheduling, paged KV cache and timing shape.
+
+    All knobs are keyword arguments (the registry passes a worker's YAML `engine_config`):
+
+    KV cache: `num_blocks` (4096) blocks of `block_size` (16) tokens; `enable_prefix_caching`
+    (True). Scheduler: `max_num_seqs` (256) running sequences, `max_num_batched_tokens` (8192)
+    tokens computed per step, `context_length` (8192; must fit the cache). Timing, in simulated
+    ms (see the module docstring): `prefill_ms_per_token` (0.05), `prefill_ms_quadratic` (1e-6),
+    `decode_ms_base` (5.0), `decode_ms_per_seq` (0.1), `decode_ms_per_ctx_token` (1e-4), and
+    `speedup` (1.0) dividing every real sleep. Output: `seed` (0) and `vocab_size` (32000).
+    `on_events` receives the block manager's KV events (also settable via `on_kv_events`).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int = 4096,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        context_length: int = 8192,
+        prefill_ms_per_token: float = 0.05,
+        prefill_ms_quadratic: float = 1e-6,
+        decode_ms_base: float = 5.0,
+        decode_ms_per_seq: float = 0.1,
+        decode_ms_per_ctx_token: float = 1e-4,
+        speedup: float = 1.0,
+        seed: int = 0,
+        vocab_size: int = 32000,
+        on_events: KvEventCallback | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("context_length", context_length),
+            ("vocab_size", vocab_size),
+            ("speedup", speedup),
+        ):
+            if value <= 0:
+                raise EngineError(f"mocker: {name} must be positive, got {value}")
+        for name, fvalue in (
+            ("prefill_ms_per_token", prefill_ms_per_token),
+            ("prefill_ms_quadratic", prefill_ms_quadratic),
+            ("decode_ms_base", decode_ms_base),
+            ("decode_ms_per_seq", decode_ms_per_seq),
+            ("decode_ms_per_ctx_token", decode_ms_per_ctx_token),
+        ):
+            if fvalue < 0:
+                raise EngineError(f"mocker: {name} must be >= 0, got {fvalue}")
+        # As vLLM refuses a max_model_len its KV cache cannot hold: otherwise one long sequence
+        # could need more blocks than exist and preempt itself forever.
+        if context_length > num_blocks * block_size:
+            raise EngineError(
+                f"mocker: context_length {context_length} exceeds the KV cache "
+                f"({num_blocks} blocks x {block_size} tokens); raise num_blocks or lower "
+                "context_length"
+            )
+        self.context_length = context_length
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_ms_per_token = prefill_ms_per_token
+        self.prefill_ms_quadratic = prefill_ms_quadratic
+        self.decode_ms_base = decode_ms_base
+        self.decode_ms_per_seq = decode_ms_per_seq
+        self.decode_ms_per_ctx_token = decode_ms_per_ctx_token
+        self.speedup = speedup
+        self.seed = seed
+        self.vocab_size = vocab_size
+        self._callbacks: list[KvEventCallback] = [on_events] if on_events is not None else []
+        self.block_manager = BlockManager(
+            num_blocks,
+            block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            on_events=self._publish_events,
+        )
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # admission order: the last one is preempted first
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: EngineError | None = None
+        self._next_id = 0
+        # the simulated clock and the step in flight (to place arrivals inside a step)
+        self._clock_ms = 0.0
+        self._step_ms = 0.0
+        self._step_started: float | None = None
+        self._ttft: OrderedDict[str, float] = OrderedDict()
+        # totals
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._max_batch = 0
+        self.num_steps = 0
+        """Forward passes simulated so far."""
+        self.num_preemptions = 0
+        """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
+        self.computed_prompt_tokens = 0
+        """Prompt (and re-prefill) tokens actually computed: prefix-cache hits excluded."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MockerEngine:
+        """Build from a YAML mapping; unknown keys are errors so a typo cannot fall back silently.
+
+        Values are coerced to the parameter's type (YAML may give `1` for `1.0`); booleans must
+        be real booleans, since `bool("false")` would be True.
+        """
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {n: p.default for n, p in params.items() if n not in ("self", "on_events")}
+        unknown = sorted(set(config) - set(defaults))
+        if unknown:
+            raise EngineError(
+                f"unknown mocker engine config key(s): {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(defaults))})"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            kind = type(defaults[key])
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise EngineError(f"mocker: {key} must be true or false, got {value!r}")
+                kwargs[key] = value
+                continue
+            try:
+                kwargs[key] = kind(value)
+            except (TypeError, ValueError) as exc:
+                raise EngineError(
+                    f"mocker: {key} must be of type {kind.__name__}, got {value!r}"
+                ) from exc
+        return cls(**kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the scheduler task (idempotent)."""
+        if self._task is None:
+            self._failure = None
+            self._task = asyncio.create_task(self._loop(), name="mocker-scheduler")
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler; requests still in flight end with an `EngineError`."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(EngineError("mocker engine shut down"))
+
+    # -- KV events and metrics ----------------------------------------------------------------
+
+    def on_kv_events(self, callback: KvEventCallback) -> None:
+        """Also send KV events to `callback` (e.g. a Worker publishing them on NATS)."""
+        self._callbacks.append(callback)
+
+    def _publish_events(self, events: list[KvEvent]) -> None:
+        """Fan out; a failing subscriber is logged, never allowed to break the scheduler."""
+        for callback in self._callbacks:
+            try:
+                callback(events)
+            except Exception:
+                log.exception("mocker: KV event callback failed")
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached block no request uses (emits `AllBlocksCleared`/`BlockRemoved`)."""
+        self.block_manager.clear_cache()
+
+    def stats(self) -> EngineStats:
+        queried, hits = self.block_manager.stats()
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_usage=self.block_manager.usage,
+            prefix_cache_hit_rate=hits / queried if queried else 0.0,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            max_batch_running=self._max_batch,
+        )
+
+    def load_metrics(self, worker_id: int) -> LoadMetrics:
+        """The snapshot a worker publishes for the KV-aware router."""
+        return LoadMetrics(
+            worker_id=worker_id,
+            kv_usage=self.block_manager.usage,
+            active_blocks=self.block_manager.num_active_blocks,
+            total_blocks=self.block_manager.num_blocks,
+            running=len(self._running),
+            waiting=len(self._waiting),
+        )
+
+    @property
+    def simulated_time_ms(self) -> float:
+        """Simulated GPU time of all steps so far (idle time does not count)."""
+        return self._clock_ms
+
+    def simulated_ttft_ms(self, request_id: str) -> float | None:
+        """Simulated time from arrival to first token of a recent request (None if unknown)."""
+        return self._ttft.get(request_id)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Queue the request and stream its deltas; closing the stream aborts it at once.
+
+        Outputs the consumer has not picked up yet are merged into one delta, so a slow consumer
+        gets fewer, larger messages instead of a growing backlog.
+        """
+        if self._task is None:
+            raise EngineError("MockerEngine.generate() called before start()")
+        if self._failure is not None:
+            raise self._failure
+        prompt = list(request.token_ids)
+        if not prompt:
+            raise EngineError(f"request {request.request_id}: empty prompt")
+        if len(prompt) >= self.context_length:
+            raise EngineError(
+                f"request {request.request_id}: prompt of {len(prompt)} tokens does not fit "
+                f"the context length {self.context_length}"
+            )
+        self._prompt_tokens += len(prompt)
+        if request.stop.max_tokens <= 0:
+            yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
+            return
+        seq = self._submit(request, prompt)
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, EngineError):
+                    raise item
+                while not seq.queue.empty() and item.finish_reason is None:
+                    nxt = seq.queue.get_nowait()
+                    if isinstance(nxt, EngineError):
+                        raise nxt
+                    _merge_into(item, nxt)
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if seq.state is not _State.FINISHED:
+                self._abort(seq)
+
+    def _submit(self, request: PreprocessedRequest, prompt: list[int]) -> _Seq:
+        self._next_id += 1
+        digest = hashlib.blake2b(array("q", prompt).tobytes(), digest_size=8).digest()
+        seq = _Seq(
+            seq_id=f"{request.request_id}#{self._next_id}",
+            request=request,
+            prompt_len=len(prompt),
+            tokens=prompt,
+            key=int.from_bytes(digest, "little") ^ _mix64(self.seed & _U64),
+            stop_ids=frozenset(request.stop.stop_token_ids),
+            arrival_ms=self._now_ms(),
+        )
+        self._waiting.append(seq)
+        self._wakeup.set()
+        return seq
+
+    def _now_ms(self) -> float:
+        """The simulated time now, interpolated inside the step in flight."""
+        if self._step_started is None:
+            return self._clock_ms
+        elapsed = (asyncio.get_running_loop().time() - self._step_started) * 1000 * self.speedup
+        return self._clock_ms + min(elapsed, self._step_ms)
+
+    def _abort(self, seq: _Seq) -> None:
+        """Remove a request the consumer gave up on and free its blocks now, not at max_tokens."""
+        if seq.state is _State.RUNNING:
+            self._running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq.state is _State.WAITING:
+            self._waiting.remove(seq)
+        seq.state = _State.FINISHED
+
+    def _fail_all(self, error: EngineError) -> None:
+        for seq in [*self._running, *self._waiting]:
+            self._abort(seq)
+            seq.queue.put_nowait(error)
+
+    # -- the scheduler ------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        """Schedule, sleep for the step's simulated time, then apply its results; forever."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._running and not self._waiting:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                work = self._schedule()
+                if not work:  # cannot happen by construction; a silent stall would be worse
+                    raise RuntimeError(
+                        f"scheduler made no progress ({len(self._waiting)} waiting, "
+                        f"{self.block_manager.num_free_blocks} free blocks)"
+                    )
+                self._step_ms = self._step_time_ms(work)
+                self._step_started = loop.time()
+                await asyncio.sleep(self._step_ms / 1000 / self.speedup)
+                self._step_started = None
+                self._clock_ms += self._step_ms
+                self.num_steps += 1
+                self._complete(work)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("mocker scheduler failed")
+            self._failure = EngineError(f"mocker scheduler failed: {type(exc).__name__}: {exc}")
+            self._fail_all(self._failure)
+
+    def _schedule(self) -> list[_Work]:
+        """Pick this step's work: running sequences first, then FIFO admissions."""
+        budget = self.max_num_batched_tokens
+        work: list[_Work] = []
+        for seq in self._running:
+            if budget == 0:
+                break
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            work.append(_Work(seq, n))
+            budget -= n
+        bm = self.block_manager
+        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            if not bm.can_allocate(seq.tokens):
+                break  # FIFO: later requests do not overtake the head of the queue
+            try:
+                alloc = bm.allocate(seq.seq_id, seq.tokens)
+            except NoFreeBlocksError:
+                break
+            self._waiting.popleft()
+            seq.state = _State.RUNNING
+            seq.num_computed = alloc.num_cached_tokens
+            seq.prefilling = True
+            if not seq.sent_first:
+                seq.cached_tokens = alloc.num_cached_tokens
+            self._running.append(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            work.append(_Work(seq, n))
+            budget -= n
+        self._max_batch = max(self._max_batch, len(self._running))
+        return work
+
+    def _step_time_ms(self, work: list[_Work]) -> float:
+        """Simulated duration of one forward pass over `work` (see the module docstring)."""
+        ms = self.decode_ms_base
+        for seq, n in work:
+            if seq.prefilling:
+                ctx = seq.num_computed + n
+                ms += n * self.prefill_ms_per_token + self.prefill_ms_quadratic * n * ctx
+            else:
+                ms += self.decode_ms_per_seq + self.decode_ms_per_ctx_token * len(seq.tokens)
+        return ms
+
+    def _complete(self, work: list[_Work]) -> None:
+        """Apply a finished step: advance prefills, sample one token per completed sequence."""
+        for seq, n in work:
+            if seq.state is not _State.RUNNING:
+                continue  # aborted during the step, or preempted earlier in this loop
+            if seq.prefilling:
+                self.computed_prompt_tokens += n
+            seq.num_computed += n
+            if seq.num_computed == len(seq.tokens):
+                self._sample(seq)
+
+    def _sample(self, seq: _Seq) -> None:
+        """Generate the next token, stream it, and finish or grow the sequence's KV."""
+        stop = seq.request.stop
+        token, logprob = self._token_at(seq, seq.num_generated)
+        seq.tokens.append(token)
+        seq.prefilling = False
+        self._generation_tokens += 1
+        generated = seq.num_generated
+        finish: FinishReason | None = None
+        if token in seq.stop_ids and generated > stop.min_tokens:
+            finish = "stop"
+        elif generated >= stop.max_tokens or len(seq.tokens) >= self.context_length:
+            finish = "length"
+        out = EngineOutput(token_ids=[token], finish_reason=finish)
+        if not seq.sent_first:
+            seq.sent_first = True
+            out.cached_tokens = seq.cached_tokens
+            self._record_ttft(seq)
+        k = seq.request.output.logprobs
+        if k is not None:
+            out.logprobs = [logprob]
+            out.top_logprobs = [self._top_logprobs(token, logprob, k)]
+        seq.queue.put_nowait(out)
+        if finish is not None:
+            self._running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+            seq.state = _State.FINISHED
+            return
+        while seq.state is _State.RUNNING:
+            try:
+                self.block_manager.append_token(seq.seq_id, token)
+                return
+            except NoFreeBlocksError:
+                self._preempt(self._running[-1])  # possibly `seq` itself: then it re-prefills
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Free a running sequence's blocks and requeue it first, to be recomputed (vLLM v1)."""
+        self._running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.state = _State.WAITING
+        seq.num_computed = 0
+        self._waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _record_ttft(self, seq: _Seq) -> None:
+        self._ttft[seq.request.request_id] = self._clock_ms - seq.arrival_ms
+        while len(self._ttft) > _TTFT_HISTORY:
+            self._ttft.popitem(last=False)
+
+    def _token_at(self, seq: _Seq, position: int) -> tuple[int, float]:
+        """The deterministic token at `position` and a plausible logprob for it."""
+        h = _mix64(seq.key ^ _mix64(position))
+        return h % self.vocab_size, -((h >> 40) % 1000) / 1000.0
+
+    def _top_logprobs(self, token: int, logprob: float, k: int) -> list[TokenLogprob]:
+        """The sampled token first, then up to `k` distinct made-up, less likely alternatives."""
+        top = [TokenLogprob(token, logprob)]
+        seen = {token}
+        for i in range(1, k + 1):
+            alt = (token + i * 7919) % self.vocab_size
+            if alt not in seen:
+                seen.add(alt)
+                top.append(TokenLogprob(alt, logprob - i))
+        return top
+
+
+def _merge_into(out: EngineOutput, nxt: EngineOutput) -> None:
+    """Append delta `nxt` to `out` (both built by the scheduler, so mutating is safe)."""
+    out.token_ids.extend(nxt.token_ids)
+    if out.logprobs is not None and nxt.logprobs is not None:
+        out.logprobs.extend(nxt.logprobs)
+    if out.top_logprobs is not None and nxt.top_logprobs is not None:
+        out.top_logprobs.extend(nxt.top_logprobs)
+    out.finish_reason = nxt.finish_reason
