@@ -336,3 +336,37 @@ async def test_lease_survives_a_blocked_event_loop(
     finally:
         await caller.shutdown()
         await callee.shutdown()
+
+
+async def test_request_ids_are_unique_across_callers(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """Regression: a cancel from one caller must never drop another caller's request.
+
+    Every instance of a component hears every cancel; with per-process counters as request ids,
+    a cancel for caller A's call #1 made the other instance drop caller B's call #1 silently.
+    """
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.01)
+
+    x = await DistributedRuntime.connect(settings_for(servers))
+    y = await DistributedRuntime.connect(settings_for(servers))
+    a = await DistributedRuntime.connect(settings_for(servers))
+    b = await DistributedRuntime.connect(settings_for(servers, stream_timeout=3.0))
+    try:
+        for rt in (x, y):
+            await rt.serve_endpoint(unique_ns, "Twin", "count", handler, request_type=int)
+        client_a = a.endpoint_client(unique_ns, "Twin", "count", response_type=int)
+        client_b = b.endpoint_client(unique_ns, "Twin", "count", response_type=int)
+        while len(client_b.instance_ids()) < 2 or len(client_a.instance_ids()) < 2:
+            await asyncio.sleep(0.05)
+        async for _ in client_a.direct(x.instance_id, 100):
+            break  # cancels A's first call
+        await asyncio.sleep(0.2)  # the cancel reaches both x and y
+        assert [i async for i in client_b.direct(y.instance_id, 3)] == [0, 1, 2]
+    finally:
+        for rt in (a, b, x, y):
+            await rt.shutdown()

@@ -89,7 +89,9 @@ class CallDispatcher:
                 await self._sub.unsubscribe()
 
     def new_call(self) -> tuple[str, str]:
-        # The inbox prefix is unique per process; a counter makes each call's token unique.
+        # The inbox prefix is unique per process and a counter makes each call's token unique
+        # in it; the reply subject is therefore unique everywhere and doubles as the request
+        # id that cancels name (callees of a component all hear every cancel).
         token = format(next(self._calls), "x")
         return token, f"{self._prefix}.{token}"
 
@@ -154,7 +156,8 @@ class ResponseStream:
         self._pinned = instance_id
         self.target = endpoint.target
         self.instance_id: int = 0
-        self.request_id = ""
+        self.request_id = ""  # globally unique: the call's reply subject
+        self._token = ""  # this process's key for the call
         self.last_frame = time.monotonic()
         self._items: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -209,7 +212,7 @@ class ResponseStream:
         """Stop early: the callee is told to cancel the request."""
         if self._started and not self._done:
             self._done = True
-            self._endpoint.dispatcher.unregister(self.request_id)
+            self._endpoint.dispatcher.unregister(self._token)
             with contextlib.suppress(Exception):
                 await self._endpoint.nc.publish(
                     self._endpoint.cancel_subject, cancel_frame(self.request_id)
@@ -229,7 +232,7 @@ class ResponseStream:
             and not self._loop.is_closed()
         ):
             self._done = True
-            self._endpoint.dispatcher.unregister(self.request_id)
+            self._endpoint.dispatcher.unregister(self._token)
             ep = self._endpoint
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(
@@ -250,11 +253,11 @@ class ResponseStream:
         if self._pinned is not None:
             self.instance_id = self._pinned
         token, reply = ep.dispatcher.new_call()
-        self.request_id = token
+        self._token, self.request_id = token, reply
         self.last_frame = time.monotonic()
         ep.dispatcher.register(token, self)
         payload = request_encoder.encode(
-            RequestFrame(token, msgspec.Raw(codec.encode(self._request)))
+            RequestFrame(reply, msgspec.Raw(codec.encode(self._request)))
         )
         try:
             await ep.nc.publish(subject, payload, reply=reply)
@@ -264,7 +267,7 @@ class ResponseStream:
 
     def _finish(self) -> None:
         self._done = True
-        self._endpoint.dispatcher.unregister(self.request_id)
+        self._endpoint.dispatcher.unregister(self._token)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -288,7 +291,7 @@ class ResponseStream:
             return
         if frame.kind == FrameKind.END:
             self._items.append(_END)
-            self._endpoint.dispatcher.unregister(self.request_id)
+            self._endpoint.dispatcher.unregister(self._token)
         elif frame.kind == FrameKind.ERROR:
             err = frame.error
             self._fail(
@@ -300,7 +303,7 @@ class ResponseStream:
     def _fail(self, error: BaseException) -> None:
         if self._error is None and not self._done:
             self._error = error
-            self._endpoint.dispatcher.unregister(self.request_id)
+            self._endpoint.dispatcher.unregister(self._token)
             self._wake()
 
 
