@@ -30,24 +30,39 @@ def test_kv_mode_prefers_the_worker_holding_the_prefix() -> None:
     assert decision.costs[2] < decision.costs[1] == decision.costs[3]
 
 
-def test_load_outweighs_a_small_overlap() -> None:
+def test_inflight_load_outweighs_a_small_overlap() -> None:
     router = KvRouter(RouterConfig(block_size=BS), seed=0)
     prompt = list(range(40))
     store(router, 2, prompt[:4])  # one block of overlap
-    router.update_load(load(1, 0))
-    router.update_load(load(2, 50))  # but worker 2 is busy
-    assert router.choose(prompt, [1, 2]).worker_id == 1
+    router.choose(list(range(100, 180)), [2], request_id="busy")  # 21 blocks in flight on 2
+    assert router.choose(prompt, [1, 2], request_id="r").worker_id == 1
+    router.release("busy")
+    router.release("r")
+    assert router.choose(prompt, [1, 2], request_id="r2").worker_id == 2
 
 
-def test_pending_assignments_spread_a_burst() -> None:
+def test_inflight_assignments_spread_a_burst_and_release() -> None:
     """Identical requests arriving together must not all pile on one worker."""
     router = KvRouter(RouterConfig(block_size=BS), seed=0)
     prompt = list(range(64))
-    chosen = [router.choose(prompt, [1, 2, 3], now=100.0).worker_id for _ in range(6)]
+    chosen = [router.choose(prompt, [1, 2, 3], request_id=f"r{i}").worker_id for i in range(6)]
     assert sorted(set(chosen)) == [1, 2, 3]
-    # fresh metrics from a worker replace what the router assumed it had sent there
-    router.update_load(load(1, 0), now=101.0)
-    assert router._decode_load(1, 101.0) == 0
+    for i in range(6):
+        router.release(f"r{i}")
+    assert [router.inflight_blocks(w) for w in (1, 2, 3)] == [0, 0, 0]
+    # a worker's prefix is worth going back to once it is not busy
+    store(router, 3, prompt)
+    assert router.choose(prompt, [1, 2, 3], request_id="again").worker_id == 3
+
+
+def test_unreleased_assignments_clear_when_the_worker_reports_idle() -> None:
+    router = KvRouter(RouterConfig(block_size=BS, leak_grace_s=1.0), seed=0)
+    router.choose(list(range(40)), [1], request_id="lost", now=10.0)
+    assert router.inflight_blocks(1) == 11
+    router.update_load(load(1, 0), now=10.5)  # too soon: may not have started yet
+    assert router.inflight_blocks(1) == 11
+    router.update_load(load(1, 0), now=12.0)
+    assert router.inflight_blocks(1) == 0
 
 
 def test_modes_and_temperature() -> None:
@@ -58,7 +73,10 @@ def test_modes_and_temperature() -> None:
     hot = KvRouter(RouterConfig(block_size=BS, temperature=10.0), seed=3)
     prompt = list(range(40))
     store(hot, 2, prompt)
-    picks = [hot.choose(prompt, [1, 2], now=0.0).worker_id for _ in range(200)]
+    picks = []
+    for i in range(200):
+        picks.append(hot.choose(prompt, [1, 2], request_id=f"p{i}").worker_id)
+        hot.release(f"p{i}")
     assert 0 < picks.count(1) < picks.count(2)  # sampled, still biased to the overlap
     with pytest.raises(ValueError, match="router mode"):
         RouterConfig(mode="kv-ish")  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ the model registered, so a request never reaches an engine that must reject it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +16,9 @@ from dynamo_sdk import ServiceConfig, async_on_start, depends, dynamo_context, e
 from dynamo_sdk.llm.model_registry import ModelWatcher
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.processor import OpenAIProcessor
-from dynamo_sdk.llm.protocol import ProcessorRequest, TextDelta
+from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, ProcessorRequest, TextDelta
 from dynamo_sdk.llm.tokenizer import Tokenizer
+from examples.llm.components.kv_router import Router, RouteRequest
 from examples.llm.components.worker import Worker
 
 
@@ -28,6 +30,7 @@ class Processor:
         self.config: dict[str, Any] = ServiceConfig.get_instance().for_service("Processor")
         self.logic: OpenAIProcessor | None = None
         self.models: ModelWatcher | None = None
+        self.router: Any = None
 
     @async_on_start
     async def start(self) -> None:
@@ -37,6 +40,9 @@ class Processor:
         tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
         fallback = int(self.config.get("context_length", _config_context(path)))
         self.logic = OpenAIProcessor(tokenizer, served, fallback)
+        if self.config.get("use_router", False):
+            # graphs/agg_router.py links Processor -> Router: ask it which worker, then go direct.
+            self.router = dynamo_context.runtime.service_client(Router)  # type: ignore[union-attr]
         assert dynamo_context.runtime is not None
         self.models = ModelWatcher(dynamo_context.runtime)
         await self.models.wait_ready()
@@ -47,8 +53,20 @@ class Processor:
         live = self.models.context_length(self.logic.model_name)
         if live is not None:
             self.logic.context_length = live
-        async for delta in self.logic.generate(request, self.worker.generate):
+        engine_call = self._routed if self.router is not None else self.worker.generate
+        async for delta in self.logic.generate(request, engine_call):
             yield delta
+
+    async def _routed(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        decision = await self.router.route(RouteRequest(request.token_ids, request.request_id))
+        stream = self.worker.generate.direct(decision.worker_id, request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await stream.aclose()
+            with contextlib.suppress(Exception):  # the router also expires leaked assignments
+                await self.router.release(request.request_id)
 
 
 def _config_context(path: Any) -> int:

@@ -25,6 +25,7 @@ from dynamo_sdk import (
 )
 from dynamo_sdk.llm.engines.base import Engine, EngineStats
 from dynamo_sdk.llm.engines.registry import create_engine
+from dynamo_sdk.llm.kv.publisher import KvPublisher
 from dynamo_sdk.llm.metrics import WorkerMetrics
 from dynamo_sdk.llm.model_registry import register_model
 from dynamo_sdk.llm.model_resolver import resolve_model
@@ -32,7 +33,7 @@ from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedReques
 
 log = logging.getLogger("dynamo.llm.worker")
 
-FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval"}
+FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval", "block_size_for_router"}
 
 
 @service(dynamo={"namespace": "dynamo"}, resources={"gpu": 1}, workers=1)
@@ -45,6 +46,7 @@ class Worker:
         self.engine: Engine | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.metrics: WorkerMetrics | None = None
+        self.kv_publisher: KvPublisher | None = None
 
     @async_on_start
     async def start(self) -> None:
@@ -68,6 +70,13 @@ class Worker:
                 path=path or "",
             ),
         )
+        if hasattr(self.engine, "on_kv_events") and hasattr(self.engine, "load_metrics"):
+            # Engines that track their own KV blocks feed the KV-aware router.
+            self.kv_publisher = KvPublisher(
+                runtime, Worker.namespace, Worker.name, self.engine.load_metrics
+            )
+            self.engine.on_kv_events(self.kv_publisher.on_events)
+            await self.kv_publisher.start()
         self.metrics = WorkerMetrics(served, global_registry=True)
         self._stats_task = asyncio.create_task(self._report_stats())
         log.info(
@@ -94,6 +103,8 @@ class Worker:
             self._stats_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._stats_task
+        if self.kv_publisher is not None:
+            await self.kv_publisher.stop()
         if self.engine is not None:
             await self.engine.shutdown()
 
