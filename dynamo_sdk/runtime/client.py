@@ -163,6 +163,7 @@ class ResponseStream:
         self._waiter: asyncio.Future[None] | None = None
         self._started = False
         self._done = False
+        self._ended = False  # the callee's END frame arrived: nothing left to cancel
         self._error: BaseException | None = None
         self._decoder = endpoint.response_decoder
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -209,14 +210,15 @@ class ResponseStream:
         return items[0]
 
     async def aclose(self) -> None:
-        """Stop early: the callee is told to cancel the request."""
+        """Stop early: the callee is told to cancel the request (unless it already ended)."""
         if self._started and not self._done:
             self._done = True
             self._endpoint.dispatcher.unregister(self._token)
-            with contextlib.suppress(Exception):
-                await self._endpoint.nc.publish(
-                    self._endpoint.cancel_subject, cancel_frame(self.request_id)
-                )
+            if not self._ended:
+                with contextlib.suppress(Exception):
+                    await self._endpoint.nc.publish(
+                        self._endpoint.cancel_subject, cancel_frame(self.request_id)
+                    )
 
     async def __aenter__(self) -> ResponseStream:
         return self
@@ -225,6 +227,8 @@ class ResponseStream:
         await self.aclose()
 
     def __del__(self) -> None:
+        if self._ended:
+            return
         if (
             self._started
             and not self._done
@@ -291,6 +295,7 @@ class ResponseStream:
             return
         if frame.kind == FrameKind.END:
             self._items.append(_END)
+            self._ended = True
             self._endpoint.dispatcher.unregister(self._token)
         elif frame.kind == FrameKind.ERROR:
             err = frame.error
