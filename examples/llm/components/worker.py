@@ -25,11 +25,14 @@ from dynamo_sdk import (
 )
 from dynamo_sdk.llm.engines.base import Engine, EngineStats
 from dynamo_sdk.llm.engines.registry import create_engine
+from dynamo_sdk.llm.kv.events import LoadMetrics
 from dynamo_sdk.llm.kv.publisher import KvPublisher
+from dynamo_sdk.llm.kv.vllm_bridge import VllmKvEventBridge, vllm_kv_event_args
 from dynamo_sdk.llm.metrics import WorkerMetrics
 from dynamo_sdk.llm.model_registry import register_model
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest
+from dynamo_sdk.serve.embedded import free_port
 
 log = logging.getLogger("dynamo.llm.worker")
 
@@ -47,6 +50,7 @@ class Worker:
         self._stats_task: asyncio.Task[None] | None = None
         self.metrics: WorkerMetrics | None = None
         self.kv_publisher: KvPublisher | None = None
+        self.kv_bridge: VllmKvEventBridge | None = None
 
     @async_on_start
     async def start(self) -> None:
@@ -55,7 +59,15 @@ class Worker:
             path = str(await asyncio.to_thread(resolve_model, self.model))
         served = str(self.config.get("served_model_name") or (path or self.model))
         engine_config = {k: v for k, v in self.config.items() if k not in FRAMEWORK_KEYS}
+        kv_events_port = None
+        if self.engine_name == "vllm" and engine_config.pop("kv_events", False):
+            kv_events_port = free_port()
+            engine_config.update(vllm_kv_event_args(kv_events_port))
         self.engine = create_engine(self.engine_name, path, engine_config)
+        publisher_pending: list[Any] = []
+        if kv_events_port is not None:  # bound before vLLM starts, so it can connect at once
+            self.kv_bridge = VllmKvEventBridge(kv_events_port, publisher_pending.extend)
+            await self.kv_bridge.start()
         await self.engine.start()
         runtime = dynamo_context.runtime
         assert runtime is not None
@@ -70,12 +82,15 @@ class Worker:
                 path=path or "",
             ),
         )
-        if hasattr(self.engine, "on_kv_events") and hasattr(self.engine, "load_metrics"):
-            # Engines that track their own KV blocks feed the KV-aware router.
-            self.kv_publisher = KvPublisher(
-                runtime, Worker.namespace, Worker.name, self.engine.load_metrics
-            )
-            self.engine.on_kv_events(self.kv_publisher.on_events)
+        if hasattr(self.engine, "on_kv_events") or kv_events_port is not None:
+            # Engines whose KV blocks we can follow feed the KV-aware router.
+            self.kv_publisher = KvPublisher(runtime, Worker.namespace, Worker.name, self._load)
+            if self.kv_bridge is not None:
+                self.kv_bridge.on_events = self.kv_publisher.on_events
+                if publisher_pending:
+                    self.kv_publisher.on_events(publisher_pending)
+            else:
+                self.engine.on_kv_events(self.kv_publisher.on_events)  # type: ignore[attr-defined]
             await self.kv_publisher.start()
         self.metrics = WorkerMetrics(served, global_registry=True)
         self._stats_task = asyncio.create_task(self._report_stats())
@@ -103,10 +118,21 @@ class Worker:
             self._stats_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._stats_task
+        if self.kv_bridge is not None:
+            await self.kv_bridge.stop()
         if self.kv_publisher is not None:
             await self.kv_publisher.stop()
         if self.engine is not None:
             await self.engine.shutdown()
+
+    def _load(self, worker_id: int) -> LoadMetrics:
+        """Load for the router: the engine's own when it has one, else from its stats."""
+        assert self.engine is not None
+        own = getattr(self.engine, "load_metrics", None)
+        if own is not None:
+            return own(worker_id)  # type: ignore[no-any-return]
+        stats = self.engine.stats()
+        return LoadMetrics(worker_id, stats.kv_usage, 0, 0, stats.running, stats.waiting)
 
     async def _report_stats(self) -> None:
         assert self.engine is not None and self.metrics is not None
