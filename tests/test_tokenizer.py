@@ -145,3 +145,12 @@ def test_template_errors_become_tokenizer_errors(tiny_path: Path, tmp_path: Path
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="roles must alternate"):
         Tokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(min_value=0, max_value=2047), max_size=40), skip=st.booleans())
+def test_fast_decode_equals_transformers_decode(tok: Tokenizer, ids: list[int], skip: bool) -> None:
+    """The direct `tokenizers` decode path gives exactly what transformers' decode gives."""
+    assert tok.decode(ids, skip_special_tokens=skip) == tok._tok.decode(
+        ids, skip_special_tokens=skip
+    )

@@ -24,6 +24,11 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer: Any, path: Path, generation_eos: Sequence[int] = ()) -> None:
         self._tok = hf_tokenizer
+        # Decoding runs twice per generated token (the incremental detokenizer), so for fast
+        # tokenizers it goes straight to the Rust `tokenizers` object, skipping transformers'
+        # per-call Python wrapper; the optional space clean-up is applied just as it would.
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._clean_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
         self.path = path
         eos: list[int] = []
         for token_id in (hf_tokenizer.eos_token_id, *generation_eos):
@@ -52,7 +57,10 @@ class Tokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        if self._backend is None:
+            return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        text = str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        return str(self._tok.clean_up_tokenization(text)) if self._clean_up else text
 
     def apply_chat_template(
         self,
