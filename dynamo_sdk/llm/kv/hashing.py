@@ -62,7 +62,14 @@ def none_hash(seed: str | None = None) -> bytes:
 def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     """Hash one full block chained on ``parent`` (``None`` or empty: the first block)."""
     # vLLM tests `if not parent_block_hash`, so empty bytes also mean "first block".
-    return _sha256_cbor((parent or none_hash(), tuple(tokens), None))
+    return _cached_block_hash(parent or none_hash(), tuple(tokens))
+
+
+@lru_cache(maxsize=1 << 16)
+def _cached_block_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    # Like vLLM's own cache on this function: multi-turn conversations and shared system
+    # prompts re-hash the same blocks for every request (a hit costs ~0.3 µs, a miss ~3 µs).
+    return _sha256_cbor((parent, tokens, None))
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
