@@ -201,6 +201,13 @@ def test_earliest_occurrence_wins() -> None:
     assert m.matched == "lo"
 
 
+def test_first_to_complete_wins_whatever_the_chunking() -> None:
+    """Found by hypothesis: 'aab' + 'a' and 'aaba' must cut the same way."""
+    assert _run(StopStringMatcher(["b", "aba"]), ["aab", "a"]) == ("aa", True)
+    assert _run(StopStringMatcher(["b", "aba"]), ["aaba"]) == ("aa", True)
+    assert _run(StopStringMatcher(["ab", "b"]), ["xab"]) == ("x", True)  # same end: starts first
+
+
 def test_holdback_does_not_grow() -> None:
     # only the longest suffix that could start a stop string is held: at most len(stop) - 1
     m = StopStringMatcher(["abcabd"])
@@ -228,8 +235,9 @@ def test_stop_matches_reference(text: str, stops: list[str], cuts: list[int]) ->
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     deltas = [text[a:b] for a, b in itertools.pairwise(bounds)]
     m = StopStringMatcher(stops)
-    hits = [i for i in (text.find(s) for s in stops) if i != -1]
-    expected = (text[: min(hits)], True) if hits else (text, False)
+    # the first stop string to complete wins; a tie goes to the one that starts first
+    hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in stops) if i != -1]
+    expected = (text[: min(hits)[1]], True) if hits else (text, False)
     released, fed = "", ""
     for delta in deltas:
         out, stopped = m.feed(delta)

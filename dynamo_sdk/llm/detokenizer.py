@@ -83,7 +83,7 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Cuts streamed text at the earliest stop string, which is not itself emitted (as OpenAI).
+    """Cuts streamed text at the first stop string to complete, which is not itself emitted.
 
     Text that could still turn out to be the start of a stop string is held back: after each
     feed, the longest suffix of the unreleased text that is a proper prefix of some stop string
@@ -112,14 +112,19 @@ class StopStringMatcher:
         if not self._stops:
             return text, False
         buffer = self._buffer + text
-        hit: tuple[int, str] | None = None
+        # The stop string that completes first wins (generation would end right there, token
+        # by token); of two completing at the same character, the one starting first. This does
+        # not depend on how the text was split into deltas.
+        hit: tuple[int, int, str] | None = None
         for s in self._stops:
             index = buffer.find(s)
-            if index != -1 and (hit is None or index < hit[0]):
-                hit = (index, s)
+            if index != -1:
+                key = (index + len(s), index, s)
+                if hit is None or key[:2] < hit[:2]:
+                    hit = key
         if hit is not None:
-            self._stopped, self.matched, self._buffer = True, hit[1], ""
-            return buffer[: hit[0]], True
+            self._stopped, self.matched, self._buffer = True, hit[2], ""
+            return buffer[: hit[1]], True
         keep = self._partial_suffix(buffer)
         self._buffer = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
