@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import re
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -123,54 +121,3 @@ def test_shared_prefix_lands_on_the_worker_holding_it_and_a_dead_worker_leaves(
         assert result["choices"][0]["finish_reason"] == "length"
     live = call(servers, "Worker", "stats", EngineStats)
     assert holder not in live
-
-
-@pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_two_vllm_workers_repeated_prompt_hits_the_same_cache(
-    servers: EmbeddedServers, tmp_path: Path
-) -> None:
-    """vLLM's own KV events (ZMQ, bridged to NATS) steer a repeated prompt back to its cache."""
-    port = free_port()
-    serve = ServeProcess(
-        [
-            "graphs.agg_router:Frontend",
-            "-f",
-            "configs/agg_router_vllm.yaml",
-            f"--Frontend.port={port}",
-        ],
-        cwd=REPO_ROOT,
-        env={**servers.env(), "DYN_LEASE_TTL": "5"},
-        log_path=tmp_path / "serve.log",
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        serve.wait_for(
-            lambda: (
-                serve.output().count("endpoints [generate, stats]") >= 2
-                and "dynamo-tiny" in _models(base)
-            ),
-            240,
-            "two vLLM workers",
-        )
-        prompt = " ".join(["alpha beta gamma delta"] * 40)
-        body = {"model": "dynamo-tiny", "prompt": prompt, "max_tokens": 4}
-        first = httpx.post(f"{base}/completions", json=body, timeout=120).json()
-        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-        deadline = time.monotonic() + 10
-        while not next(iter(call(servers, "Router", "state").values()))["indexed_blocks"]:
-            assert time.monotonic() < deadline, "vLLM's KV events never reached the router"
-            time.sleep(0.2)
-        for _ in range(3):
-            again = httpx.post(f"{base}/completions", json=body, timeout=120).json()
-            # vLLM itself reports the prefix-cache hit: the request went where the blocks are
-            assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 700
-    finally:
-        serve.stop()
-
-
-def _models(base: str) -> str:
-    try:
-        return httpx.get(f"{base}/models", timeout=2).text
-    except httpx.HTTPError:
-        return ""

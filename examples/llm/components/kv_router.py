@@ -64,6 +64,7 @@ class Router:
         )
         self.router = KvRouter(self.config)
         self.workers: InstanceWatcher | None = None
+        self._gone: dict[int, None] = {}  # workers whose lease ended (insertion-ordered, bounded)
 
     @async_on_start
     async def start(self) -> None:
@@ -77,6 +78,9 @@ class Router:
         log.info("routing mode %s, block size %d", self.config.mode, self.config.block_size)
 
     def _worker_gone(self, worker_id: int) -> None:
+        self._gone[worker_id] = None
+        while len(self._gone) > 10_000:
+            del self._gone[next(iter(self._gone))]
         log.info(
             "worker %x left: dropping its %d indexed blocks",
             worker_id,
@@ -90,11 +94,10 @@ class Router:
         except msgspec.DecodeError as exc:
             log.warning("bad KV event batch: %s", exc)
             return
-        live = self.workers is not None and (
-            batch.worker_id in self.workers.instances or batch.worker_id in self.workers.draining
-        )
-        if self.workers is not None and self.workers.ready.is_set() and not live:
-            return  # a worker we already dropped (or never saw): don't resurrect its blocks
+        if batch.worker_id in self._gone:
+            return  # a late batch from a dead worker must not bring its blocks back
+        # A worker not (yet) in discovery is accepted: its first events can overtake the etcd
+        # watch that announces it, and dropping them would lose its prompt blocks for good.
         self.router.indexer.apply(batch)
 
     async def _on_load(self, msg: Any) -> None:
