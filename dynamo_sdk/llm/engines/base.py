@@ -45,3 +45,14 @@ class Engine(Protocol):
 
 class EngineError(Exception):
     """An engine failed to start or to serve a request."""
+
+
+def check_prompt(request: PreprocessedRequest, context_length: int) -> None:
+    """The checks every engine makes before admitting a request (a clear error, not a hang)."""
+    if not request.token_ids:
+        raise EngineError(f"request {request.request_id}: empty prompt")
+    if len(request.token_ids) >= context_length:
+        raise EngineError(
+            f"request {request.request_id}: prompt of {len(request.token_ids)} tokens does not "
+            f"fit the context length {context_length}"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
     FinishReason,
@@ -57,13 +57,7 @@ class EchoEngine:
         """
         prompt = request.token_ids
         stop = request.stop
-        if not prompt:
-            raise EngineError(f"request {request.request_id}: empty prompt")
-        if len(prompt) >= self.context_length:
-            raise EngineError(
-                f"request {request.request_id}: prompt of {len(prompt)} tokens does not fit "
-                f"the context length {self.context_length}"
-            )
+        check_prompt(request, self.context_length)
         stop_ids = set() if stop.ignore_eos else set(stop.stop_token_ids)
         want_logprobs = request.output.logprobs is not None
         self._running += 1

@@ -55,7 +55,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
@@ -323,13 +323,7 @@ class MockerEngine:
         if self._failure is not None:
             raise self._failure
         prompt = list(request.token_ids)
-        if not prompt:
-            raise EngineError(f"request {request.request_id}: empty prompt")
-        if len(prompt) >= self.context_length:
-            raise EngineError(
-                f"request {request.request_id}: prompt of {len(prompt)} tokens does not fit "
-                f"the context length {self.context_length}"
-            )
+        check_prompt(request, self.context_length)
         self._prompt_tokens += len(prompt)
         if request.stop.max_tokens <= 0:
             yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
