@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -267,7 +266,3 @@ async def connect_etcd(endpoints: list[str], timeout: float = 5.0) -> aetcd.Clie
 
 def encode_instance(info: InstanceInfo) -> bytes:
     return msgspec.json.encode(info)
-
-
-def decode_json(value: bytes) -> Any:
-    return json.loads(value)

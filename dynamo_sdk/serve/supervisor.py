@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from dynamo_sdk.serve.embedded import free_port
+from dynamo_sdk.serve.gpus import cuda_visible_devices
 from dynamo_sdk.serve.procutil import die_with_parent
 
 log = logging.getLogger("dynamo.supervisor")
@@ -157,7 +158,7 @@ class Supervisor:
         plan = state.plan
         env = dict(self.base_env)
         env.update(plan.env)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in plan.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(plan.gpus)
         env["DYN_SERVICE_NAME"] = plan.service
         env["DYN_WORKER_INDEX"] = str(plan.index)
         env["DYN_HEALTH_PORT"] = str(state.health_port)
