@@ -370,3 +370,51 @@ async def test_request_ids_are_unique_across_callers(
     finally:
         for rt in (a, b, x, y):
             await rt.shutdown()
+
+
+CALLER_SCRIPT = """
+import asyncio, sys
+from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+
+async def main():
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]])
+    rt = await DistributedRuntime.connect(settings)
+    client = rt.endpoint_client(sys.argv[3], "Long", "generate", response_type=int)
+    async for item in client(10**6):
+        if item == 2:
+            print("streaming", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_dead_caller_cancels_its_streams(servers: EmbeddedServers, unique_ns: str) -> None:
+    """A caller killed with SIGKILL must not leave the callee generating for nobody."""
+    import signal
+    import sys
+
+    callee = await DistributedRuntime.connect(settings_for(servers, heartbeat_interval=0.3))
+    stopped = asyncio.Event()
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0.01)
+        finally:
+            stopped.set()
+
+    try:
+        await callee.serve_endpoint(unique_ns, "Long", "generate", handler, request_type=int)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CALLER_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line.strip() == b"streaming"
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await asyncio.wait_for(stopped.wait(), 3.0)  # a few heartbeat intervals
+    finally:
+        await callee.shutdown()

@@ -91,6 +91,11 @@ class EndpointServer:
         self._recently_cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._subs: list[Any] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Heartbeats are published with a reply subject here: when the caller's inbox has no
+        # subscriber any more (its process died), NATS answers "no responders" on it.
+        self._probe_inbox = f"_INBOX.{nc.new_inbox().rsplit('.', 1)[-1]}.probe"
+        self._probe_ids: dict[str, str] = {}  # probe token -> request id
+        self._probe_counter = 0
         self._accepting = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -113,6 +118,7 @@ class EndpointServer:
                 cancel_subject(self.namespace, self.component), cb=self._on_cancel
             )
         )
+        self._subs.append(await self.nc.subscribe(f"{self._probe_inbox}.*", cb=self._on_probe))
         await self.nc.flush()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
 
@@ -285,23 +291,52 @@ class EndpointServer:
         stream.last_sent = time.monotonic()
 
     async def _send(
-        self, reply: str, kind: FrameKind, items: list[msgspec.Raw], error: ErrorInfo | None
+        self,
+        reply: str,
+        kind: FrameKind,
+        items: list[msgspec.Raw],
+        error: ErrorInfo | None,
+        probe: str = "",
     ) -> None:
         frame = ResponseFrame(kind=kind, instance_id=self.instance_id, items=items, error=error)
         try:
-            await self.nc.publish(reply, _frame_encoder.encode(frame))
+            await self.nc.publish(reply, _frame_encoder.encode(frame), reply=probe)
         except Exception as exc:  # connection closing: the caller's watchdog reports it
             log.debug("%s: could not send a frame: %s", self.queue_subject, exc)
 
     async def _heartbeats(self) -> None:
-        """Tell callers of long-running streams that this instance is still alive."""
+        """Every interval, one heartbeat per running stream, sent as a probe.
+
+        The caller's watchdog takes it as "still alive"; NATS's no-responders answer to it
+        tells this side that the caller is gone, and its stream is cancelled (a Frontend that
+        crashed must not leave engines generating for nobody).
+        """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = time.monotonic()
+            live: dict[str, str] = {}
             for stream in list(self._active.values()):
-                if now - stream.last_sent >= self.heartbeat_interval:
-                    stream.last_sent = now
-                    await self._send(stream.reply, FrameKind.HEARTBEAT, [], None)
+                self._probe_counter += 1
+                token = format(self._probe_counter, "x")
+                live[token] = stream.request_id
+                stream.last_sent = now
+                await self._send(
+                    stream.reply,
+                    FrameKind.HEARTBEAT,
+                    [],
+                    None,
+                    probe=f"{self._probe_inbox}.{token}",
+                )
+            self._probe_ids = live
+
+    async def _on_probe(self, msg: Msg) -> None:
+        if msg.data or not msg.headers or msg.headers.get("Status") != "503":
+            return
+        request_id = self._probe_ids.pop(msg.subject.rsplit(".", 1)[-1], None)
+        stream = self._active.get(request_id) if request_id is not None else None
+        if stream is not None and stream.task is not None and not stream.task.done():
+            log.info("%s: caller of %s is gone; cancelling", self.queue_subject, request_id)
+            stream.task.cancel("caller gone")
 
 
 def cancel_frame(request_id: str) -> bytes:
