@@ -79,6 +79,7 @@ from typing import Any
 
 import psutil
 import uvloop
+from _common import json_safe
 
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.mocker import MockerEngine
@@ -757,17 +758,6 @@ def write_png(results: Results, path: Path) -> bool:
     return True
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN as null: strict JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -879,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n(no plot: matplotlib is not installed)")
     if args.json is not None:
         data = asdict(results)
-        args.json.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+        args.json.write_text(json.dumps(json_safe(data), indent=2) + "\n")
     return 0
 
 

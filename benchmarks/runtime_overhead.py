@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import json
 import math
 import os
@@ -46,13 +45,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import uvloop
+from _common import interrupt_on_sigterm, json_safe, percentile, profiled
 
 from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, RuntimeSettings
 from dynamo_sdk.serve.embedded import EmbeddedServers, configured_servers, start_embedded
@@ -125,24 +125,8 @@ async def _serve_role(role: str, namespace: str) -> None:
 
 
 def run_role(role: str, namespace: str, profile_dir: Path | None) -> None:
-    with _profiled(profile_dir, role):
+    with profiled(profile_dir, role):
         uvloop.run(_serve_role(role, namespace))
-
-
-@contextlib.contextmanager
-def _profiled(profile_dir: Path | None, name: str) -> Iterator[None]:
-    """cProfile the block into `profile_dir/name.prof` (no-op without a directory)."""
-    if profile_dir is None:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        profile_dir.mkdir(parents=True, exist_ok=True)
-        profiler.dump_stats(str(profile_dir / f"{name}.prof"))
 
 
 # ---- children and servers ------------------------------------------------------------------
@@ -229,14 +213,6 @@ class Results:
     stream: StreamResult | None = None
     targets: list[Target] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (NaN when empty)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(math.ceil(pct / 100.0 * len(sorted_values)), 1)
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 async def _call(client: EndpointClient, req: Ping) -> None:
@@ -441,17 +417,6 @@ def format_report(results: Results) -> str:
     return "\n".join(out)
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN (an empty cell) as null: strict JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -487,10 +452,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role is not None:
@@ -498,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # SIGTERM before or after the event loop runs (inside it, it cancels the measurement).
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
 
     namespace = f"bench{os.getpid()}_{uuid.uuid4().hex[:6]}"
     servers: EmbeddedServers | None = None
@@ -512,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         children = Children(env, namespace, args.profile)
         for role in ROLES:
             children.start(role)
-        with _profiled(args.profile, "caller"):
+        with profiled(args.profile, "caller"):
             results = uvloop.run(_measure_main(args, namespace, children))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: stopping the callees and servers", file=sys.stderr)
@@ -538,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_report(results))
     if args.json is not None:
-        args.json.write_text(json.dumps(_json_safe(asdict(results)), indent=2) + "\n")
+        args.json.write_text(json.dumps(json_safe(asdict(results)), indent=2) + "\n")
     return 0
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import importlib.util
 import json
 import math
@@ -63,7 +62,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,7 @@ import httpx
 import msgspec
 import psutil
 import uvloop
+from _common import interrupt_on_sigterm, json_safe, percentile, profiled
 
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
@@ -203,15 +203,6 @@ class Results:
     notes: list[str] = field(default_factory=list)
     vllm_bench: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (NaN when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(math.ceil(pct / 100.0 * len(ordered)), 1)
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def summarize(
@@ -887,17 +878,6 @@ def maybe_plot(results: Results, path: Path) -> str | None:
     return str(path)
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN (an empty cell) as null: strict JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 # ---- orchestration -----------------------------------------------------------------------------
 
 
@@ -965,20 +945,6 @@ async def run_benchmark(args: argparse.Namespace, session: Session, results: Res
             await asyncio.wait_for(runtime.shutdown(), 5.0)
 
 
-@contextlib.contextmanager
-def profiled(profile_dir: Path | None, name: str) -> Iterator[None]:
-    if profile_dir is None:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        profiler.dump_stats(str(profile_dir / f"{name}.prof"))
-
-
 # ---- entry point -------------------------------------------------------------------------------
 
 
@@ -1044,13 +1010,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # outside the loop; inside, it cancels the run
+    interrupt_on_sigterm()  # outside the loop; inside, it cancels the run
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     if args.keep_logs is not None:
@@ -1099,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         plotted = maybe_plot(results, args.plot)
         print(f"plot: {plotted}" if plotted else "plot: skipped (matplotlib is not installed)")
     if args.json is not None:
-        args.json.write_text(json.dumps(_json_safe(asdict(results)), indent=2) + "\n")
+        args.json.write_text(json.dumps(json_safe(asdict(results)), indent=2) + "\n")
     return 0
 
 
