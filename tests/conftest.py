@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
 from dynamo_sdk.serve.embedded import EmbeddedServers, start_embedded
+
+if TYPE_CHECKING:
+    from dynamo_sdk.llm.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +42,21 @@ async def runtime(servers: EmbeddedServers) -> AsyncIterator[DistributedRuntime]
     rt = await DistributedRuntime.connect(settings_for(servers))
     yield rt
     await rt.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The tiny local Llama model (built once, cached across runs)."""
+    from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> Tokenizer:
+    from dynamo_sdk.llm.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture

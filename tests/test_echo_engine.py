@@ -11,43 +11,9 @@ from dynamo_sdk.llm.engines.echo import EchoEngine
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
-    OutputOptions,
-    PreprocessedRequest,
-    StopConditions,
     TokenLogprob,
 )
-
-
-def make_request(
-    token_ids: list[int],
-    max_tokens: int,
-    *,
-    request_id: str = "r",
-    min_tokens: int = 0,
-    stop_token_ids: list[int] | None = None,
-    ignore_eos: bool = False,
-    logprobs: int | None = None,
-) -> PreprocessedRequest:
-    return PreprocessedRequest(
-        request_id=request_id,
-        model="echo",
-        token_ids=token_ids,
-        stop=StopConditions(
-            max_tokens=max_tokens,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
-            stop_token_ids=stop_token_ids or [],
-        ),
-        output=OutputOptions(logprobs=logprobs),
-    )
-
-
-async def collect(engine: EchoEngine, request: PreprocessedRequest) -> list[EngineOutput]:
-    return [out async for out in engine.generate(request)]
-
-
-def tokens(outputs: list[EngineOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
+from tests.engine_requests import collect, make_request, tokens
 
 
 async def test_echoes_prompt_one_token_per_output() -> None:

@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 from dynamo_sdk.llm.engines.base import EngineStats
-from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
 from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.runtime import DistributedRuntime
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
@@ -38,16 +37,6 @@ pytestmark = [
 ]
 
 MODEL = "dynamo-tiny"
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    return build_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")

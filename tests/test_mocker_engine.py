@@ -16,42 +16,9 @@ from dynamo_sdk.llm.engines.base import Engine, EngineError
 from dynamo_sdk.llm.engines.mocker import MockerEngine
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import BlockRemoved, BlockStored, KvEvent, LoadMetrics
-from dynamo_sdk.llm.protocol import (
-    EngineOutput,
-    OutputOptions,
-    PreprocessedRequest,
-    StopConditions,
-)
+from tests.engine_requests import collect, make_request, tokens
 
 FAST: dict[str, Any] = {"speedup": 1000.0}
-
-
-def make_request(
-    token_ids: list[int],
-    max_tokens: int,
-    *,
-    request_id: str = "r",
-    min_tokens: int = 0,
-    stop_token_ids: list[int] | None = None,
-    logprobs: int | None = None,
-) -> PreprocessedRequest:
-    return PreprocessedRequest(
-        request_id=request_id,
-        model="mocker",
-        token_ids=token_ids,
-        stop=StopConditions(
-            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=stop_token_ids or []
-        ),
-        output=OutputOptions(logprobs=logprobs),
-    )
-
-
-async def collect(engine: MockerEngine, request: PreprocessedRequest) -> list[EngineOutput]:
-    return [out async for out in engine.generate(request)]
-
-
-def tokens(outputs: list[EngineOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
 
 
 async def started(**kwargs: Any) -> MockerEngine:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,22 +16,11 @@ import pytest
 from dynamo_sdk.llm.engines.echo import EchoEngine
 from dynamo_sdk.llm.frontend import OpenAIServer
 from dynamo_sdk.llm.local import LocalBackend
-from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
 from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.serve.embedded import free_port
 from dynamo_sdk.serve.http import listen_socket, make_server
 
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    return build_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
 from dynamo_sdk.llm.protocol import (
-    EngineOutput,
     OutputOptions,
     PreprocessedRequest,
     SamplingOptions,
     StopConditions,
 )
 from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
+from tests.engine_requests import collect, tokens
 
 # find_spec, not importorskip: importing vLLM takes seconds, and collecting a fast run
 # (`-m "not slow"`) must not pay for it (the engine modules import vLLM lazily).
@@ -72,14 +72,6 @@ def make_request(
         sampling=SamplingOptions(temperature=0.0),
         output=OutputOptions(logprobs=logprobs),
     )
-
-
-async def collect(engine: VllmEngine, request: PreprocessedRequest) -> list[EngineOutput]:
-    return [out async for out in engine.generate(request)]
-
-
-def tokens(outputs: list[EngineOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
 
 
 async def settle(engine: VllmEngine, timeout: float = 5.0) -> None:
