@@ -6,6 +6,8 @@ appears with its first live worker and disappears when its last one is gone (cle
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
 from dynamo_sdk.llm.protocol import ModelEntry
@@ -28,8 +30,6 @@ class ModelWatcher:
         self._watcher: PrefixWatcher = runtime.watch_prefix(MODEL_ROOT)
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
-        import asyncio
-
         await asyncio.wait_for(self._watcher.ready.wait(), timeout)
 
     def entries(self) -> list[ModelEntry]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from dynamo_sdk import ServiceConfig, async_on_start, depends, dynamo_context, endpoint, service
@@ -69,10 +71,8 @@ class Processor:
                 await self.router.release(request.request_id)
 
 
-def _config_context(path: Any) -> int:
-    import json
-    from pathlib import Path
-
+def _config_context(path: Path) -> int:
+    """The model's own context length, for before any worker registered one."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
         return int(config.get("max_position_embeddings", 2048))

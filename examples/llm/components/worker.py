@@ -36,7 +36,7 @@ from dynamo_sdk.serve.embedded import free_port
 
 log = logging.getLogger("dynamo.llm.worker")
 
-FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval", "block_size_for_router"}
+FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval"}
 
 
 @service(dynamo={"namespace": "dynamo"}, resources={"gpu": 1}, workers=1)
