@@ -145,22 +145,48 @@ def test_no_free_blocks_leaves_state_unchanged() -> None:
     bm.check_invariants()
 
 
-def test_append_token_registers_full_blocks_with_parent_chain() -> None:
+def test_blocks_register_only_once_computed() -> None:
     bm, calls = make()
     prompt = [1, 2, 3, 4, 5, 6]
     bm.allocate("a", prompt)
     hashes = block_hashes_int([*prompt, 7, 8, 9, 10, 11, 12], BS)
     calls.clear()
     bm.append_token("a", 7)
-    assert calls == []  # block 1 not full yet
-    bm.append_token("a", 8)
+    bm.append_token("a", 8)  # block 1 is full, but token 8's KV is not computed yet
+    assert calls == []
+    bm.mark_computed("a", 7)
+    assert calls == []
+    bm.mark_computed("a", 8)
     assert calls == [[BlockStored([hashes[1]], hashes[0], [5, 6, 7, 8], BS)]]
     bm.append_token("a", 9)  # crosses into a new block
     assert len(bm.block_table("a")) == 3 and bm.num_tokens("a") == 9
     for t in (10, 11, 12):
         bm.append_token("a", t)
+    bm.mark_computed("a", 12)
     assert calls[-1] == [BlockStored([hashes[2]], hashes[1], [9, 10, 11, 12], BS)]
+    bm.mark_computed("a", 5)  # never lowers the watermark
+    assert bm.num_computed("a") == 12
+    with pytest.raises(ValueError):
+        bm.mark_computed("a", 13)
     bm.check_invariants()
+
+
+def test_chunked_prefill_registers_chunk_by_chunk() -> None:
+    bm, calls = make()
+    prompt = list(range(13))
+    hashes = block_hashes_int(prompt, BS)
+    bm.allocate("a", prompt, num_computed=5)  # the first chunk: 5 tokens
+    assert calls == [[BlockStored(hashes[:1], None, prompt[:4], BS)]]
+    # Another request must not find blocks whose KV is still to be computed; computing the
+    # whole prompt itself, it registers blocks 1-2 (the same hashes "a" will reach).
+    assert bm.allocate("b", prompt).num_cached_tokens == 4
+    assert calls[-1] == [BlockStored(hashes[1:], hashes[0], prompt[4:12], BS)]
+    bm.mark_computed("a", 13)  # one physical block per hash: nothing new to announce
+    assert len(calls) == 2
+    bm.free("b")
+    bm.check_invariants()
+    bm.free("a")
+    assert bm.allocate("c", prompt).num_cached_tokens == 12
 
 
 def test_append_token_from_empty_block_boundary() -> None:
@@ -206,7 +232,7 @@ def test_prefix_caching_disabled() -> None:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["alloc", "append", "free", "clear"]),
+        st.sampled_from(["alloc", "append", "computed", "free", "clear"]),
         st.integers(0, 5),  # sequence slot
         st.lists(st.integers(0, 2), min_size=1, max_size=14),  # tiny vocab: many shared prefixes
     ),
@@ -238,6 +264,8 @@ def test_random_operations_keep_invariants_and_events_consistent(
                 live.add(sid)
             elif op == "append" and sid in live:
                 bm.append_token(sid, tokens[0])
+            elif op == "computed" and sid in live:
+                bm.mark_computed(sid, bm.num_tokens(sid))
             elif op == "free" and sid in live:
                 bm.free(sid)
                 live.discard(sid)

@@ -7,16 +7,9 @@ benchmark or test sees realistic TTFT/ITL shapes, KV events and load metrics:
 
 * A paged KV cache (`BlockManager`, with prefix caching) that emits the same `BlockStored` /
   `BlockRemoved` events a vLLM worker would, so the KV-aware router can be driven by it.
-* One scheduler task doing continuous batching like vLLM v1: each step first serves the running
-  sequences (one token per decoding sequence, the next chunk for a partially prefilled one), then
-  admits waiting requests first-come first-served while `max_num_seqs`, the per-step token budget
-  `max_num_batched_tokens` and free blocks allow. A prompt's cached prefix is not recomputed:
-  only its uncached tokens count toward the budget and the prefill time. A prompt larger than
-  the remaining budget is prefilled in chunks over several steps (chunked prefill).
-* Preemption by recomputation: when a decoding sequence needs a new block and none is free, the
-  newest running sequence is preempted (its blocks freed, back to the front of the queue). Tokens
-  it already streamed stay streamed; once re-admitted it re-prefills prompt + generated tokens
-  (often mostly from its own cached blocks) and carries on.
+* The shared continuous-batching `Scheduler` (`engines/scheduler.py`, also the torch engine's):
+  FIFO admission under a token budget, chunked prefill, cached prefixes not recomputed,
+  preemption by recomputation when blocks run out.
 
 Timing model (milliseconds of simulated GPU time for one step, i.e. one forward pass)::
 
@@ -45,20 +38,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import inspect
 import logging
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
-from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
+from dynamo_sdk.llm.engines.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SeqState,
+    Sequence,
+    stream_outputs,
+)
+from dynamo_sdk.llm.kv.block_manager import BlockManager
 from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
-from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
+from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -76,38 +75,12 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class _State(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass(eq=False)
-class _Seq:
-    """One request inside the scheduler."""
+class _Seq(Sequence):
+    """A scheduler sequence plus what the mocker needs to fake its tokens and time it."""
 
-    seq_id: str  # unique per submission: client request ids may repeat
-    request: PreprocessedRequest
-    prompt_len: int
-    tokens: list[int]  # prompt + generated; the block manager holds KV slots for all of them
-    key: int  # hash of (seed, prompt): the root of this request's token stream
-    stop_ids: frozenset[int]
-    arrival_ms: float  # on the simulated clock
-    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
-    state: _State = _State.WAITING
-    num_computed: int = 0  # tokens whose KV is computed; the rest are prefilled before sampling
-    prefilling: bool = True  # (re)admitted and not yet sampled since: prefill cost, not decode
-    cached_tokens: int = 0  # prefix-cache hit of the latest admission before the first output
-    sent_first: bool = False
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-
-class _Work(NamedTuple):
-    seq: _Seq
-    num_tokens: int  # tokens computed for it this step (1 for a decode)
+    key: int = 0  # hash of (seed, prompt): the root of this request's token stream
+    arrival_ms: float = 0.0  # on the simulated clock
 
 
 class MockerEngine:
@@ -190,8 +163,12 @@ class MockerEngine:
             enable_prefix_caching=enable_prefix_caching,
             on_events=self._publish_events,
         )
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []  # admission order: the last one is preempted first
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            context_length=context_length,
+        )
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: EngineError | None = None
@@ -203,12 +180,8 @@ class MockerEngine:
         self._ttft: OrderedDict[str, float] = OrderedDict()
         # totals
         self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._max_batch = 0
         self.num_steps = 0
         """Forward passes simulated so far."""
-        self.num_preemptions = 0
-        """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
         self.computed_prompt_tokens = 0
         """Prompt (and re-prefill) tokens actually computed: prefix-cache hits excluded."""
 
@@ -258,7 +231,7 @@ class MockerEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fail_all(EngineError("mocker engine shut down"))
+        self.scheduler.fail_all(EngineError("mocker engine shut down"))
 
     # -- KV events and metrics ----------------------------------------------------------------
 
@@ -280,14 +253,15 @@ class MockerEngine:
 
     def stats(self) -> EngineStats:
         queried, hits = self.block_manager.stats()
+        sched = self.scheduler
         return EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting),
+            running=len(sched.running),
+            waiting=len(sched.waiting),
             kv_usage=self.block_manager.usage,
             prefix_cache_hit_rate=hits / queried if queried else 0.0,
             prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generation_tokens,
-            max_batch_running=self._max_batch,
+            generation_tokens_total=sched.generation_tokens,
+            max_batch_running=sched.max_batch_running,
         )
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
@@ -297,9 +271,14 @@ class MockerEngine:
             kv_usage=self.block_manager.usage,
             active_blocks=self.block_manager.num_active_blocks,
             total_blocks=self.block_manager.num_blocks,
-            running=len(self._running),
-            waiting=len(self._waiting),
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
         )
+
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
+        return self.scheduler.num_preemptions
 
     @property
     def simulated_time_ms(self) -> float:
@@ -329,22 +308,9 @@ class MockerEngine:
             yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
             return
         seq = self._submit(request, prompt)
-        try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, EngineError):
-                    raise item
-                while not seq.queue.empty() and item.finish_reason is None:
-                    nxt = seq.queue.get_nowait()
-                    if isinstance(nxt, EngineError):
-                        raise nxt
-                    _merge_into(item, nxt)
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if seq.state is not _State.FINISHED:
-                self._abort(seq)
+        async with contextlib.aclosing(stream_outputs(seq, self.scheduler.abort)) as outputs:
+            async for out in outputs:
+                yield out
 
     def _submit(self, request: PreprocessedRequest, prompt: list[int]) -> _Seq:
         self._next_id += 1
@@ -354,11 +320,11 @@ class MockerEngine:
             request=request,
             prompt_len=len(prompt),
             tokens=prompt,
-            key=int.from_bytes(digest, "little") ^ _mix64(self.seed & _U64),
             stop_ids=frozenset(request.stop.stop_token_ids),
+            key=int.from_bytes(digest, "little") ^ _mix64(self.seed & _U64),
             arrival_ms=self._now_ms(),
         )
-        self._waiting.append(seq)
+        self.scheduler.add(seq)
         self._wakeup.set()
         return seq
 
@@ -369,20 +335,6 @@ class MockerEngine:
         elapsed = (asyncio.get_running_loop().time() - self._step_started) * 1000 * self.speedup
         return self._clock_ms + min(elapsed, self._step_ms)
 
-    def _abort(self, seq: _Seq) -> None:
-        """Remove a request the consumer gave up on and free its blocks now, not at max_tokens."""
-        if seq.state is _State.RUNNING:
-            self._running.remove(seq)
-            self.block_manager.free(seq.seq_id)
-        elif seq.state is _State.WAITING:
-            self._waiting.remove(seq)
-        seq.state = _State.FINISHED
-
-    def _fail_all(self, error: EngineError) -> None:
-        for seq in [*self._running, *self._waiting]:
-            self._abort(seq)
-            seq.queue.put_nowait(error)
-
     # -- the scheduler ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
@@ -390,16 +342,11 @@ class MockerEngine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self._running and not self._waiting:
+                if not self.scheduler.has_work:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                work = self._schedule()
-                if not work:  # cannot happen by construction; a silent stall would be worse
-                    raise RuntimeError(
-                        f"scheduler made no progress ({len(self._waiting)} waiting, "
-                        f"{self.block_manager.num_free_blocks} free blocks)"
-                    )
+                work = self.scheduler.schedule()
                 self._step_ms = self._step_time_ms(work)
                 self._step_started = loop.time()
                 await asyncio.sleep(self._step_ms / 1000 / self.speedup)
@@ -412,41 +359,9 @@ class MockerEngine:
         except Exception as exc:
             log.exception("mocker scheduler failed")
             self._failure = EngineError(f"mocker scheduler failed: {type(exc).__name__}: {exc}")
-            self._fail_all(self._failure)
+            self.scheduler.fail_all(self._failure)
 
-    def _schedule(self) -> list[_Work]:
-        """Pick this step's work: running sequences first, then FIFO admissions."""
-        budget = self.max_num_batched_tokens
-        work: list[_Work] = []
-        for seq in self._running:
-            if budget == 0:
-                break
-            n = min(len(seq.tokens) - seq.num_computed, budget)
-            work.append(_Work(seq, n))
-            budget -= n
-        bm = self.block_manager
-        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
-            seq = self._waiting[0]
-            if not bm.can_allocate(seq.tokens):
-                break  # FIFO: later requests do not overtake the head of the queue
-            try:
-                alloc = bm.allocate(seq.seq_id, seq.tokens)
-            except NoFreeBlocksError:
-                break
-            self._waiting.popleft()
-            seq.state = _State.RUNNING
-            seq.num_computed = alloc.num_cached_tokens
-            seq.prefilling = True
-            if not seq.sent_first:
-                seq.cached_tokens = alloc.num_cached_tokens
-            self._running.append(seq)
-            n = min(len(seq.tokens) - seq.num_computed, budget)
-            work.append(_Work(seq, n))
-            budget -= n
-        self._max_batch = max(self._max_batch, len(self._running))
-        return work
-
-    def _step_time_ms(self, work: list[_Work]) -> float:
+    def _step_time_ms(self, work: list[ScheduledChunk]) -> float:
         """Simulated duration of one forward pass over `work` (see the module docstring)."""
         ms = self.decode_ms_base
         for seq, n in work:
@@ -457,60 +372,19 @@ class MockerEngine:
                 ms += self.decode_ms_per_seq + self.decode_ms_per_ctx_token * len(seq.tokens)
         return ms
 
-    def _complete(self, work: list[_Work]) -> None:
-        """Apply a finished step: advance prefills, sample one token per completed sequence."""
-        for seq, n in work:
-            if seq.state is not _State.RUNNING:
-                continue  # aborted during the step, or preempted earlier in this loop
-            if seq.prefilling:
-                self.computed_prompt_tokens += n
-            seq.num_computed += n
-            if seq.num_computed == len(seq.tokens):
-                self._sample(seq)
-
-    def _sample(self, seq: _Seq) -> None:
-        """Generate the next token, stream it, and finish or grow the sequence's KV."""
-        stop = seq.request.stop
-        token, logprob = self._token_at(seq, seq.num_generated)
-        seq.tokens.append(token)
-        seq.prefilling = False
-        self._generation_tokens += 1
-        generated = seq.num_generated
-        finish: FinishReason | None = None
-        if token in seq.stop_ids and generated > stop.min_tokens:
-            finish = "stop"
-        elif generated >= stop.max_tokens or len(seq.tokens) >= self.context_length:
-            finish = "length"
-        out = EngineOutput(token_ids=[token], finish_reason=finish)
-        if not seq.sent_first:
-            seq.sent_first = True
-            out.cached_tokens = seq.cached_tokens
-            self._record_ttft(seq)
-        k = seq.request.output.logprobs
-        if k is not None:
-            out.logprobs = [logprob]
-            out.top_logprobs = [self._top_logprobs(token, logprob, k)]
-        seq.queue.put_nowait(out)
-        if finish is not None:
-            self._running.remove(seq)
-            self.block_manager.free(seq.seq_id)
-            seq.state = _State.FINISHED
-            return
-        while seq.state is _State.RUNNING:
-            try:
-                self.block_manager.append_token(seq.seq_id, token)
-                return
-            except NoFreeBlocksError:
-                self._preempt(self._running[-1])  # possibly `seq` itself: then it re-prefills
-
-    def _preempt(self, seq: _Seq) -> None:
-        """Free a running sequence's blocks and requeue it first, to be recomputed (vLLM v1)."""
-        self._running.remove(seq)
-        self.block_manager.free(seq.seq_id)
-        seq.state = _State.WAITING
-        seq.num_computed = 0
-        self._waiting.appendleft(seq)
-        self.num_preemptions += 1
+    def _complete(self, work: list[ScheduledChunk]) -> None:
+        """Apply a finished step: advance prefills, then one made-up token per finished chunk."""
+        for chunk in work:
+            if chunk.seq.prefilling and chunk.seq.state is SeqState.RUNNING:
+                self.computed_prompt_tokens += chunk.num_tokens
+        for seq in self.scheduler.complete(work):
+            assert isinstance(seq, _Seq)
+            token, logprob = self._token_at(seq, seq.num_generated)
+            k = seq.request.output.logprobs
+            top = self._top_logprobs(token, logprob, k) if k is not None else None
+            out = self.scheduler.append_token(seq, token, logprob if k is not None else None, top)
+            if out is not None and out.cached_tokens is not None:
+                self._record_ttft(seq)
 
     def _record_ttft(self, seq: _Seq) -> None:
         self._ttft[seq.request.request_id] = self._clock_ms - seq.arrival_ms
@@ -532,13 +406,3 @@ class MockerEngine:
                 seen.add(alt)
                 top.append(TokenLogprob(alt, logprob - i))
         return top
-
-
-def _merge_into(out: EngineOutput, nxt: EngineOutput) -> None:
-    """Append delta `nxt` to `out` (both built by the scheduler, so mutating is safe)."""
-    out.token_ids.extend(nxt.token_ids)
-    if out.logprobs is not None and nxt.logprobs is not None:
-        out.logprobs.extend(nxt.logprobs)
-    if out.top_logprobs is not None and nxt.top_logprobs is not None:
-        out.top_logprobs.extend(nxt.top_logprobs)
-    out.finish_reason = nxt.finish_reason

@@ -6,6 +6,12 @@ like a real worker's:
 
 * Only full blocks are hashed (``hashing.block_hash``, chained); a hashed block is findable by
   its hash while it holds KV, in use or not.
+* A block is registered (findable, announced by ``BlockStored``) only once its KV is computed,
+  i.e. once every one of its tokens lies below the sequence's *computed watermark*. A real engine
+  raises the watermark with ``mark_computed`` when it schedules a chunk: the chunk's KV is written
+  in that step, before any later request can read it, and a token that was sampled but never fed
+  back (the last one of a finished request) never makes its block look cached. ``allocate``
+  defaults to "the whole prompt is computed in this step", which is what a simulation wants.
 * A prompt reuses its longest cached full-block prefix, verified against the stored token ids
   and parent hash (a hash match alone is not trusted). As in vLLM at least one prompt token is
   always computed, so a fully cached prompt recomputes its last block into a fresh block.
@@ -56,6 +62,8 @@ class _Seq:
     token_ids: list[int]
     block_ids: list[int]
     hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
+    num_computed: int = 0  # tokens whose KV exists (or is written in the current step)
+    num_registered: int = 0  # leading full blocks already offered to the prefix cache
 
 
 class BlockManager:
@@ -117,8 +125,15 @@ class BlockManager:
         hits, _ = self._match_prefix(token_ids)
         return self._blocks_needed(len(token_ids), hits) <= self._available_with(hits)
 
-    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> Allocation:
-        """Give a prompt its blocks, reusing its cached prefix; registers its full blocks."""
+    def allocate(
+        self, seq_id: str, token_ids: Sequence[int], num_computed: int | None = None
+    ) -> Allocation:
+        """Give a prompt its blocks, reusing its cached prefix.
+
+        ``num_computed`` is how many of its tokens will have KV by the end of the current step
+        (default: all); full blocks below it are registered in the prefix cache now, the rest
+        when ``mark_computed`` reaches them.
+        """
         assert seq_id not in self._seqs, f"sequence {seq_id!r} already allocated"
         hits, hashes = self._match_prefix(token_ids)
         needed = self._blocks_needed(len(token_ids), hits)
@@ -133,18 +148,22 @@ class BlockManager:
             block_ids.append(bid)
         for _ in range(needed):
             block_ids.append(self._take_block(events))
-        seq = _Seq(list(token_ids), block_ids, hashes)
-        self._seqs[seq_id] = seq
-        stored = [self._register(seq, i) for i in range(len(hits), len(hashes))]
-        self._emit_stored(seq, len(hits), stored, events)
         num_cached = len(hits) * self.block_size
+        seq = _Seq(list(token_ids), block_ids, hashes, num_computed=num_cached)
+        seq.num_registered = len(hits)
+        self._seqs[seq_id] = seq
+        computed = len(token_ids) if num_computed is None else num_computed
+        self._raise_watermark(seq, max(computed, num_cached), events)
         self._queried_tokens += len(token_ids)
         self._hit_tokens += num_cached
         self._emit(events)
         return Allocation(list(block_ids), num_cached)
 
     def append_token(self, seq_id: str, token_id: int) -> None:
-        """Grow a sequence by one token; registers its last block when that becomes full."""
+        """Grow a sequence by one (sampled, not yet computed) token, taking a block if needed.
+
+        Its block is registered only when ``mark_computed`` covers the token.
+        """
         seq = self._seqs[seq_id]
         events: list[KvEvent] = []
         if len(seq.token_ids) == len(seq.block_ids) * self.block_size:
@@ -156,9 +175,24 @@ class BlockManager:
         if n % self.block_size == 0 and self.enable_prefix_caching:
             parent = seq.hashes[-1] if seq.hashes else None
             seq.hashes.append(block_hash(parent, seq.token_ids[n - self.block_size :]))
-            i = len(seq.hashes) - 1
-            self._emit_stored(seq, i, [self._register(seq, i)], events)
         self._emit(events)
+
+    def mark_computed(self, seq_id: str, num_tokens: int) -> None:
+        """Record that the first ``num_tokens`` tokens' KV is (being) written this step.
+
+        Full blocks now entirely computed become prefix-cache entries (``BlockStored``).
+        """
+        seq = self._seqs[seq_id]
+        if not 0 <= num_tokens <= len(seq.token_ids):
+            raise ValueError(
+                f"{seq_id!r}: {num_tokens} computed tokens of a {len(seq.token_ids)}-token sequence"
+            )
+        events: list[KvEvent] = []
+        self._raise_watermark(seq, num_tokens, events)
+        self._emit(events)
+
+    def num_computed(self, seq_id: str) -> int:
+        return self._seqs[seq_id].num_computed
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks, tail first; hashed ones stay cached until evicted."""
@@ -192,6 +226,7 @@ class BlockManager:
             assert len(seq.block_ids) == -(-len(seq.token_ids) // self.block_size)
             full_blocks = len(seq.token_ids) // self.block_size
             assert len(seq.hashes) == (full_blocks if self.enable_prefix_caching else 0)
+            assert seq.num_registered <= min(len(seq.hashes), seq.num_computed // self.block_size)
             for bid in seq.block_ids:
                 refs[bid] += 1
         for block in self._blocks:
@@ -207,6 +242,18 @@ class BlockManager:
         assert self._num_active == sum(r > 0 for r in refs)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _raise_watermark(self, seq: _Seq, num_tokens: int, events: list[KvEvent]) -> None:
+        """Register the full blocks below a raised computed watermark (never lowers it)."""
+        seq.num_computed = max(seq.num_computed, num_tokens)
+        if not self.enable_prefix_caching:
+            return
+        first = seq.num_registered
+        last = min(len(seq.hashes), seq.num_computed // self.block_size)
+        if last <= first:
+            return
+        seq.num_registered = last
+        self._emit_stored(seq, first, [self._register(seq, i) for i in range(first, last)], events)
 
     def _match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
         """Cached block ids of the longest reusable prefix, and the prompt's full-block hashes."""

@@ -1,0 +1,269 @@
+"""Continuous batching over a paged KV cache: one scheduler for the mocker and the torch engine.
+
+The mocker fakes the forward pass and the torch engine runs a real one, but what happens
+around it is the same and lives here, once (vLLM v1's policy):
+
+* Each step first serves the running sequences (one token per decoding sequence, the next chunk
+  for a partially prefilled one), then admits waiting requests first-come first-served while
+  ``max_num_seqs``, the per-step token budget ``max_num_batched_tokens`` and free KV blocks
+  allow. A prompt's cached prefix is not recomputed; a prompt larger than the remaining budget
+  is prefilled in chunks over several steps (chunked prefill).
+* The chunk scheduled for a sequence is marked computed in the block manager at schedule time:
+  its KV is written during this step, before any later step (or a later layer of this one) can
+  read it, so its full blocks may join the prefix cache now.
+* Preemption by recomputation: when a decoding sequence needs a new block and none is free, the
+  newest running sequence is preempted (blocks freed, back to the front of the queue). Tokens it
+  already streamed stay streamed; once re-admitted it re-prefills prompt + generated tokens
+  (often mostly from its own cached blocks) and carries on.
+* Stop rules: a generated id in ``stop_token_ids`` stops the request once ``min_tokens`` were
+  generated; ``max_tokens`` or the context length end it with ``length``.
+
+An engine's step is: ``work = schedule()``; run the forward pass for ``work``; then
+``for seq in complete(work): append_token(seq, token, ...)`` with the token it sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from dynamo_sdk.llm.engines.base import EngineError
+from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
+from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler (engines may subclass it to carry their own state)."""
+
+    seq_id: str  # unique per submission: client request ids may repeat
+    request: PreprocessedRequest
+    prompt_len: int
+    tokens: list[int]  # prompt + generated; the block manager holds KV slots for all of them
+    stop_ids: frozenset[int]
+    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
+    state: SeqState = SeqState.WAITING
+    num_computed: int = 0  # tokens whose KV is computed; the rest are prefilled before sampling
+    prefilling: bool = True  # (re)admitted and not yet sampled since: prefill, not decode
+    cached_tokens: int = 0  # prefix-cache hit of the latest admission before the first output
+    sent_first: bool = False
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class ScheduledChunk(NamedTuple):
+    seq: Sequence
+    num_tokens: int  # tokens computed for it this step (1 for a decode)
+
+    @property
+    def start(self) -> int:
+        """Position of the chunk's first token (the sequence's computed tokens before it)."""
+        return self.seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+
+
+class Scheduler:
+    """Waiting queue, running batch and the KV blocks behind them (not thread-safe: one loop)."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        context_length: int,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.context_length = context_length
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.num_preemptions = 0
+        """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
+        self.max_batch_running = 0
+        self.generation_tokens = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request (client gone, engine stopping) and free its blocks now."""
+        if seq.state is SeqState.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq.state is SeqState.WAITING:
+            self.waiting.remove(seq)
+        seq.state = SeqState.FINISHED
+
+    def fail_all(self, error: EngineError) -> None:
+        for seq in [*self.running, *self.waiting]:
+            self.abort(seq)
+            seq.queue.put_nowait(error)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """Pick this step's work: running sequences first, then FIFO admissions."""
+        budget = self.max_num_batched_tokens
+        work: list[ScheduledChunk] = []
+        bm = self.block_manager
+        for seq in self.running:
+            if budget == 0:
+                break
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            work.append(ScheduledChunk(seq, n))
+            bm.mark_computed(seq.seq_id, seq.num_computed + n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq.tokens):
+                break  # FIFO: later requests do not overtake the head of the queue
+            try:
+                alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+            except NoFreeBlocksError:
+                break
+            self.waiting.popleft()
+            seq.state = SeqState.RUNNING
+            seq.num_computed = alloc.num_cached_tokens
+            seq.prefilling = True
+            if not seq.sent_first:
+                seq.cached_tokens = alloc.num_cached_tokens
+            self.running.append(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            work.append(ScheduledChunk(seq, n))
+            bm.mark_computed(seq.seq_id, seq.num_computed + n)
+            budget -= n
+        self.max_batch_running = max(self.max_batch_running, len(self.running))
+        if not work and self.has_work:  # cannot happen by construction; a stall would be worse
+            raise RuntimeError(
+                f"scheduler made no progress ({len(self.waiting)} waiting, "
+                f"{bm.num_free_blocks} free blocks)"
+            )
+        return work
+
+    def complete(self, work: list[ScheduledChunk]) -> list[Sequence]:
+        """Apply a finished step; returns the sequences that now need a sampled token.
+
+        Sequences aborted or preempted while the step ran are skipped.
+        """
+        ready: list[Sequence] = []
+        for seq, n in work:
+            if seq.state is not SeqState.RUNNING:
+                continue
+            seq.num_computed += n
+            if seq.num_computed == len(seq.tokens):
+                ready.append(seq)
+        return ready
+
+    def append_token(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: float | None = None,
+        top_logprobs: list[TokenLogprob] | None = None,
+    ) -> EngineOutput | None:
+        """Stream a sampled token, then finish the sequence or grow its KV (maybe preempting).
+
+        Returns the output streamed, or None if `seq` was preempted earlier in this step (its
+        sample is dropped: it recomputes and samples again).
+        """
+        if seq.state is not SeqState.RUNNING:
+            return None
+        stop = seq.request.stop
+        seq.tokens.append(token)
+        seq.prefilling = False
+        self.generation_tokens += 1
+        generated = seq.num_generated
+        finish: FinishReason | None = None
+        if token in seq.stop_ids and generated > stop.min_tokens:
+            finish = "stop"
+        elif generated >= stop.max_tokens or len(seq.tokens) >= self.context_length:
+            finish = "length"
+        out = EngineOutput(token_ids=[token], finish_reason=finish)
+        if not seq.sent_first:
+            seq.sent_first = True
+            out.cached_tokens = seq.cached_tokens
+        if logprob is not None:
+            out.logprobs = [logprob]
+            out.top_logprobs = [top_logprobs or []]
+        seq.queue.put_nowait(out)
+        if finish is not None:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+            seq.state = SeqState.FINISHED
+            return out
+        while seq.state is SeqState.RUNNING:
+            try:
+                self.block_manager.append_token(seq.seq_id, token)
+                break
+            except NoFreeBlocksError:
+                self._preempt(self.running[-1])  # possibly `seq` itself: then it re-prefills
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and requeue it first, to be recomputed (vLLM v1)."""
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.state = SeqState.WAITING
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+
+async def stream_outputs(
+    seq: Sequence, abort: Callable[[Sequence], None]
+) -> AsyncIterator[EngineOutput]:
+    """Yield a sequence's deltas until it finishes; closing early calls ``abort(seq)``.
+
+    Outputs the consumer has not picked up yet are merged into one delta, so a slow consumer
+    gets fewer, larger messages instead of a growing backlog.
+    """
+    try:
+        while True:
+            item = await seq.queue.get()
+            if isinstance(item, EngineError):
+                raise item
+            while not seq.queue.empty() and item.finish_reason is None:
+                nxt = seq.queue.get_nowait()
+                if isinstance(nxt, EngineError):
+                    raise nxt
+                _merge_into(item, nxt)
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        if seq.state is not SeqState.FINISHED:
+            abort(seq)
+
+
+def _merge_into(out: EngineOutput, nxt: EngineOutput) -> None:
+    """Append delta `nxt` to `out` (both built by the scheduler, so mutating is safe)."""
+    out.token_ids.extend(nxt.token_ids)
+    if out.logprobs is not None and nxt.logprobs is not None:
+        out.logprobs.extend(nxt.logprobs)
+    if out.top_logprobs is not None and nxt.top_logprobs is not None:
+        out.top_logprobs.extend(nxt.top_logprobs)
+    out.finish_reason = nxt.finish_reason
