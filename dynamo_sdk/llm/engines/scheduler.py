@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -235,7 +235,7 @@ class Scheduler:
 
 async def stream_outputs(
     seq: Sequence, abort: Callable[[Sequence], None]
-) -> AsyncIterator[EngineOutput]:
+) -> AsyncGenerator[EngineOutput, None]:
     """Yield a sequence's deltas until it finishes; closing early calls ``abort(seq)``.
 
     Outputs the consumer has not picked up yet are merged into one delta, so a slow consumer
