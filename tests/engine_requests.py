@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from dynamo_sdk.llm.engines.base import Engine
-from dynamo_sdk.llm.protocol import EngineOutput, OutputOptions, PreprocessedRequest, StopConditions
+from dynamo_sdk.llm.protocol import (
+    EngineOutput,
+    OutputOptions,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+)
 
 
 def make_request(
@@ -16,6 +22,7 @@ def make_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     model: str = "test",
+    sampling: SamplingOptions | None = None,
 ) -> PreprocessedRequest:
     return PreprocessedRequest(
         request_id=request_id,
@@ -28,6 +35,7 @@ def make_request(
             stop_token_ids=stop_token_ids or [],
         ),
         output=OutputOptions(logprobs=logprobs),
+        sampling=sampling or SamplingOptions(),
     )
 
 

@@ -72,10 +72,20 @@ def _build_mocker(model: str | None, config: Mapping[str, Any]) -> Engine:
     return MockerEngine.from_config(config)
 
 
+def _build_torch(model: str | None, config: Mapping[str, Any]) -> Engine:
+    """The project's own PyTorch engine; its knobs are documented in its module docstring."""
+    from dynamo_sdk.llm.torch_engine.engine import TorchEngine
+
+    if not model:
+        raise EngineError("the torch engine needs a model (a local path or a model name)")
+    return TorchEngine.from_config(model, config)
+
+
 _BUILDERS: dict[str, EngineBuilder] = {
     "echo": _build_echo,
     "vllm": _build_vllm,
     "mocker": _build_mocker,
+    "torch": _build_torch,
 }
 
 

@@ -115,6 +115,24 @@ class BlockManager:
     def num_tokens(self, seq_id: str) -> int:
         return len(self._seqs[seq_id].token_ids)
 
+    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Block ids holding the longest cached full-block prefix of ``token_ids`` (all of it
+        may match, unlike ``allocate``, which always leaves a token to compute)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        out: list[int] = []
+        parent: bytes | None = None
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            tokens = tuple(token_ids[start : start + bs])
+            h = block_hash(parent, tokens)
+            bid = self._by_hash.get(h)
+            if bid is None or self._blocks[bid].token_ids != tokens:
+                break
+            out.append(bid)
+            parent = h
+        return out
+
     def stats(self) -> tuple[int, int]:
         """(prompt tokens queried against the prefix cache, tokens that hit), since creation."""
         return self._queried_tokens, self._hit_tokens

@@ -1,0 +1,447 @@
+"""`out=torch`: the project's own engine, on PyTorch alone.
+
+The pieces, each in its own module:
+
+* ``Scheduler`` (shared with the mocker): continuous batching with a per-step token budget,
+  chunked prefill mixed with decode, preemption by recompute, abort on cancel.
+* ``BlockManager`` (shared with the mocker and the router's view of it): paged KV blocks,
+  vLLM-compatible block hashes, prefix reuse, LRU eviction, KV events and usage.
+* ``ModelRunner``: the step's inputs, the paged KV cache tensor, CUDA graphs for decode.
+* ``LlamaModel``: Llama/Mistral/Qwen2 weights and forward pass (SDPA on CPU, Triton on CUDA).
+* ``sampler``: per-request sampling, penalties, seeds and logprobs.
+
+The asyncio loop owns all request state; each step's forward pass runs in one worker thread,
+so the event loop (NATS heartbeats, new requests, cancellations) stays responsive while the
+device computes. A request cancelled mid-step is dropped when the step returns; its blocks
+are freed at once (the running step may still write their KV, which is harmless: nothing is
+allocated until the next step is scheduled, on this same loop).
+
+Config keys (a worker's YAML section or ``dynamo run`` flags), all optional: ``device``
+(auto: cuda if available, else cpu), ``dtype`` (auto: the checkpoint's on GPU, float32 on CPU),
+``load_format`` (auto | dummy), ``block_size`` (16), ``num_blocks`` (auto: from
+``gpu_memory_utilization`` 0.9 on GPU, ``kv_cache_gb`` 0.25 on CPU), ``max_model_len``
+(config's), ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192),
+``enable_prefix_caching`` (true), ``enforce_eager`` (false: CUDA graphs on GPU),
+``cuda_graph_sizes`` (up to 256), ``seed`` (0, for dummy weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
+from dynamo_sdk.llm.engines.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    Sequence,
+    stream_outputs,
+)
+from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
+from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
+from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_sdk.llm.torch_engine.config import ModelConfig
+from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
+from dynamo_sdk.llm.torch_engine.runner import DEFAULT_CUDA_GRAPH_SIZES, ChunkInput, ModelRunner
+from dynamo_sdk.llm.torch_engine.sampler import SampleRow, SamplingParams
+
+log = logging.getLogger(__name__)
+
+KvEventCallback = Callable[[list[KvEvent]], None]
+
+
+@dataclass(eq=False)
+class _Seq(Sequence):
+    params: SamplingParams | None = None
+
+
+class TorchEngine:
+    """Paged-KV, continuously batching engine for Llama-family models (see module docstring)."""
+
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        load_format: str = "auto",
+        block_size: int = 16,
+        num_blocks: int = 0,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_gb: float = 0.25,
+        max_model_len: int = 0,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        cuda_graph_sizes: list[int] | None = None,
+        seed: int = 0,
+        model_config: ModelConfig | None = None,
+        on_events: KvEventCallback | None = None,
+    ) -> None:
+        if model is None and model_config is None:
+            raise EngineError("the torch engine needs a model folder (or load_format dummy)")
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
+            if value <= 0:
+                raise EngineError(f"torch engine: {name} must be positive, got {value}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("torch engine: device cuda asked for, but CUDA is not available")
+        self.model_path = model
+        self.config = model_config or ModelConfig.from_folder(model)  # type: ignore[arg-type]
+        config_json = Path(model) / "config.json" if model else None
+        try:
+            self.dtype = resolve_dtype(dtype, self.device, config_json)
+        except ValueError as exc:
+            raise EngineError(f"torch engine: {exc}") from exc
+        self.load_format = load_format
+        self.block_size = block_size
+        self._num_blocks_wanted = num_blocks
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_gb = kv_cache_gb
+        self._max_model_len_wanted = max_model_len or self.config.max_position_embeddings
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_caching = enable_prefix_caching
+        graph_sizes = cuda_graph_sizes or [s for s in DEFAULT_CUDA_GRAPH_SIZES if s <= max_num_seqs]
+        eager = enforce_eager or self.device.type != "cuda"
+        self.cuda_graph_sizes: tuple[int, ...] = () if eager else tuple(graph_sizes)
+        self.seed = seed
+        self.context_length = self._max_model_len_wanted
+        self._callbacks: list[KvEventCallback] = [on_events] if on_events is not None else []
+        self.runner: ModelRunner | None = None
+        self.block_manager: BlockManager | None = None
+        self._scheduler: Scheduler | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="torch-engine")
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._failure: EngineError | None = None
+        self._next_id = 0
+        self._prompt_tokens = 0
+        self.num_steps = 0
+        self.computed_prompt_tokens = 0
+        """Prompt (and re-prefill) tokens run through the model: prefix-cache hits excluded."""
+
+    @classmethod
+    def from_config(cls, model: str | None, config: Mapping[str, Any]) -> TorchEngine:
+        """Build from a YAML mapping; unknown keys are errors, values coerced to their type."""
+        params = inspect.signature(cls.__init__).parameters
+        skip = ("self", "model", "on_events", "model_config")
+        defaults = {n: p.default for n, p in params.items() if n not in skip}
+        unknown = sorted(set(config) - set(defaults))
+        if unknown:
+            raise EngineError(
+                f"unknown torch engine config key(s): {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(defaults))})"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            default = defaults[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise EngineError(f"torch engine: {key} must be true or false, got {value!r}")
+                kwargs[key] = value
+            elif default is None or isinstance(value, list):
+                kwargs[key] = value
+            else:
+                try:
+                    kwargs[key] = type(default)(value)
+                except (TypeError, ValueError) as exc:
+                    raise EngineError(
+                        f"torch engine: {key} must be of type {type(default).__name__}, "
+                        f"got {value!r}"
+                    ) from exc
+        return cls(model, **kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the weights, size and allocate the KV cache, capture graphs, start stepping."""
+        if self._task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        await loop.run_in_executor(self._executor, self._load)
+        assert self.runner is not None
+        self.block_manager = BlockManager(
+            self.runner.num_blocks,
+            self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            on_events=self._publish_events,
+        )
+        self._scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            context_length=self.context_length,
+        )
+        self._failure = None
+        self._task = asyncio.create_task(self._loop(), name="torch-engine-steps")
+        log.info(
+            "torch engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens, context %d",
+            time.monotonic() - began,
+            self.config.architecture,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.runner.num_blocks,
+            self.block_size,
+            self.context_length,
+        )
+
+    def _load(self) -> None:
+        """(worker thread) weights, cache size, runner, graphs."""
+        try:
+            model = load_model(
+                self.model_path,
+                device=self.device,
+                dtype=self.dtype,
+                load_format=self.load_format,
+                config=self.config,
+                seed=self.seed,
+            )
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"torch engine: cannot load {self.model_path}: {exc}") from exc
+        num_blocks = self._num_blocks_wanted or self._auto_num_blocks()
+        max_len = min(self._max_model_len_wanted, num_blocks * self.block_size)
+        if max_len <= 1:
+            raise EngineError(f"torch engine: {num_blocks} KV blocks hold no useful context")
+        self.context_length = max_len
+        self.runner = ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            max_model_len=max_len,
+            cuda_graph_sizes=self.cuda_graph_sizes,
+        )
+        self.runner.capture_cuda_graphs()
+
+    def _auto_num_blocks(self) -> int:
+        cfg = self.config
+        per_block = (
+            2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
+        ) * torch.tensor([], dtype=self.dtype).element_size()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # what the budget allows beyond what is already in use, less room for activations
+            # (a full prefill step's MLP intermediate and logits) and CUDA graphs
+            activations = self.max_num_batched_tokens * (
+                4 * cfg.intermediate_size + 6 * cfg.hidden_size
+            ) * 2 + (1 << 30)
+            budget = free - total * (1 - self.gpu_memory_utilization) - activations
+        else:
+            budget = self.kv_cache_gb * (1 << 30)
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise EngineError(
+                "torch engine: no memory left for the KV cache "
+                f"(budget {budget / (1 << 30):.2f} GiB); lower max_num_batched_tokens or raise "
+                "gpu_memory_utilization / kv_cache_gb"
+            )
+        return blocks
+
+    async def shutdown(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._scheduler is not None:
+            self._scheduler.fail_all(EngineError("torch engine shut down"))
+        self._executor.shutdown(wait=True)
+
+    # -- KV events, metrics, KV import/export --------------------------------------------------
+
+    def on_kv_events(self, callback: KvEventCallback) -> None:
+        self._callbacks.append(callback)
+
+    def _publish_events(self, events: list[KvEvent]) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(events)
+            except Exception:
+                log.exception("torch engine: KV event callback failed")
+
+    def stats(self) -> EngineStats:
+        if self._scheduler is None or self.block_manager is None:
+            return EngineStats()
+        queried, hits = self.block_manager.stats()
+        sched = self._scheduler
+        return EngineStats(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            kv_usage=self.block_manager.usage,
+            prefix_cache_hit_rate=hits / queried if queried else 0.0,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=sched.generation_tokens,
+            max_batch_running=sched.max_batch_running,
+        )
+
+    def load_metrics(self, worker_id: int) -> LoadMetrics:
+        bm, sched = self.block_manager, self._scheduler
+        if bm is None or sched is None:
+            return LoadMetrics(worker_id, 0.0, 0, 0, 0, 0)
+        return LoadMetrics(
+            worker_id=worker_id,
+            kv_usage=bm.usage,
+            active_blocks=bm.num_active_blocks,
+            total_blocks=bm.num_blocks,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+        )
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._scheduler.num_preemptions if self._scheduler else 0
+
+    def reset_prefix_cache(self) -> None:
+        if self.block_manager is not None:
+            self.block_manager.clear_cache()
+
+    def export_prefix(self, token_ids: list[int]) -> tuple[int, torch.Tensor]:
+        """The cached KV of the longest full-block prefix of ``token_ids``.
+
+        Returns (tokens covered, buffer ``[layers, 2, blocks, block_size, kv_heads, head_dim]``
+        on this engine's device). The basis of prefill-to-decode transfer and of offload.
+        """
+        bm, runner = self._ready()
+        block_ids = bm.cached_prefix(token_ids)
+        return len(block_ids) * self.block_size, runner.export_blocks(block_ids)
+
+    def import_prefix(self, token_ids: list[int], kv: torch.Tensor) -> int:
+        """Put exported KV for ``token_ids``' first ``kv.shape[2]`` blocks in the prefix cache.
+
+        Blocks already cached here are kept (and not rewritten); the others are written from
+        ``kv``, registered (``BlockStored``) and then behave like any cached prefix: the next
+        request with this prefix computes only what follows. Returns the tokens now cached.
+        """
+        bm, runner = self._ready()
+        num_tokens = kv.shape[2] * self.block_size
+        if num_tokens > len(token_ids):
+            raise EngineError(f"KV for {num_tokens} tokens but only {len(token_ids)} token ids")
+        prefix = list(token_ids[:num_tokens])
+        holder = f"import#{self._new_id()}"
+        try:
+            alloc = bm.allocate(holder, prefix, num_computed=0)
+        except NoFreeBlocksError as exc:
+            raise EngineError(f"no room to import {num_tokens} tokens of KV: {exc}") from exc
+        try:
+            first = alloc.num_cached_tokens // self.block_size
+            if first < len(alloc.block_ids):
+                try:
+                    runner.import_blocks(alloc.block_ids[first:], kv[:, :, first:])
+                except ValueError as exc:
+                    raise EngineError(f"cannot import KV: {exc}") from exc
+            bm.mark_computed(holder, num_tokens)
+        finally:
+            bm.free(holder)
+        return num_tokens
+
+    def _ready(self) -> tuple[BlockManager, ModelRunner]:
+        if self.block_manager is None or self.runner is None:
+            raise EngineError("torch engine not started")
+        return self.block_manager, self.runner
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Queue the request and stream its deltas; closing the stream aborts it at once."""
+        if self._task is None or self._scheduler is None:
+            raise EngineError("TorchEngine.generate() called before start()")
+        if self._failure is not None:
+            raise self._failure
+        check_prompt(request, self.context_length)
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.token_ids):
+            raise EngineError(f"request {request.request_id}: token id outside the vocabulary")
+        self._prompt_tokens += len(request.token_ids)
+        if request.stop.max_tokens <= 0:
+            yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
+            return
+        seq = _Seq(
+            seq_id=f"{request.request_id}#{self._new_id()}",
+            request=request,
+            prompt_len=len(request.token_ids),
+            tokens=list(request.token_ids),
+            stop_ids=frozenset(request.stop.stop_token_ids),
+            params=SamplingParams.from_request(request, self.device),
+        )
+        self._scheduler.add(seq)
+        self._wakeup.set()
+        async with contextlib.aclosing(stream_outputs(seq, self._scheduler.abort)) as outputs:
+            async for out in outputs:
+                yield out
+
+    # -- the step loop -------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched, runner = self._scheduler, self.runner
+        assert sched is not None and runner is not None
+        try:
+            while True:
+                if not sched.has_work:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                work = sched.schedule()
+                chunks = [self._chunk_input(c) for c in work]
+                for c in work:
+                    if c.seq.prefilling:
+                        self.computed_prompt_tokens += c.num_tokens
+                sampled = await loop.run_in_executor(self._executor, runner.execute, chunks)
+                self.num_steps += 1
+                ready = {id(s) for s in sched.complete(work)}
+                results = iter(sampled)
+                for chunk, inputs in zip(work, chunks, strict=True):
+                    if inputs.sample is None:
+                        continue
+                    result = next(results)
+                    if id(chunk.seq) in ready:  # not aborted or preempted meanwhile
+                        sched.append_token(chunk.seq, result.token, result.logprob, result.top)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("torch engine step failed")
+            self._failure = EngineError(f"torch engine failed: {type(exc).__name__}: {exc}")
+            sched.fail_all(self._failure)
+
+    def _chunk_input(self, chunk: ScheduledChunk) -> ChunkInput:
+        seq = chunk.seq
+        assert isinstance(seq, _Seq) and seq.params is not None and self.block_manager
+        start = chunk.start
+        row = None
+        if chunk.samples:
+            params = seq.params
+            stop = seq.request.stop
+            row = SampleRow(
+                params,
+                prompt=seq.tokens[: seq.prompt_len] if params.repetition_penalty != 1.0 else [],
+                output=seq.output_tokens if params.has_penalties else [],
+                banned=sorted(seq.stop_ids) if seq.num_generated < stop.min_tokens else [],
+            )
+        return ChunkInput(
+            token_ids=seq.tokens[start : start + chunk.num_tokens],
+            start=start,
+            block_table=self.block_manager.block_table(seq.seq_id),
+            sample=row,
+        )

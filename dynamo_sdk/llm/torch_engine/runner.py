@@ -1,0 +1,252 @@
+"""One forward step of the scheduled chunks: inputs, the paged KV cache, CUDA graphs, sampling.
+
+The runner owns the device state (weights through the model, the KV cache) and nothing about
+requests: the engine hands it a list of chunks (the tokens to compute, where they start, the
+sequence's block table, and how to sample if the chunk ends the sequence) and gets one sampled
+token per sampling chunk back. It is called from one worker thread at a time.
+
+KV cache: one tensor ``[layers, 2, num_blocks + 1, block_size, kv_heads, head_dim]``. The extra
+last block is scratch: padded entries of a CUDA-graph batch write there and read from there, so
+they never touch a real sequence's blocks.
+
+CUDA graphs: decode-only steps (one token per sequence) of up to ``max(cuda_graph_sizes)``
+sequences replay a graph captured for the next larger size, with the batch padded. A decode
+step at batch 1 launches ~300 kernels; replaying them as one graph removes the launch gaps
+that would otherwise cost more than a millisecond a step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from dynamo_sdk.llm.torch_engine.attention import AttentionMetadata
+from dynamo_sdk.llm.torch_engine.model import LlamaModel
+from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+@dataclass
+class ChunkInput:
+    """What one sequence contributes to a step."""
+
+    token_ids: list[int]  # the tokens whose KV is computed this step
+    start: int  # position of the first of them (tokens before it are cached)
+    block_table: list[int]
+    sample: SampleRow | None  # set when the chunk reaches the sequence's end
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> None:
+        self.graph = graph
+        self.logits = logits
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        cuda_graph_sizes: tuple[int, ...] = (),
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv = torch.zeros(
+            (cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype=model.dtype,
+            device=self.device,
+        )
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_sizes = sorted(cuda_graph_sizes) if self.device.type == "cuda" else []
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
+
+    # -- KV blocks in and out ------------------------------------------------------------------
+
+    def kv_block_bytes(self) -> int:
+        """Bytes of one block across all layers (K and V)."""
+        per_block = self.kv[:, :, 0].numel()
+        return int(per_block * self.kv.element_size())
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """The KV of ``block_ids`` as one contiguous [layers, 2, n, block, heads, dim] tensor."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv.index_select(2, idx).contiguous()
+
+    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write a buffer from ``export_blocks`` (same layout) into ``block_ids``."""
+        expected = (*self.kv.shape[:2], len(block_ids), *self.kv.shape[3:])
+        if tuple(data.shape) != expected or data.dtype != self.kv.dtype:
+            raise ValueError(
+                f"KV buffer of shape {tuple(data.shape)} {data.dtype} does not fit this cache "
+                f"(expected {expected} {self.kv.dtype})"
+            )
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv.index_copy_(2, idx, data.to(self.device))
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ChunkInput]) -> list[Sampled]:
+        """Run the step; returns one ``Sampled`` per chunk that samples, in order."""
+        rows = [c.sample for c in chunks if c.sample is not None]
+        decode = all(len(c.token_ids) == 1 for c in chunks)
+        size = self._graph_size(len(chunks)) if decode else None
+        if size is not None:
+            logits = self._run_graph(chunks, size)
+            self.num_graph_steps += 1
+            if len(rows) < len(chunks):
+                keep = [i for i, c in enumerate(chunks) if c.sample is not None]
+                logits = logits[torch.tensor(keep, device=self.device)]
+        else:
+            logits = self._run_eager(chunks)
+            self.num_eager_steps += 1
+        if not rows:
+            return []
+        return sample(logits, rows)
+
+    def _run_eager(self, chunks: list[ChunkInput]) -> torch.Tensor:
+        ids, positions, meta = self._prepare(chunks)
+        hidden = self.model.forward(ids, positions, meta, self.kv_caches)
+        last, ends = [], 0
+        for c in chunks:
+            ends += len(c.token_ids)
+            if c.sample is not None:
+                last.append(ends - 1)
+        if not last:
+            return hidden[:0]
+        return self.model.logits(hidden[torch.tensor(last, device=self.device)])
+
+    def _prepare(
+        self, chunks: list[ChunkInput]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat step inputs on the device (built on the host, copied once each)."""
+        bs = self.block_size
+        q_lens = [len(c.token_ids) for c in chunks]
+        seq_lens = [c.start + n for c, n in zip(chunks, q_lens, strict=True)]
+        width = max(len(c.block_table) for c in chunks)
+        table = torch.full((len(chunks), width), self.scratch_block, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            table[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+        positions = torch.cat(
+            [torch.arange(c.start, c.start + n) for c, n in zip(chunks, q_lens, strict=True)]
+        )
+        seq_index = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(q_lens))
+        slots = table[seq_index, positions // bs].long() * bs + positions % bs
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+        query_start = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+        query_start[1:] = torch.tensor(q_lens).cumsum(0)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev, non_blocking=True),
+            query_start_loc=query_start.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            max_query_len=max(q_lens),
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        if dev.type == "cuda":
+            from dynamo_sdk.llm.torch_engine.triton_ops import build_tiles, tile_shape
+
+            cfg = self.model.config
+            tile_q, _ = tile_shape(cfg.num_heads, cfg.num_kv_heads, decode=max(q_lens) == 1)
+            tile_seq, tile_start = build_tiles(q_lens, tile_q)
+            meta.tile_q = tile_q
+            meta.tile_seq = torch.tensor(tile_seq, dtype=torch.int32).to(dev, non_blocking=True)
+            meta.tile_start = torch.tensor(tile_start, dtype=torch.int32).to(dev, non_blocking=True)
+        return ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+
+    def _graph_size(self, batch: int) -> int | None:
+        for size in self._graph_sizes:
+            if size >= batch:
+                return size if size in self._graphs else None
+        return None
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs for every configured batch size (largest first, one pool)."""
+        if not self._graph_sizes:
+            return
+        dev = self.device
+        max_b = self._graph_sizes[-1]
+        self._g_ids = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self._g_slots = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self._g_seq_lens = torch.ones(max_b, dtype=torch.int32, device=dev)
+        self._g_qsl = torch.arange(max_b + 1, dtype=torch.int32, device=dev)
+        self._g_tables = torch.full(
+            (max_b, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev
+        )
+        self._g_tile_seq = torch.arange(max_b, dtype=torch.int32, device=dev)
+        self._g_tile_start = torch.zeros(max_b, dtype=torch.int32, device=dev)
+        self._g_slots.fill_(self.scratch_block * self.block_size)
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(self._graph_sizes):
+                meta = self._graph_meta(size)
+                ids, pos = self._g_ids[:size], self._g_pos[:size]
+                for _ in range(2):  # compile the kernels, settle the allocator
+                    self.model.logits(self.model.forward(ids, pos, meta, self.kv_caches))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.model.forward(ids, pos, meta, self.kv_caches)
+                    logits = self.model.logits(hidden)
+                pool = graph.pool()
+                self._graphs[size] = _Graph(graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", self._graph_sizes)
+
+    def _graph_meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._g_slots[:size],
+            query_start_loc=self._g_qsl[: size + 1],
+            seq_lens=self._g_seq_lens[:size],
+            block_tables=self._g_tables[:size],
+            max_query_len=1,
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[1] * size,
+            tile_seq=self._g_tile_seq[:size],
+            tile_start=self._g_tile_start[:size],
+            tile_q=1,
+        )
+
+    def _run_graph(self, chunks: list[ChunkInput], size: int) -> torch.Tensor:
+        """Fill the static inputs (real rows, then scratch padding) and replay."""
+        b, bs = len(chunks), self.block_size
+        ids = torch.zeros(size, dtype=torch.long)
+        pos = torch.zeros(size, dtype=torch.long)
+        slots = torch.full((size,), self.scratch_block * bs, dtype=torch.long)
+        seq_lens = torch.ones(size, dtype=torch.int32)
+        tables = torch.full((size, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            p = c.start
+            ids[i] = c.token_ids[0]
+            pos[i] = p
+            slots[i] = c.block_table[p // bs] * bs + p % bs
+            seq_lens[i] = p + 1
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+        self._g_ids[:size].copy_(ids, non_blocking=True)
+        self._g_pos[:size].copy_(pos, non_blocking=True)
+        self._g_slots[:size].copy_(slots, non_blocking=True)
+        self._g_seq_lens[:size].copy_(seq_lens, non_blocking=True)
+        self._g_tables[:size].copy_(tables, non_blocking=True)
+        graph = self._graphs[size]
+        graph.graph.replay()
+        return graph.logits[:b]
