@@ -90,7 +90,7 @@ def test_rope_and_cache_writes_rotated_k_and_v(kernels: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (6, 6)])
-@pytest.mark.parametrize("tile_q", [None, 3])
+@pytest.mark.parametrize("tile_q", [None, 3, 1])  # 1: one token per tile, key-range splits
 def test_unified_attention_matches_sdpa(
     kernels: ModuleType, heads: tuple[int, int], tile_q: int | None
 ) -> None:
@@ -127,3 +127,12 @@ def test_unified_attention_matches_sdpa(
     ours = kernels.unified_attention(q, k_cache, v_cache, meta, d**-0.5)
     ref = OPS.attention(q, k_cache, v_cache, meta, d**-0.5)
     assert rel(ours, ref) < 1e-5
+    if tq == 1:  # small batches split each sequence's keys over several programs
+        assert kernels.num_kv_splits(len(tile_seq), hkv, decode=True) > 1
+
+
+def test_kv_splits_fill_the_gpu_only_when_needed(kernels: ModuleType) -> None:
+    assert kernels.num_kv_splits(1, 8, decode=True) == 16
+    assert kernels.num_kv_splits(8, 8, decode=True) == 4
+    assert kernels.num_kv_splits(64, 8, decode=True) == 1
+    assert kernels.num_kv_splits(1, 8, decode=False) == 1

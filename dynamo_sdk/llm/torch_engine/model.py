@@ -187,6 +187,12 @@ class LlamaModel:
             out += [layer.down] + ([layer.qkv_bias] if layer.qkv_bias is not None else [])
         return out
 
+    def release(self) -> None:
+        """Forget the weights (their memory returns to the allocator)."""
+        empty = torch.empty(0)
+        self.embed = self.norm = self.lm_head = empty
+        self.layers = []
+
     def weight_bytes(self) -> int:
         seen: set[int] = set()
         total = 0

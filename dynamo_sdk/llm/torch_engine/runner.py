@@ -75,6 +75,16 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_eager_steps = 0
 
+    def close(self) -> None:
+        """Drop the device memory this runner holds (graphs, their pool, the cache, weights)."""
+        self._graphs.clear()
+        self._graph_sizes = []
+        self.kv_caches = []
+        self.kv = torch.empty(0)
+        for name in [n for n in vars(self) if n.startswith(("_g_", "_h_"))]:
+            delattr(self, name)
+        self.model.release()
+
     # -- KV blocks in and out ------------------------------------------------------------------
 
     def kv_block_bytes(self) -> int:
@@ -185,17 +195,22 @@ class ModelRunner:
             return
         dev = self.device
         max_b = self._graph_sizes[-1]
-        self._g_ids = torch.zeros(max_b, dtype=torch.long, device=dev)
-        self._g_pos = torch.zeros(max_b, dtype=torch.long, device=dev)
-        self._g_slots = torch.zeros(max_b, dtype=torch.long, device=dev)
-        self._g_seq_lens = torch.ones(max_b, dtype=torch.int32, device=dev)
+        # rows: token ids, positions, cache slots, sequence lengths (int64, one copy per step)
+        self._g_vec = torch.zeros((4, max_b), dtype=torch.long, device=dev)
+        self._g_ids, self._g_pos, self._g_slots, self._g_seq_lens = self._g_vec.unbind(0)
         self._g_qsl = torch.arange(max_b + 1, dtype=torch.int32, device=dev)
         self._g_tables = torch.full(
             (max_b, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev
         )
         self._g_tile_seq = torch.arange(max_b, dtype=torch.int32, device=dev)
         self._g_tile_start = torch.zeros(max_b, dtype=torch.int32, device=dev)
-        self._g_slots.fill_(self.scratch_block * self.block_size)
+        # padding rows: token 0 at position 0, written to and read from the scratch block
+        self._h_pad = torch.zeros((4, max_b), dtype=torch.long)
+        self._h_pad[2] = self.scratch_block * self.block_size
+        self._h_pad[3] = 1
+        self._g_vec.copy_(self._h_pad)
+        self._h_vec = self._h_pad.clone().pin_memory()
+        self._h_tables = self._g_tables.cpu().pin_memory()
         pool = None
         with torch.inference_mode():
             for size in reversed(self._graph_sizes):
@@ -228,25 +243,26 @@ class ModelRunner:
         )
 
     def _run_graph(self, chunks: list[ChunkInput], size: int) -> torch.Tensor:
-        """Fill the static inputs (real rows, then scratch padding) and replay."""
+        """Fill the static inputs (real rows, then scratch padding) and replay.
+
+        The host side is a handful of numpy writes into pinned staging buffers and two copies,
+        so it stays small next to a multi-millisecond decode step.
+        """
         b, bs = len(chunks), self.block_size
-        ids = torch.zeros(size, dtype=torch.long)
-        pos = torch.zeros(size, dtype=torch.long)
-        slots = torch.full((size,), self.scratch_block * bs, dtype=torch.long)
-        seq_lens = torch.ones(size, dtype=torch.int32)
-        tables = torch.full((size, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32)
+        vec, tables = self._h_vec.numpy(), self._h_tables.numpy()
+        pos = [c.start for c in chunks]
+        vec[0, :b] = [c.token_ids[0] for c in chunks]
+        vec[1, :b] = pos
+        vec[2, :b] = [
+            c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos, strict=True)
+        ]
+        vec[3, :b] = [p + 1 for p in pos]
+        vec[:, b:size] = self._h_pad[:, b:size]
         for i, c in enumerate(chunks):
-            p = c.start
-            ids[i] = c.token_ids[0]
-            pos[i] = p
-            slots[i] = c.block_table[p // bs] * bs + p % bs
-            seq_lens[i] = p + 1
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-        self._g_ids[:size].copy_(ids, non_blocking=True)
-        self._g_pos[:size].copy_(pos, non_blocking=True)
-        self._g_slots[:size].copy_(slots, non_blocking=True)
-        self._g_seq_lens[:size].copy_(seq_lens, non_blocking=True)
-        self._g_tables[:size].copy_(tables, non_blocking=True)
+            tables[i, : len(c.block_table)] = c.block_table
+        tables[b:size, 0] = self.scratch_block
+        self._g_vec[:, :size].copy_(self._h_vec[:, :size], non_blocking=True)
+        self._g_tables[:size].copy_(self._h_tables[:size], non_blocking=True)
         graph = self._graphs[size]
         graph.graph.replay()
         return graph.logits[:b]

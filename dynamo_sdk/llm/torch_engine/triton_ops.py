@@ -207,6 +207,8 @@ def _unified_attention_kernel(
     query_start_ptr,
     tile_seq_ptr,
     tile_start_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
     scale,
     stride_qt,
     stride_qh,
@@ -222,9 +224,12 @@ def _unified_attention_kernel(
     TILE_Q: tl.constexpr,  # query tokens per program
     BLOCK_M: tl.constexpr,  # next power of two >= TILE_Q * GROUP (and >= 16)
     BLOCK_N: tl.constexpr,  # keys per inner iteration (a multiple of PAGE)
+    SPLITS: tl.constexpr,  # >1: this program covers 1/SPLITS of the keys (decode only)
+    NUM_HEADS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
     first = tl.load(tile_start_ptr + tile)
     q_begin = tl.load(query_start_ptr + seq)
@@ -243,13 +248,16 @@ def _unified_attention_kernel(
 
     last = tl.minimum(first + TILE_Q, q_len) - 1
     num_keys = context + last + 1
+    per_split = tl.cdiv(tl.cdiv(num_keys, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, num_keys)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(0, num_keys, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
-        kmask = kpos < num_keys
+        kmask = kpos < hi
         block = tl.load(table + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
         kv_off = block * stride_cb + (kpos % PAGE) * stride_ct + kvh * stride_ch
         k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
@@ -264,9 +272,41 @@ def _unified_attention_kernel(
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_off = (q_begin + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-    tl.store(o_ptr + o_off + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_off = (q_begin + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(o_ptr + o_off + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:  # partial softmax state of this split: [token, head, split] (+ [.., D] for acc)
+        part = ((q_begin + tok).to(tl.int64) * NUM_HEADS + head) * SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + 2 * part, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    o_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """Combine the splits' (max, sum, unnormalized acc) into the attention output."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    part = (t * NUM_HEADS + h) * SPLITS + s
+    m = tl.load(part_ml_ptr + 2 * part)
+    l_s = tl.load(part_ml_ptr + 2 * part + 1)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - m_max)  # empty splits have m = -inf: weight 0
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def tile_shape(num_heads: int, num_kv_heads: int, decode: bool) -> tuple[int, int]:
@@ -288,6 +328,17 @@ def build_tiles(query_lens: list[int], tile_q: int) -> tuple[list[int], list[int
     return tile_seq, tile_start
 
 
+def num_kv_splits(num_tiles: int, num_kv_heads: int, decode: bool) -> int:
+    """Key-range splits per decode tile, so small batches still fill the GPU (flash-decoding):
+    at batch 1 an 8-KV-head model has only 8 tiles for 132 multiprocessors."""
+    if not decode:
+        return 1
+    splits = 1
+    while splits < 16 and num_tiles * num_kv_heads * splits < 256:
+        splits *= 2
+    return splits
+
+
 def unified_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -297,13 +348,24 @@ def unified_attention(
 ) -> torch.Tensor:
     """Causal paged attention for every chunk of the step (see the module docstring)."""
     assert meta.tile_seq is not None and meta.tile_start is not None and meta.tile_q > 0
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(meta.tile_q * group))
     block_n = max(page, 64 if block_m <= 32 else 32)
+    num_tiles = meta.tile_seq.shape[0]
+    splits = num_kv_splits(num_tiles, num_kv_heads, decode=meta.tile_q == 1)
     out = torch.empty_like(q)
-    grid = (meta.tile_seq.shape[0], num_kv_heads)
+    if splits > 1:
+        part_acc = torch.empty(
+            (num_tokens, num_heads, splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty(
+            (num_tokens, num_heads, splits, 2), dtype=torch.float32, device=q.device
+        )
+    else:
+        part_acc = part_ml = out  # unused
+    grid = (num_tiles, num_kv_heads, splits)
     _unified_attention_kernel[grid](
         q,
         k_cache,
@@ -314,6 +376,8 @@ def unified_attention(
         meta.query_start_loc,
         meta.tile_seq,
         meta.tile_start,
+        part_acc,
+        part_ml,
         scale,
         q.stride(0),
         q.stride(1),
@@ -329,7 +393,21 @@ def unified_attention(
         TILE_Q=meta.tile_q,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        SPLITS=splits,
+        NUM_HEADS=num_heads,
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
     )
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_acc,
+            part_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            SPLITS=splits,
+            num_warps=4,
+        )
     return out
