@@ -272,6 +272,7 @@ class TorchEngine:
         if self._scheduler is not None:
             self._scheduler.fail_all(EngineError("torch engine shut down"))
         self._executor.shutdown(wait=True)
+        gc.unfreeze()
         if self.runner is not None:
             self.runner.close()
             self.runner = None
