@@ -268,3 +268,44 @@ def test_registry_builds_torch_engine_and_rejects_unknown_keys(model_dir: Path) 
         create_engine("torch", str(model_dir), {"enforce_eager": "yes"})
     with pytest.raises(EngineError, match="needs a model"):
         create_engine("torch", None, {})
+
+
+async def test_decode_steps_launched_ahead_keep_outputs_exact(
+    model_dir: Path, hf_model: torch.nn.Module
+) -> None:
+    """Async scheduling (the GPU default) exercised on CPU: the next decode step is planned
+    and fed the running step's tokens before they reach the host. Outputs, stops, cancels and
+    the KV cache must come out exactly as with one step at a time."""
+    eng = TorchEngine(str(model_dir), num_blocks=128, block_size=BS)
+    eng.launch_ahead_on_cpu = True
+    events: list[KvEvent] = []
+    eng.on_kv_events(events.extend)
+    await eng.start()
+    try:
+        batch = prompts(5, seed=15, lo=10, hi=60)
+        refs = [hf_greedy(hf_model, p, 40) for p in batch]
+        stop_at = refs[1][9]  # request 1 stops early, while the others run on
+        requests = [make_request(p, 40, request_id=f"a{i}", ignore_eos=True, sampling=GREEDY)
+                    for i, p in enumerate(batch)]  # fmt: skip
+        requests[1] = make_request(batch[1], 40, request_id="a1", stop_token_ids=[stop_at],
+                                   sampling=GREEDY)  # fmt: skip
+        requests[2] = make_request(batch[2], 7, request_id="a2", ignore_eos=True, sampling=GREEDY)
+        cancelled = eng.generate(make_request(batch[3], 40, ignore_eos=True, sampling=GREEDY))
+        await anext(cancelled)
+        outs = await asyncio.gather(*[collect(eng, r) for r in requests])
+        await cancelled.aclose()  # type: ignore[attr-defined]
+        assert eng.num_chained_steps > 20
+        assert tokens(outs[0]) == refs[0]
+        assert tokens(outs[1]) == refs[1][: refs[1].index(stop_at) + 1]
+        assert outs[1][-1].finish_reason == "stop"
+        assert tokens(outs[2]) == refs[2][:7]
+        assert tokens(outs[4]) == refs[4]
+        assert eng.stats().kv_usage == 0
+        eng.block_manager.check_invariants()  # type: ignore[union-attr]
+        # Every announced block holds the real tokens' hashes, never a placeholder's.
+        stored = {h for e in events if isinstance(e, BlockStored) for h in e.block_hashes}
+        for p, ref in ((batch[0], refs[0]), (batch[4], refs[4])):
+            full = [*p, *ref[:-1]]  # the last sampled token is never computed
+            assert set(block_hashes_int(full, BS)) <= stored
+    finally:
+        await eng.shutdown()

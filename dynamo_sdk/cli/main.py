@@ -74,7 +74,7 @@ def serve(
 )
 @click.pass_context
 def run(ctx: click.Context) -> None:
-    """Serve a model in one process: in=http|text|batch:FILE.jsonl out=vllm|torch|mocker|echo MODEL [flags]."""
+    """Serve a model in one process: in=http|text|batch:FILE out=vllm|torch|mocker|echo MODEL."""
     from dynamo_sdk.llm.engines.base import EngineError
     from dynamo_sdk.llm.model_resolver import ModelNotAvailableError
     from dynamo_sdk.llm.run import RunUsageError

@@ -35,6 +35,8 @@ from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
 
+_PLACEHOLDER = 0  # token id held by a reserved KV slot until the real one is known
+
 
 class SeqState(enum.Enum):
     WAITING = "waiting"
@@ -57,6 +59,7 @@ class Sequence:
     prefilling: bool = True  # (re)admitted and not yet sampled since: prefill, not decode
     cached_tokens: int = 0  # prefix-cache hit of the latest admission before the first output
     sent_first: bool = False
+    reserved: int = 0  # KV slots taken ahead for tokens still being sampled (see reserve_next)
 
     @property
     def num_generated(self) -> int:
@@ -215,6 +218,10 @@ class Scheduler:
             self.block_manager.free(seq.seq_id)
             seq.state = SeqState.FINISHED
             return out
+        if seq.reserved:  # its slot was taken when the next step was launched ahead
+            self.block_manager.set_token(seq.seq_id, len(seq.tokens) - 1, token)
+            seq.reserved -= 1
+            return out
         while seq.state is SeqState.RUNNING:
             try:
                 self.block_manager.append_token(seq.seq_id, token)
@@ -223,12 +230,36 @@ class Scheduler:
                 self._preempt(self.running[-1])  # possibly `seq` itself: then it re-prefills
         return out
 
+    def reserve_next(self, seqs: list[Sequence]) -> list[ScheduledChunk] | None:
+        """Plan the next decode step before this one's tokens are known (async scheduling).
+
+        Each sequence gets the KV slot of the token being sampled now (a placeholder until
+        ``append_token`` fills it) and one decode chunk for it; None, with nothing changed, if
+        that is not possible without preempting or if a sequence would outgrow its context.
+        """
+        bm, bs = self.block_manager, self.block_manager.block_size
+        need = 0
+        for seq in seqs:
+            if seq.state is not SeqState.RUNNING or seq.reserved:
+                return None
+            n = len(seq.tokens) + 1  # tokens once the pending one is appended
+            if n >= self.context_length:
+                return None
+            need += (n - 1) % bs == 0  # the pending token opens a new block
+        if need > bm.num_free_blocks:
+            return None
+        for seq in seqs:
+            bm.append_token(seq.seq_id, _PLACEHOLDER)
+            seq.reserved += 1
+        return [ScheduledChunk(seq, 1) for seq in seqs]
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and requeue it first, to be recomputed (vLLM v1)."""
         self.running.remove(seq)
         self.block_manager.free(seq.seq_id)
         seq.state = SeqState.WAITING
         seq.num_computed = 0
+        seq.reserved = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

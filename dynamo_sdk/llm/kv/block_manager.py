@@ -180,7 +180,9 @@ class BlockManager:
     def append_token(self, seq_id: str, token_id: int) -> None:
         """Grow a sequence by one (sampled, not yet computed) token, taking a block if needed.
 
-        Its block is registered only when ``mark_computed`` covers the token.
+        Its block is hashed and registered only when ``mark_computed`` covers the token, so an
+        engine that runs ahead of its outputs may append a placeholder and ``set_token`` the
+        real id once it is known.
         """
         seq = self._seqs[seq_id]
         events: list[KvEvent] = []
@@ -189,11 +191,14 @@ class BlockManager:
                 raise NoFreeBlocksError(f"no block for token {len(seq.token_ids)} of {seq_id!r}")
             seq.block_ids.append(self._take_block(events))
         seq.token_ids.append(token_id)
-        n = len(seq.token_ids)
-        if n % self.block_size == 0 and self.enable_prefix_caching:
-            parent = seq.hashes[-1] if seq.hashes else None
-            seq.hashes.append(block_hash(parent, seq.token_ids[n - self.block_size :]))
         self._emit(events)
+
+    def set_token(self, seq_id: str, index: int, token_id: int) -> None:
+        """Replace a placeholder appended earlier (its block must not be hashed yet)."""
+        seq = self._seqs[seq_id]
+        if index < len(seq.hashes) * self.block_size:
+            raise ValueError(f"{seq_id!r}: token {index} is in an already hashed block")
+        seq.token_ids[index] = token_id
 
     def mark_computed(self, seq_id: str, num_tokens: int) -> None:
         """Record that the first ``num_tokens`` tokens' KV is (being) written this step.
@@ -240,11 +245,14 @@ class BlockManager:
     def check_invariants(self) -> None:
         """Cross-check every index against the blocks (O(num_blocks); for tests and debugging)."""
         refs = [0] * self.num_blocks
+        bs = self.block_size
         for seq in self._seqs.values():
             assert len(seq.block_ids) == -(-len(seq.token_ids) // self.block_size)
             full_blocks = len(seq.token_ids) // self.block_size
-            assert len(seq.hashes) == (full_blocks if self.enable_prefix_caching else 0)
-            assert seq.num_registered <= min(len(seq.hashes), seq.num_computed // self.block_size)
+            assert len(seq.hashes) <= (full_blocks if self.enable_prefix_caching else 0)
+            assert seq.num_registered <= len(seq.hashes)
+            if self.enable_prefix_caching:  # every computed full block is hashed
+                assert len(seq.hashes) >= min(seq.num_computed, len(seq.token_ids)) // bs
             for bid in seq.block_ids:
                 refs[bid] += 1
         for block in self._blocks:
@@ -266,8 +274,13 @@ class BlockManager:
         seq.num_computed = max(seq.num_computed, num_tokens)
         if not self.enable_prefix_caching:
             return
+        bs = self.block_size
+        last = seq.num_computed // bs
+        while len(seq.hashes) < last:  # hash the newly computed full blocks, chained
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else None
+            seq.hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
         first = seq.num_registered
-        last = min(len(seq.hashes), seq.num_computed // self.block_size)
         if last <= first:
             return
         seq.num_registered = last

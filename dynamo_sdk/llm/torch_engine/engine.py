@@ -45,6 +45,7 @@ from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
     Scheduler,
+    SeqState,
     Sequence,
     stream_outputs,
 )
@@ -53,12 +54,27 @@ from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
 from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
-from dynamo_sdk.llm.torch_engine.runner import DEFAULT_CUDA_GRAPH_SIZES, ChunkInput, ModelRunner
-from dynamo_sdk.llm.torch_engine.sampler import SampleRow, SamplingParams
+from dynamo_sdk.llm.torch_engine.runner import (
+    DEFAULT_CUDA_GRAPH_SIZES,
+    ChunkInput,
+    ModelRunner,
+    StepHandle,
+)
+from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, SamplingParams
 
 log = logging.getLogger(__name__)
 
 KvEventCallback = Callable[[list[KvEvent]], None]
+
+
+@dataclass
+class _Step:
+    """A launched step and what it computes."""
+
+    work: list[ScheduledChunk]
+    chunks: list[ChunkInput]
+    handle: StepHandle
+    chained: bool = False  # planned before the previous step's tokens were known
 
 
 @dataclass(eq=False)
@@ -139,6 +155,10 @@ class TorchEngine:
         self.num_steps = 0
         self.computed_prompt_tokens = 0
         """Prompt (and re-prefill) tokens run through the model: prefix-cache hits excluded."""
+        self.num_chained_steps = 0
+        """Decode steps launched ahead, before the previous step's tokens were known."""
+        self.launch_ahead_on_cpu = False
+        """Pipeline decode steps on CPU too (no gain there; lets CPU tests cover the path)."""
 
     @classmethod
     def from_config(cls, model: str | None, config: Mapping[str, Any]) -> TorchEngine:
@@ -408,36 +428,102 @@ class TorchEngine:
     # -- the step loop -------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Schedule, launch, collect, stream; with decode steps launched one step ahead.
+
+        While a decode step runs on the device, the next one is already planned and queued
+        (``Scheduler.reserve_next``; its input ids are the running step's sampled tokens,
+        read on the device), so the host work of streaming one step's tokens overlaps the
+        device work of the next instead of leaving the GPU idle between steps. A sequence that
+        turns out to have finished computes one extra token, which is dropped. Steps that
+        admit or prefill requests, or need host-side sampling (logprobs, penalties), run one
+        at a time.
+        """
         loop = asyncio.get_running_loop()
         sched, runner = self._scheduler, self.runner
         assert sched is not None and runner is not None
+        inflight: _Step | None = None
         try:
             while True:
-                if not sched.has_work:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                work = sched.schedule()
-                chunks = [self._chunk_input(c) for c in work]
-                for c in work:
-                    if c.seq.prefilling:
-                        self.computed_prompt_tokens += c.num_tokens
-                sampled = await loop.run_in_executor(self._executor, runner.execute, chunks)
-                self.num_steps += 1
-                ready = {id(s) for s in sched.complete(work)}
-                results = iter(sampled)
-                for chunk, inputs in zip(work, chunks, strict=True):
-                    if inputs.sample is None:
+                if inflight is None:
+                    if not sched.has_work:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
                         continue
-                    result = next(results)
-                    if id(chunk.seq) in ready:  # not aborted or preempted meanwhile
-                        sched.append_token(chunk.seq, result.token, result.logprob, result.top)
+                    work = sched.schedule()
+                    chunks = [self._chunk_input(c) for c in work]
+                    for c in work:
+                        if c.seq.prefilling:
+                            self.computed_prompt_tokens += c.num_tokens
+                    handle = await loop.run_in_executor(self._executor, runner.launch, chunks)
+                    inflight = _Step(work, chunks, handle)
+                ahead = self._launch_ahead(inflight)
+                if ahead is not None:
+                    ahead_work, ahead_chunks = ahead
+                    handle = await loop.run_in_executor(
+                        self._executor, runner.launch, ahead_chunks, inflight.handle.tokens
+                    )
+                    nxt: _Step | None = _Step(ahead_work, ahead_chunks, handle, chained=True)
+                else:
+                    nxt = None
+                sampled = await loop.run_in_executor(
+                    self._executor, runner.collect, inflight.handle
+                )
+                self.num_steps += 1
+                self._apply(inflight, sampled)
+                if nxt is not None:  # its tokens' ids are known now: register their blocks
+                    self.num_chained_steps += 1
+                    bm = sched.block_manager
+                    for c in nxt.work:
+                        if c.seq.state is SeqState.RUNNING:
+                            bm.mark_computed(c.seq.seq_id, len(c.seq.tokens))
+                inflight = nxt
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("torch engine step failed")
             self._failure = EngineError(f"torch engine failed: {type(exc).__name__}: {exc}")
             sched.fail_all(self._failure)
+
+    def _launch_ahead(self, step: _Step) -> tuple[list[ScheduledChunk], list[ChunkInput]] | None:
+        """The next decode step, planned while ``step`` runs, or None if it must wait."""
+        sched = self._scheduler
+        assert sched is not None and self.block_manager is not None
+        if (
+            self.device.type != "cuda" and not self.launch_ahead_on_cpu
+        ) or step.handle.tokens is None:
+            return None  # no device-side tokens to feed forward (host sampling was needed)
+        if sched.waiting or len(step.work) != len(sched.running):
+            return None  # admissions first: they go through a normal schedule
+        if any(c.num_tokens != 1 for c in step.work):
+            return None
+        seqs = [c.seq for c in step.work]
+        work = sched.reserve_next(seqs)
+        if work is None:
+            return None
+        bm = self.block_manager
+        chunks = [
+            ChunkInput(
+                token_ids=[0],  # fed on the device from the running step
+                start=len(seq.tokens),
+                block_table=bm.block_table(seq.seq_id),
+                sample=self._sample_row(seq),  # type: ignore[arg-type]
+            )
+            for seq in seqs
+        ]
+        return work, chunks
+
+    def _apply(self, step: _Step, sampled: list[Sampled]) -> None:
+        """Stream a finished step's tokens (and finish, grow or preempt its sequences)."""
+        sched = self._scheduler
+        assert sched is not None
+        ready = {id(s) for s in sched.complete(step.work)}
+        results = iter(sampled)
+        for chunk, inputs in zip(step.work, step.chunks, strict=True):
+            if inputs.sample is None:
+                continue
+            result = next(results)
+            if id(chunk.seq) in ready:  # not aborted, preempted or finished meanwhile
+                sched.append_token(chunk.seq, result.token, result.logprob, result.top)
 
     def _chunk_input(self, chunk: ScheduledChunk) -> ChunkInput:
         seq = chunk.seq

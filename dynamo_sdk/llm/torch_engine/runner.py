@@ -24,7 +24,7 @@ import torch
 
 from dynamo_sdk.llm.torch_engine.attention import AttentionMetadata
 from dynamo_sdk.llm.torch_engine.model import LlamaModel
-from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, sample
+from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, sample, sample_on_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ class ChunkInput:
     start: int  # position of the first of them (tokens before it are cached)
     block_table: list[int]
     sample: SampleRow | None  # set when the chunk reaches the sequence's end
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampled tokens, on the host already or on their way there."""
+
+    sampled: list[Sampled] | None = None  # known on the host
+    tokens: torch.Tensor | None = None  # on the device: what a chained next step reads
+    host: torch.Tensor | None = None  # pinned buffer the tokens are being copied into
+    event: torch.cuda.Event | None = None  # recorded after that copy
 
 
 class _Graph:
@@ -71,6 +81,8 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
         self._graphs: dict[int, _Graph] = {}
+        self._launches = 0  # alternates the pinned staging buffers of in-flight steps
+        self._h_tokens = [torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)]
         self._graph_sizes = sorted(cuda_graph_sizes) if self.device.type == "cuda" else []
         self.num_graph_steps = 0
         self.num_eager_steps = 0
@@ -110,27 +122,63 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, chunks: list[ChunkInput]) -> list[Sampled]:
-        """Run the step; returns one ``Sampled`` per chunk that samples, in order."""
+        """Run the step to completion; one ``Sampled`` per chunk that samples, in order."""
+        return self.collect(self.launch(chunks))
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ChunkInput], feed: torch.Tensor | None = None) -> StepHandle:
+        """Queue the step on the device and return without waiting for it (on CUDA).
+
+        ``feed``: the previous step's sampled tokens on the device, one per chunk, used as
+        this step's input ids (every chunk then is a single decode token whose id the host
+        does not know yet). Steps are queued on one stream, so they run in launch order.
+        """
+        self._launches += 1
         rows = [c.sample for c in chunks if c.sample is not None]
         decode = all(len(c.token_ids) == 1 for c in chunks)
         size = self._graph_size(len(chunks)) if decode else None
         if size is not None:
-            logits = self._run_graph(chunks, size)
+            logits = self._run_graph(chunks, size, feed)
             self.num_graph_steps += 1
             if len(rows) < len(chunks):
                 keep = [i for i, c in enumerate(chunks) if c.sample is not None]
                 logits = logits[torch.tensor(keep, device=self.device)]
         else:
-            logits = self._run_eager(chunks)
+            logits = self._run_eager(chunks, feed)
             self.num_eager_steps += 1
         if not rows:
-            return []
-        return sample(logits, rows)
+            return StepHandle(sampled=[])
+        tokens = sample_on_device(logits, rows)
+        if tokens is None:
+            return StepHandle(sampled=sample(logits, rows))
+        if self.device.type != "cuda":
+            return StepHandle(sampled=[Sampled(t) for t in tokens.tolist()], tokens=tokens)
+        host = self._pinned_tokens(len(rows))
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(tokens=tokens, host=host, event=event)
 
-    def _run_eager(self, chunks: list[ChunkInput]) -> torch.Tensor:
+    def _pinned_tokens(self, n: int) -> torch.Tensor:
+        """This launch's pinned landing buffer for ``n`` sampled tokens (two alternate)."""
+        i = self._launches % 2
+        if self._h_tokens[i].numel() < n:
+            self._h_tokens[i] = torch.zeros(max(n, 256), dtype=torch.long).pin_memory()
+        return self._h_tokens[i][:n]
+
+    def collect(self, handle: StepHandle) -> list[Sampled]:
+        """Wait for a launched step's tokens (releases the GIL while the device works)."""
+        if handle.sampled is None:
+            assert handle.event is not None and handle.host is not None
+            handle.event.synchronize()
+            handle.sampled = [Sampled(t) for t in handle.host.tolist()]
+        return handle.sampled
+
+    def _run_eager(self, chunks: list[ChunkInput], feed: torch.Tensor | None) -> torch.Tensor:
         ids, positions, meta = self._prepare(chunks)
+        if feed is not None:
+            ids = feed
         hidden = self.model.forward(ids, positions, meta, self.kv_caches)
         last, ends = [], 0
         for c in chunks:
@@ -209,8 +257,10 @@ class ModelRunner:
         self._h_pad[2] = self.scratch_block * self.block_size
         self._h_pad[3] = 1
         self._g_vec.copy_(self._h_pad)
-        self._h_vec = self._h_pad.clone().pin_memory()
-        self._h_tables = self._g_tables.cpu().pin_memory()
+        # two of each host staging buffer: a step is prepared while the previous one, whose
+        # copies may still be queued, is in flight
+        self._h_vec = [self._h_pad.clone().pin_memory() for _ in range(2)]
+        self._h_tables = [self._g_tables.cpu().pin_memory() for _ in range(2)]
         pool = None
         with torch.inference_mode():
             for size in reversed(self._graph_sizes):
@@ -242,14 +292,17 @@ class ModelRunner:
             tile_q=1,
         )
 
-    def _run_graph(self, chunks: list[ChunkInput], size: int) -> torch.Tensor:
+    def _run_graph(
+        self, chunks: list[ChunkInput], size: int, feed: torch.Tensor | None
+    ) -> torch.Tensor:
         """Fill the static inputs (real rows, then scratch padding) and replay.
 
         The host side is a handful of numpy writes into pinned staging buffers and two copies,
         so it stays small next to a multi-millisecond decode step.
         """
         b, bs = len(chunks), self.block_size
-        vec, tables = self._h_vec.numpy(), self._h_tables.numpy()
+        h_vec, h_tables = self._h_vec[self._launches % 2], self._h_tables[self._launches % 2]
+        vec, tables = h_vec.numpy(), h_tables.numpy()
         pos = [c.start for c in chunks]
         vec[0, :b] = [c.token_ids[0] for c in chunks]
         vec[1, :b] = pos
@@ -261,8 +314,10 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         tables[b:size, 0] = self.scratch_block
-        self._g_vec[:, :size].copy_(self._h_vec[:, :size], non_blocking=True)
-        self._g_tables[:size].copy_(self._h_tables[:size], non_blocking=True)
+        self._g_vec[:, :size].copy_(h_vec[:, :size], non_blocking=True)
+        self._g_tables[:size].copy_(h_tables[:size], non_blocking=True)
+        if feed is not None:
+            self._g_ids[:b].copy_(feed)
         graph = self._graphs[size]
         graph.graph.replay()
         return graph.logits[:b]

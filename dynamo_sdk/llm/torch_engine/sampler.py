@@ -134,6 +134,19 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     return out
 
 
+def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor | None:
+    """Token ids as a device tensor, without a host sync, when no row needs host-side work
+    (logprobs, penalties, banned ids); None otherwise. Lets the next step start from them."""
+    if any(r.banned or r.params.has_penalties or r.params.logprobs is not None for r in rows):
+        return None
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        tokens[idx] = _sample_random(logits[idx], [rows[i].params for i in random_rows])
+    return tokens
+
+
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
     p = row.params
     if not p.has_penalties:
