@@ -328,6 +328,12 @@ def build_tiles(query_lens: list[int], tile_q: int) -> tuple[list[int], list[int
     return tile_seq, tile_start
 
 
+# Launch shapes of the attention kernel: (BLOCK_N, num_warps, num_stages) for decode tiles
+# (one token) and prefill tiles; ``benchmarks/engine_bench.py --tune`` times alternatives.
+DECODE_LAUNCH = (64, 4, 2)
+PREFILL_LAUNCH = (32, 8, 2)
+
+
 def num_kv_splits(num_tiles: int, num_kv_heads: int, decode: bool) -> int:
     """Key-range splits per decode tile, so small batches still fill the GPU (flash-decoding):
     at batch 1 an 8-KV-head model has only 8 tiles for 132 multiprocessors."""
@@ -352,7 +358,8 @@ def unified_attention(
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(meta.tile_q * group))
-    block_n = max(page, 64 if block_m <= 32 else 32)
+    block_n, num_warps, num_stages = DECODE_LAUNCH if meta.tile_q == 1 else PREFILL_LAUNCH
+    block_n = max(page, block_n)
     num_tiles = meta.tile_seq.shape[0]
     splits = num_kv_splits(num_tiles, num_kv_heads, decode=meta.tile_q == 1)
     out = torch.empty_like(q)
@@ -395,8 +402,8 @@ def unified_attention(
         BLOCK_N=block_n,
         SPLITS=splits,
         NUM_HEADS=num_heads,
-        num_warps=8 if block_m >= 128 else 4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
