@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from dynamo_sdk.llm.errors import LLMError, ModelNotFoundError, status_for_error_type
@@ -27,6 +27,7 @@ from dynamo_sdk.llm.metrics import FrontendMetrics
 from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest
 from dynamo_sdk.llm.protocol import LogprobEntry, ProcessorRequest, TextDelta, Usage
 from dynamo_sdk.runtime.errors import NoInstancesError, RemoteError, StreamLostError
+from dynamo_sdk.serve.http import StreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class OpenAIServer:
         call = _Call(kind, body, request_id, int(time.time()), started)
         if body.stream:
             sse = self._sse(call, first, stream)
-            response: Response = StreamingResponse(sse, media_type="text/event-stream")
+            response: Response = StreamResponse(sse, media_type="text/event-stream")
         else:
             try:
                 response = await self._aggregate(call, first, stream)
