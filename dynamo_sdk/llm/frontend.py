@@ -21,6 +21,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.routing import Route
 
 from dynamo_sdk.llm.errors import LLMError, ModelNotFoundError, status_for_error_type
 from dynamo_sdk.llm.metrics import FrontendMetrics
@@ -146,8 +147,11 @@ class OpenAIServer:
         self.backend = backend
         self.metrics = metrics or FrontendMetrics()
         self.app = FastAPI(title="Dynamo OpenAI-compatible API")
-        self.app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
-        self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        # The generation routes take the raw `Request` and validate the body themselves, so
+        # they are plain Starlette routes: FastAPI's per-request dependency solving (for no
+        # dependencies) cost ~0.1 ms of every request's time to first token.
+        self.app.router.routes.append(Route("/v1/chat/completions", self.chat, methods=["POST"]))
+        self.app.router.routes.append(Route("/v1/completions", self.completions, methods=["POST"]))
         self.app.add_api_route("/v1/models", self.models, methods=["GET"])
         self.app.add_api_route("/health", self.health, methods=["GET"])
         self.app.add_api_route("/metrics", self.prometheus, methods=["GET"])
