@@ -53,3 +53,41 @@ async def test_get_and_post_routes() -> None:
         assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
         r = await client.post("/down", json={"name": "x"})
         assert r.status_code == 503 and "no live instance" in r.json()["error"]["message"]
+
+
+async def test_stream_response_closes_the_body_when_the_client_leaves() -> None:
+    """A client gone mid-stream cancels the sender even while the body waits for its next item."""
+    import asyncio
+
+    from dynamo_sdk.serve.embedded import free_port
+    from dynamo_sdk.serve.http import StreamResponse, listen_socket, make_server
+
+    closed = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"first\n"
+            await asyncio.Event().wait()  # a stalled upstream: nothing more ever comes
+            yield b"never\n"
+        finally:
+            closed.set()
+
+    app = FastAPI()
+    app.add_api_route("/s", lambda: StreamResponse(body(), media_type="text/plain"))
+    port = free_port()
+    server = make_server(app, "127.0.0.1", port)
+    task = asyncio.create_task(server.serve(sockets=[listen_socket("127.0.0.1", port)]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+        received = b""
+        while b"first" not in received:
+            received += await asyncio.wait_for(reader.read(4096), 5)
+        assert not closed.is_set()
+        writer.close()
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        server.should_exit = True
+        await task

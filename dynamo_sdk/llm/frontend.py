@@ -19,14 +19,16 @@ from typing import Any, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.routing import Route
 
 from dynamo_sdk.llm.errors import LLMError, ModelNotFoundError, status_for_error_type
 from dynamo_sdk.llm.metrics import FrontendMetrics
 from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest
 from dynamo_sdk.llm.protocol import LogprobEntry, ProcessorRequest, TextDelta, Usage
 from dynamo_sdk.runtime.errors import NoInstancesError, RemoteError, StreamLostError
+from dynamo_sdk.serve.http import StreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,11 @@ class OpenAIServer:
         self.backend = backend
         self.metrics = metrics or FrontendMetrics()
         self.app = FastAPI(title="Dynamo OpenAI-compatible API")
-        self.app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
-        self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        # The generation routes take the raw `Request` and validate the body themselves, so
+        # they are plain Starlette routes: FastAPI's per-request dependency solving (for no
+        # dependencies) cost ~0.1 ms of every request's time to first token.
+        self.app.router.routes.append(Route("/v1/chat/completions", self.chat, methods=["POST"]))
+        self.app.router.routes.append(Route("/v1/completions", self.completions, methods=["POST"]))
         self.app.add_api_route("/v1/models", self.models, methods=["GET"])
         self.app.add_api_route("/health", self.health, methods=["GET"])
         self.app.add_api_route("/metrics", self.prometheus, methods=["GET"])
@@ -223,7 +228,7 @@ class OpenAIServer:
         call = _Call(kind, body, request_id, int(time.time()), started)
         if body.stream:
             sse = self._sse(call, first, stream)
-            response: Response = StreamingResponse(sse, media_type="text/event-stream")
+            response: Response = StreamResponse(sse, media_type="text/event-stream")
         else:
             try:
                 response = await self._aggregate(call, first, stream)

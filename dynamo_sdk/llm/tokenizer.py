@@ -53,7 +53,16 @@ class Tokenizer:
     # -- encode / decode -------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; no BOS by default, since chat templates add their own."""
+        """Token ids of `text`; no BOS by default, since chat templates add their own.
+
+        Fast tokenizers encode with the Rust object directly: transformers' wrapper goes through
+        its batch path (several Python layers and a one-item batch) for the same ids, which on
+        a Processor's first-token path cost more than the encoding itself. The wrapper is kept
+        when the backend was set to truncate or pad, which the wrapper would undo per call.
+        """
+        backend = self._backend
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
