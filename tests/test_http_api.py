@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
+import pytest
 from fastapi import FastAPI
 
 from dynamo_sdk import api
@@ -55,8 +56,12 @@ async def test_get_and_post_routes() -> None:
         assert r.status_code == 503 and "no live instance" in r.json()["error"]["message"]
 
 
-async def test_stream_response_closes_the_body_when_the_client_leaves() -> None:
-    """A client gone mid-stream cancels the sender even while the body waits for its next item."""
+@pytest.mark.parametrize("before_first_chunk", [False, True])
+async def test_stream_response_closes_the_body_when_the_client_leaves(
+    before_first_chunk: bool,
+) -> None:
+    """A client gone mid-stream cancels the sender even while the body waits for its next item
+    (or for its first one: a request still queued for its first token)."""
     import asyncio
 
     from dynamo_sdk.serve.embedded import free_port
@@ -66,6 +71,8 @@ async def test_stream_response_closes_the_body_when_the_client_leaves() -> None:
 
     async def body() -> AsyncIterator[bytes]:
         try:
+            if before_first_chunk:
+                await asyncio.Event().wait()
             yield b"first\n"
             await asyncio.Event().wait()  # a stalled upstream: nothing more ever comes
             yield b"never\n"
@@ -83,7 +90,7 @@ async def test_stream_response_closes_the_body_when_the_client_leaves() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
         received = b""
-        while b"first" not in received:
+        while (b"\r\n\r\n" if before_first_chunk else b"first") not in received:
             received += await asyncio.wait_for(reader.read(4096), 5)
         assert not closed.is_set()
         writer.close()
