@@ -56,7 +56,7 @@ from dynamo_sdk.llm.engines.scheduler import (
     stream_outputs,
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager
-from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEvent, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,13 @@ class MockerEngine:
         self.speedup = speedup
         self.seed = seed
         self.vocab_size = vocab_size
-        self._callbacks: list[KvEventCallback] = [on_events] if on_events is not None else []
+        self._kv_events = KvEventFanout("mocker")
+        self._kv_events.subscribe(on_events)
         self.block_manager = BlockManager(
             num_blocks,
             block_size,
             enable_prefix_caching=enable_prefix_caching,
-            on_events=self._publish_events,
+            on_events=self._kv_events.publish,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -237,43 +238,18 @@ class MockerEngine:
 
     def on_kv_events(self, callback: KvEventCallback) -> None:
         """Also send KV events to `callback` (e.g. a Worker publishing them on NATS)."""
-        self._callbacks.append(callback)
-
-    def _publish_events(self, events: list[KvEvent]) -> None:
-        """Fan out; a failing subscriber is logged, never allowed to break the scheduler."""
-        for callback in self._callbacks:
-            try:
-                callback(events)
-            except Exception:
-                log.exception("mocker: KV event callback failed")
+        self._kv_events.subscribe(callback)
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block no request uses (emits `AllBlocksCleared`/`BlockRemoved`)."""
         self.block_manager.clear_cache()
 
     def stats(self) -> EngineStats:
-        queried, hits = self.block_manager.stats()
-        sched = self.scheduler
-        return EngineStats(
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            kv_usage=self.block_manager.usage,
-            prefix_cache_hit_rate=hits / queried if queried else 0.0,
-            prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=sched.generation_tokens,
-            max_batch_running=sched.max_batch_running,
-        )
+        return self.scheduler.stats(self._prompt_tokens)
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
         """The snapshot a worker publishes for the KV-aware router."""
-        return LoadMetrics(
-            worker_id=worker_id,
-            kv_usage=self.block_manager.usage,
-            active_blocks=self.block_manager.num_active_blocks,
-            total_blocks=self.block_manager.num_blocks,
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-        )
+        return self.scheduler.load_metrics(worker_id)
 
     @property
     def num_preemptions(self) -> int:

@@ -31,8 +31,9 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from dynamo_sdk.llm.engines.base import EngineError
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
+from dynamo_sdk.llm.kv.events import LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest, TokenLogprob
 
 _PLACEHOLDER = 0  # token id held by a reserved KV slot until the real one is known
@@ -106,6 +107,32 @@ class Scheduler:
         """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
         self.max_batch_running = 0
         self.generation_tokens = 0
+
+    def stats(self, prompt_tokens_total: int) -> EngineStats:
+        """The engine's stats as far as scheduling and the KV cache know them."""
+        bm = self.block_manager
+        queried, hits = bm.stats()
+        return EngineStats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            kv_usage=bm.usage,
+            prefix_cache_hit_rate=hits / queried if queried else 0.0,
+            prompt_tokens_total=prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens,
+            max_batch_running=self.max_batch_running,
+        )
+
+    def load_metrics(self, worker_id: int) -> LoadMetrics:
+        """The load snapshot a worker publishes for the KV-aware router."""
+        bm = self.block_manager
+        return LoadMetrics(
+            worker_id=worker_id,
+            kv_usage=bm.usage,
+            active_blocks=bm.num_active_blocks,
+            total_blocks=bm.num_blocks,
+            running=len(self.running),
+            waiting=len(self.waiting),
+        )
 
     @property
     def has_work(self) -> bool:

@@ -10,11 +10,15 @@ indexer uses it to notice lost batches (a gap) or redeliveries (a repeat) and as
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from dynamo_sdk.llm.kv.hashing import hash_to_int
+
+_log = logging.getLogger(__name__)
 
 
 class BlockStored(msgspec.Struct, tag=True, frozen=True):
@@ -117,3 +121,23 @@ def from_vllm(event: dict[str, Any]) -> KvEvent | None:
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     return None
+
+
+class KvEventFanout:
+    """Hands an engine's KV events to every subscriber (a worker's publisher, tests); a failing
+    subscriber is logged and never allowed to break the engine's scheduling."""
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._callbacks: list[Callable[[list[KvEvent]], None]] = []
+
+    def subscribe(self, callback: Callable[[list[KvEvent]], None] | None) -> None:
+        if callback is not None:
+            self._callbacks.append(callback)
+
+    def publish(self, events: list[KvEvent]) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(events)
+            except Exception:
+                _log.exception("%s: KV event callback failed", self._owner)

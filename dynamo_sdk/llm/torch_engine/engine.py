@@ -50,7 +50,7 @@ from dynamo_sdk.llm.engines.scheduler import (
     stream_outputs,
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
-from dynamo_sdk.llm.kv.events import KvEvent, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEvent, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
 from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
@@ -142,7 +142,8 @@ class TorchEngine:
         self.cuda_graph_sizes: tuple[int, ...] = () if eager else tuple(graph_sizes)
         self.seed = seed
         self.context_length = self._max_model_len_wanted
-        self._callbacks: list[KvEventCallback] = [on_events] if on_events is not None else []
+        self._kv_events = KvEventFanout("torch engine")
+        self._kv_events.subscribe(on_events)
         self.runner: ModelRunner | None = None
         self.block_manager: BlockManager | None = None
         self._scheduler: Scheduler | None = None
@@ -205,7 +206,7 @@ class TorchEngine:
             self.runner.num_blocks,
             self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
-            on_events=self._publish_events,
+            on_events=self._kv_events.publish,
         )
         self._scheduler = Scheduler(
             self.block_manager,
@@ -302,42 +303,17 @@ class TorchEngine:
     # -- KV events, metrics, KV import/export --------------------------------------------------
 
     def on_kv_events(self, callback: KvEventCallback) -> None:
-        self._callbacks.append(callback)
-
-    def _publish_events(self, events: list[KvEvent]) -> None:
-        for callback in self._callbacks:
-            try:
-                callback(events)
-            except Exception:
-                log.exception("torch engine: KV event callback failed")
+        self._kv_events.subscribe(callback)
 
     def stats(self) -> EngineStats:
-        if self._scheduler is None or self.block_manager is None:
+        if self._scheduler is None:
             return EngineStats()
-        queried, hits = self.block_manager.stats()
-        sched = self._scheduler
-        return EngineStats(
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            kv_usage=self.block_manager.usage,
-            prefix_cache_hit_rate=hits / queried if queried else 0.0,
-            prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=sched.generation_tokens,
-            max_batch_running=sched.max_batch_running,
-        )
+        return self._scheduler.stats(self._prompt_tokens)
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
-        bm, sched = self.block_manager, self._scheduler
-        if bm is None or sched is None:
+        if self._scheduler is None:
             return LoadMetrics(worker_id, 0.0, 0, 0, 0, 0)
-        return LoadMetrics(
-            worker_id=worker_id,
-            kv_usage=bm.usage,
-            active_blocks=bm.num_active_blocks,
-            total_blocks=bm.num_blocks,
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-        )
+        return self._scheduler.load_metrics(worker_id)
 
     @property
     def num_preemptions(self) -> int:

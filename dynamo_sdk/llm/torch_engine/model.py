@@ -112,40 +112,10 @@ class TritonOps:
     def __init__(self) -> None:
         from dynamo_sdk.llm.torch_engine import triton_ops
 
-        self._k = triton_ops
-
-    def rms_norm(
-        self, x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._k.rms_norm(x, w, eps, residual)
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._k.silu_and_mul(x)
-
-    def rope_and_cache(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> torch.Tensor:
-        self._k.rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
-        return q
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        return self._k.unified_attention(q, k_cache, v_cache, meta, scale)
+        self.rms_norm = triton_ops.rms_norm
+        self.silu_and_mul = triton_ops.silu_and_mul
+        self.rope_and_cache = triton_ops.rope_and_cache
+        self.attention = triton_ops.unified_attention
 
 
 class Layer:

@@ -167,8 +167,8 @@ def rope_and_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64
-) -> None:
-    """Rotate q in place; store rotated k and v at their cache slots."""
+) -> torch.Tensor:
+    """Rotate q in place (and return it); store rotated k and v at their cache slots."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert q.stride(1) == head_dim and k.stride(1) == head_dim and v.stride(1) == head_dim
@@ -194,6 +194,7 @@ def rope_and_cache(
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         num_warps=4,
     )
+    return q
 
 
 @triton.jit
