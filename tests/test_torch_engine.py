@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dynamo_sdk.llm.engines.base import EngineError
+from dynamo_sdk.llm.engines.base import EngineError, PrefillSlots, RemotePrefill
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import BlockStored, KvEvent
 from dynamo_sdk.llm.kv.hashing import block_hashes_int
-from dynamo_sdk.llm.protocol import SamplingOptions
+from dynamo_sdk.llm.protocol import PreprocessedRequest, SamplingOptions
 from dynamo_sdk.llm.torch_engine.engine import TorchEngine
 from tests.engine_requests import collect, make_request, tokens
 
@@ -309,3 +309,67 @@ async def test_decode_steps_launched_ahead_keep_outputs_exact(
             assert set(block_hashes_int(full, BS)) <= stored
     finally:
         await eng.shutdown()
+
+
+# -- disaggregation primitives ---------------------------------------------------------------
+
+
+async def test_remote_prefill_fills_the_decode_engines_blocks(
+    model_dir: Path, hf_model: torch.nn.Module
+) -> None:
+    """A decode engine hands its blocks to a prefill engine, which writes the prompt's KV into
+    them; the decode engine computes only the tail and produces transformers' tokens."""
+    decode = TorchEngine(str(model_dir), num_blocks=64, block_size=BS)
+    prefill = TorchEngine(str(model_dir), num_blocks=64, block_size=BS)
+    await decode.start()
+    await prefill.start()
+    try:
+        prompt = prompts(1, seed=16, lo=70, hi=70)[0]
+
+        async def remote(slots: PrefillSlots) -> int:
+            first = slots.num_cached_tokens // slots.block_size
+            req = make_request(prompt, 1, sampling=GREEDY)
+            covered, kv = await prefill.prefill_and_export(req, first_block=first)
+            decode.write_kv(slots.block_ids[first : covered // slots.block_size], kv)
+            return covered
+
+        req = make_request(prompt, 12, ignore_eos=True, sampling=GREEDY)
+        outs = [o async for o in decode.generate(req, remote_prefill=remote)]
+        assert tokens(outs) == hf_greedy(hf_model, prompt, 12)
+        assert decode.computed_prompt_tokens == len(prompt) - 64  # the 6-token tail
+        assert prefill.computed_prompt_tokens == len(prompt)
+
+        async def broken(slots: PrefillSlots) -> int:
+            raise ConnectionError("prefill worker gone")
+
+        decode.reset_prefix_cache()
+        before = decode.computed_prompt_tokens
+        outs = [o async for o in decode.generate(req, remote_prefill=broken)]
+        assert tokens(outs) == hf_greedy(hf_model, prompt, 12)  # fell back to a local prefill
+        assert decode.computed_prompt_tokens - before == len(prompt)
+
+        stalled = asyncio.Event()
+
+        async def hang(slots: PrefillSlots) -> int:
+            stalled.set()
+            await asyncio.Event().wait()
+            return 0
+
+        task = asyncio.create_task(_drain(decode, req, hang))
+        await stalled.wait()
+        assert decode.stats().kv_usage > 0  # the prompt's blocks are held for the transfer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert decode.stats().kv_usage == 0
+        _, kv = prefill.export_prefix(prompt)
+        with pytest.raises(EngineError, match="does not fit"):
+            decode.write_kv([0], kv[:, :1, :1].contiguous())
+    finally:
+        await decode.shutdown()
+        await prefill.shutdown()
+
+
+async def _drain(engine: TorchEngine, req: PreprocessedRequest, remote: RemotePrefill) -> None:
+    async for _ in engine.generate(req, remote_prefill=remote):
+        pass

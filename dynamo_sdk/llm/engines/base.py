@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -56,3 +57,17 @@ def check_prompt(request: PreprocessedRequest, context_length: int) -> None:
             f"request {request.request_id}: prompt of {len(request.token_ids)} tokens does not "
             f"fit the context length {context_length}"
         )
+
+
+@dataclass
+class PrefillSlots:
+    """Where a prompt's KV must land when a prefill worker computes it (disaggregation)."""
+
+    block_ids: list[int]  # the decode engine's blocks for the whole prompt, in order
+    num_cached_tokens: int  # leading tokens already cached locally: their blocks need nothing
+    block_size: int
+
+
+RemotePrefill = Callable[[PrefillSlots], Awaitable[int]]
+"""Gets a prompt's KV written into ``PrefillSlots``; returns how many leading tokens' KV is
+there now (0 if the prefill failed: the engine then computes the prompt itself)."""

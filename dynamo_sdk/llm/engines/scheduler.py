@@ -42,6 +42,7 @@ _PLACEHOLDER = 0  # token id held by a reserved KV slot until the real one is kn
 class SeqState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    REMOTE = "remote"  # blocks allocated, KV being computed by a prefill worker
     FINISHED = "finished"
 
 
@@ -103,6 +104,7 @@ class Scheduler:
         self.context_length = context_length
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.remote: list[Sequence] = []  # waiting for their prompt's KV from elsewhere
         self.num_preemptions = 0
         """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
         self.max_batch_running = 0
@@ -146,12 +148,43 @@ class Scheduler:
         if seq.state is SeqState.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq.seq_id)
+        elif seq.state is SeqState.REMOTE:
+            self.remote.remove(seq)
+            self.block_manager.free(seq.seq_id)
         elif seq.state is SeqState.WAITING:
             self.waiting.remove(seq)
         seq.state = SeqState.FINISHED
 
+    def start_remote(self, seq: Sequence) -> list[int] | None:
+        """Allocate a prompt's blocks now, for a prefill worker to fill (disaggregation).
+
+        Returns the sequence's block ids (its locally cached prefix first: ``num_computed``
+        tokens need no transfer), or None if the blocks are not free: prefill locally then.
+        """
+        bm = self.block_manager
+        if self.waiting or not bm.can_allocate(seq.tokens):
+            return None  # FIFO: nothing overtakes requests already queued for blocks
+        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+        seq.state = SeqState.REMOTE
+        seq.num_computed = seq.cached_tokens = alloc.num_cached_tokens
+        self.remote.append(seq)
+        return alloc.block_ids
+
+    def finish_remote(self, seq: Sequence, num_tokens: int) -> None:
+        """The first ``num_tokens`` tokens' KV has been written into the sequence's blocks (0:
+        the transfer failed); it joins the running batch to compute the rest and sample."""
+        if seq.state is not SeqState.REMOTE:
+            return  # aborted meanwhile
+        self.remote.remove(seq)
+        # at least the last prompt token is computed here: it yields the first token's logits
+        seq.num_computed = max(seq.num_computed, min(num_tokens, len(seq.tokens) - 1))
+        self.block_manager.mark_computed(seq.seq_id, seq.num_computed)
+        seq.state = SeqState.RUNNING
+        seq.prefilling = True
+        self.running.append(seq)
+
     def fail_all(self, error: EngineError) -> None:
-        for seq in [*self.running, *self.waiting]:
+        for seq in [*self.running, *self.waiting, *self.remote]:
             self.abort(seq)
             seq.queue.put_nowait(error)
 

@@ -39,9 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
+from dynamo_sdk.llm.engines.base import (
+    EngineError,
+    EngineStats,
+    PrefillSlots,
+    RemotePrefill,
+    check_prompt,
+)
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
     Scheduler,
@@ -373,12 +380,21 @@ class TorchEngine:
         self._next_id += 1
         return self._next_id
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        """Queue the request and stream its deltas; closing the stream aborts it at once."""
+    async def generate(
+        self, request: PreprocessedRequest, remote_prefill: RemotePrefill | None = None
+    ) -> AsyncIterator[EngineOutput]:
+        """Queue the request and stream its deltas; closing the stream aborts it at once.
+
+        With ``remote_prefill`` the prompt's blocks are allocated first and handed to it to be
+        filled elsewhere (a prefill worker); the request then computes only what was not
+        written (at least its last prompt token, whose logits give the first token). If no
+        blocks are free, or the prefill fails, the prompt is computed here.
+        """
         if self._task is None or self._scheduler is None:
             raise EngineError("TorchEngine.generate() called before start()")
         if self._failure is not None:
             raise self._failure
+        sched = self._scheduler
         check_prompt(request, self.context_length)
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in request.token_ids):
@@ -395,11 +411,68 @@ class TorchEngine:
             stop_ids=frozenset(request.stop.stop_token_ids),
             params=SamplingParams.from_request(request, self.device),
         )
-        self._scheduler.add(seq)
+        blocks = sched.start_remote(seq) if remote_prefill is not None else None
+        if remote_prefill is not None and blocks is not None:
+            slots = PrefillSlots(blocks, seq.num_computed, self.block_size)
+            try:
+                written = await remote_prefill(slots)
+            except asyncio.CancelledError:
+                sched.abort(seq)
+                raise
+            except Exception:
+                log.exception("remote prefill of %s failed; prefilling locally", seq.seq_id)
+                written = 0
+            sched.finish_remote(seq, written)
+        else:
+            sched.add(seq)
         self._wakeup.set()
-        async with contextlib.aclosing(stream_outputs(seq, self._scheduler.abort)) as outputs:
+        async with contextlib.aclosing(stream_outputs(seq, sched.abort)) as outputs:
             async for out in outputs:
                 yield out
+
+    async def prefill_and_export(
+        self, request: PreprocessedRequest, first_block: int = 0
+    ) -> tuple[int, torch.Tensor]:
+        """Compute a prompt's KV here (a prefill worker's job) and read it out.
+
+        Returns (tokens covered, KV of full blocks ``first_block`` .. covered/block_size),
+        covering the prompt's full blocks up to, not including, its last token: the decode
+        side computes that one to sample the first token, as vLLM's disaggregation does.
+        """
+        one = msgspec.structs.replace(
+            request, stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0)
+        )
+        async for _ in self.generate(one):
+            pass
+        bm, runner = self._ready()
+        wanted = list(request.token_ids[: len(request.token_ids) - 1])
+        block_ids = bm.cached_prefix(wanted)
+        return len(block_ids) * self.block_size, runner.export_blocks(block_ids[first_block:])
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Write transferred KV (``export_blocks`` layout) into this engine's ``block_ids``."""
+        _, runner = self._ready()
+        try:
+            runner.import_blocks(block_ids, kv)
+        except ValueError as exc:
+            raise EngineError(f"cannot write transferred KV: {exc}") from exc
+
+    def kv_layout(self) -> dict[str, Any]:
+        """What a KV buffer of this engine looks like, for peers to check before sending."""
+        cfg = self.config
+        return {
+            "num_layers": cfg.num_layers,
+            "block_size": self.block_size,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading prompt tokens whose KV is cached here (for the disaggregation rule)."""
+        if self.block_manager is None:
+            return 0
+        return len(self.block_manager.cached_prefix(token_ids)) * self.block_size
 
     # -- the step loop -------------------------------------------------------------------------
 
