@@ -140,5 +140,5 @@ def test_registry_builds_echo_and_rejects_unknown() -> None:
     engine = create_engine("echo", None, {"context_length": 128, "token_delay": 0.5})
     assert isinstance(engine, EchoEngine)
     assert engine.context_length == 128 and engine.token_delay == 0.5
-    with pytest.raises(EngineError, match=r"known engines: echo, mocker, vllm"):
+    with pytest.raises(EngineError, match=r"known engines: echo, mocker, torch, vllm"):
         create_engine("nope", None, {})

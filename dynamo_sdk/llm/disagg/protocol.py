@@ -1,0 +1,58 @@
+"""What decode and prefill workers tell each other."""
+
+from __future__ import annotations
+
+import msgspec
+
+from dynamo_sdk.llm.protocol import PreprocessedRequest
+
+
+class KvLayout(msgspec.Struct, frozen=True):
+    """The shape of a worker's KV blocks; sender and receiver must agree exactly."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def mismatch(self, other: KvLayout) -> str | None:
+        """A readable list of differences, or None when the layouts are the same."""
+        diffs = [
+            f"{f}: {getattr(self, f)} vs {getattr(other, f)}"
+            for f in self.__struct_fields__
+            if getattr(self, f) != getattr(other, f)
+        ]
+        return "; ".join(diffs) or None
+
+
+class TransferEndpoint(msgspec.Struct):
+    """A decode worker's KV receiver, registered in etcd under ``transfer_key``."""
+
+    host: str
+    port: int
+    layout: KvLayout
+
+
+def transfer_key(namespace: str, instance_id: int) -> str:
+    return f"kv_transfer/{namespace}/{instance_id:x}"
+
+
+class RemotePrefillRequest(msgspec.Struct):
+    """A prompt to prefill, and where its KV goes."""
+
+    request: PreprocessedRequest
+    decode_instance: int  # the decode worker's instance id (its etcd lease)
+    block_ids: list[int]  # the decode worker's blocks for the whole prompt
+    first_block: int  # blocks before it are cached on the decode side: not sent
+
+
+class TransferHeader(msgspec.Struct, omit_defaults=True):
+    """Precedes a KV payload on a transfer connection (or reports a failed prefill)."""
+
+    request_id: str
+    block_ids: list[int] = []  # where the payload's blocks go, in order
+    layout: KvLayout | None = None
+    num_tokens: int = 0  # leading prompt tokens whose KV is written once this lands
+    nbytes: int = 0
+    error: str | None = None

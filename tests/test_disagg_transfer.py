@@ -1,0 +1,111 @@
+"""KV transfer over TCP and the JetStream prefill queue (real NATS)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgspec
+import pytest
+import torch
+
+from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, TransferHeader
+from dynamo_sdk.llm.disagg.queue import PrefillQueue
+from dynamo_sdk.llm.disagg.transfer import KvReceiver, TransferError, send_kv
+from dynamo_sdk.runtime import DistributedRuntime
+from tests.engine_requests import make_request
+
+LAYOUT = KvLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+
+
+def kv_for(blocks: int, layout: KvLayout = LAYOUT) -> torch.Tensor:
+    shape = (layout.num_layers, 2, blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    return torch.randn(shape).to(torch.bfloat16)
+
+
+async def test_kv_arrives_bit_exact_in_the_offered_blocks() -> None:
+    written: list[tuple[list[int], torch.Tensor]] = []
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: written.append((ids, kv)))
+    endpoint = await receiver.start()
+    try:
+        done = receiver.expect("r1", [7, 3, 9])
+        kv = kv_for(2)
+        await send_kv(endpoint, TransferHeader("r1", [7, 3], LAYOUT, num_tokens=8), kv)
+        assert await done == 8
+        (ids, got), = written  # fmt: skip
+        assert ids == [7, 3] and torch.equal(got, kv)
+    finally:
+        await receiver.stop()
+
+
+async def test_bad_transfers_are_refused_and_fail_the_request() -> None:
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: pytest.fail("nothing may be written"))
+    endpoint = await receiver.start()
+    try:
+        other = msgspec.structs.replace(LAYOUT, dtype="float32", head_dim=16)
+        done = receiver.expect("r1", [1])
+        with pytest.raises(TransferError, match="head_dim: 16 vs 8; dtype: float32 vs bfloat16"):
+            # checked by the receiver too: an endpoint advertising the sender's own layout
+            await send_kv(
+                msgspec.structs.replace(endpoint, layout=other),
+                TransferHeader("r1", [1], other, num_tokens=4),
+                kv_for(1, other),
+            )
+        assert await done == 0
+        receiver.expect("r2", [1])
+        with pytest.raises(TransferError, match="not offered"):
+            await send_kv(endpoint, TransferHeader("r2", [2], LAYOUT, num_tokens=4), kv_for(1))
+        with pytest.raises(TransferError, match="no transfer expected"):
+            await send_kv(endpoint, TransferHeader("r3", [1], LAYOUT, num_tokens=4), kv_for(1))
+        done = receiver.expect("r4", [1])
+        await send_kv(
+            endpoint, TransferHeader("r4", error="prefill worker ran out of memory"), None
+        )
+        assert await done == 0
+    finally:
+        await receiver.stop()
+
+
+async def test_a_transfer_broken_mid_payload_fails_the_request() -> None:
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: pytest.fail("nothing may be written"))
+    endpoint = await receiver.start()
+    try:
+        done = receiver.expect("r1", [0, 1])
+        header = msgspec.msgpack.encode(
+            TransferHeader("r1", [0, 1], LAYOUT, num_tokens=8, nbytes=kv_for(2).numel() * 2)
+        )
+        _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        writer.write(struct.pack(">I", len(header)) + header + b"\x00" * 100)  # then dies
+        await writer.drain()
+        writer.close()
+        assert await asyncio.wait_for(done, 5) == 0
+    finally:
+        await receiver.stop()
+
+
+async def test_prefill_queue_hands_each_request_to_one_worker_and_redelivers_unacked(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    queue_a = PrefillQueue(runtime.nc, unique_ns, ack_wait=1.0)
+    queue_b = PrefillQueue(runtime.nc, unique_ns, ack_wait=1.0)
+    await queue_a.ensure()
+    await queue_b.ensure()
+    for i in range(4):
+        req = make_request([1, 2, 3], 4, request_id=f"q{i}")
+        await queue_a.put(RemotePrefillRequest(req, 1, [0], 0))
+    assert await queue_a.depth() == 4
+    got_a = await queue_a.pull(2, timeout=2)
+    got_b = await queue_b.pull(2, timeout=2)
+    ids = [r.request.request_id for _, r in got_a + got_b]
+    assert sorted(ids) == ["q0", "q1", "q2", "q3"]  # each exactly once
+    for msg, _ in got_a:
+        await msg.ack()
+    assert await queue_a.depth() == 2
+    # B "dies" without acknowledging: its requests come back after ack_wait
+    again = await queue_a.pull(2, timeout=5)
+    assert sorted(r.request.request_id for _, r in again) == sorted(
+        r.request.request_id for _, r in got_b
+    )
+    for msg, _ in again:
+        await msg.ack()
+    assert await queue_a.pull(1, timeout=0.5) == []
