@@ -34,11 +34,16 @@ GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 
 def serve_graph(
-    servers: EmbeddedServers, log_dir: Path, graph: str, config: str, workers: int
+    servers: EmbeddedServers,
+    log_dir: Path,
+    graph: str,
+    config: str,
+    workers: int,
+    extra: list[str] | None = None,
 ) -> ServeProcess:
     port = free_port()
     serve = ServeProcess(
-        [graph, "-f", config, f"--Frontend.port={port}"],
+        [graph, "-f", config, f"--Frontend.port={port}", *(extra or [])],
         cwd=REPO_ROOT,
         env={**servers.env(), "DYN_LEASE_TTL": "5"},
         log_path=log_dir / "serve.log",

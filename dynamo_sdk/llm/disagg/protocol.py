@@ -45,6 +45,7 @@ class RemotePrefillRequest(msgspec.Struct):
     decode_instance: int  # the decode worker's instance id (its etcd lease)
     block_ids: list[int]  # the decode worker's blocks for the whole prompt
     first_block: int  # blocks before it are cached on the decode side: not sent
+    transfer_id: str  # names this transfer on the decode worker's receiver
 
 
 class TransferHeader(msgspec.Struct, omit_defaults=True):

@@ -162,8 +162,8 @@ class Scheduler:
         tokens need no transfer), or None if the blocks are not free: prefill locally then.
         """
         bm = self.block_manager
-        if self.waiting or not bm.can_allocate(seq.tokens):
-            return None  # FIFO: nothing overtakes requests already queued for blocks
+        if not bm.can_allocate(seq.tokens):
+            return None
         alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
         seq.state = SeqState.REMOTE
         seq.num_computed = seq.cached_tokens = alloc.num_cached_tokens

@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+
+import msgspec
 
 from dynamo_sdk import (
     ServiceConfig,
@@ -24,7 +28,11 @@ from dynamo_sdk import (
     endpoint,
     service,
 )
-from dynamo_sdk.llm.engines.base import Engine, EngineStats
+from dynamo_sdk.llm.disagg.policy import DisaggConfig
+from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, transfer_key
+from dynamo_sdk.llm.disagg.queue import PrefillQueue
+from dynamo_sdk.llm.disagg.transfer import KvReceiver
+from dynamo_sdk.llm.engines.base import Engine, EngineError, EngineStats, PrefillSlots
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import LoadMetrics
 from dynamo_sdk.llm.kv.publisher import KvPublisher
@@ -37,7 +45,7 @@ from dynamo_sdk.serve.embedded import free_port
 
 log = logging.getLogger("dynamo.llm.worker")
 
-FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval"}
+FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "stats_interval", *DisaggConfig.KEYS}
 
 
 @service(dynamo={"namespace": "dynamo"}, resources={"gpu": 1}, workers=1)
@@ -52,6 +60,17 @@ class Worker:
         self.metrics: WorkerMetrics | None = None
         self.kv_publisher: KvPublisher | None = None
         self.kv_bridge: VllmKvEventBridge | None = None
+        self.disagg = DisaggConfig.from_section(self.config)
+        self.kv_receiver: KvReceiver | None = None
+        self.prefill_queue: PrefillQueue | None = None
+        self.disagg_counts = {
+            "remote": 0,  # prefills sent to the prefill queue
+            "local_short": 0,  # few uncached tokens: computed here
+            "local_queue_full": 0,  # the prefill queue was too deep: computed here
+            "local_no_blocks": 0,  # no free blocks to offer a prefill worker: computed here
+            "fallback": 0,  # sent, but no KV came back (failure, timeout): computed here
+            "remote_tokens": 0,  # prompt tokens whose KV arrived from prefill workers
+        }
 
     @async_on_start
     async def start(self) -> None:
@@ -93,6 +112,8 @@ class Worker:
             else:
                 self.engine.on_kv_events(self.kv_publisher.on_events)  # type: ignore[attr-defined]
             await self.kv_publisher.start()
+        if self.disagg.remote_prefill:
+            await self._start_disagg(runtime)
         self.metrics = WorkerMetrics(served, global_registry=True)
         self._stats_task = asyncio.create_task(self._report_stats())
         log.info(
@@ -105,13 +126,63 @@ class Worker:
     @endpoint()
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         assert self.engine is not None
-        async for output in self.engine.generate(request):
+        remote = await self._remote_prefill(request) if self.prefill_queue is not None else None
+        if remote is None:
+            async for output in self.engine.generate(request):
+                yield output
+            return
+        stream = self.engine.generate(request, remote_prefill=remote)  # type: ignore[call-arg]
+        async for output in stream:
+            if output.cached_tokens is not None and not remote.started:
+                self.disagg_counts["local_no_blocks"] += 1  # no free blocks to offer: local
             yield output
 
     @endpoint()
     async def stats(self, _: str) -> EngineStats:
         assert self.engine is not None
         return self.engine.stats()
+
+    @endpoint()
+    async def disagg_stats(self, _: str) -> dict[str, int]:
+        """Conditional-disaggregation decisions and transfers so far."""
+        return dict(self.disagg_counts)
+
+    async def _start_disagg(self, runtime: Any) -> None:
+        """Receive KV from prefill workers; advertise where (and in what layout) in etcd."""
+        engine = self.engine
+        if not hasattr(engine, "kv_layout"):
+            raise EngineError(
+                f"remote_prefill needs an engine that takes KV transfers (torch), "
+                f"not {self.engine_name}"
+            )
+        layout = KvLayout(**engine.kv_layout())
+        host = os.environ.get("DYN_KV_TRANSFER_HOST", "127.0.0.1")
+        self.kv_receiver = KvReceiver(layout, engine.write_kv, host=host)
+        endpoint_info = await self.kv_receiver.start()
+        await runtime.put_leased(
+            transfer_key(Worker.namespace, runtime.instance_id),
+            msgspec.msgpack.encode(endpoint_info),
+        )
+        self.prefill_queue = PrefillQueue(runtime.nc, Worker.namespace)
+        await self.prefill_queue.ensure()
+        self.instance_id = runtime.instance_id
+        log.info("disaggregated prefill on: KV received at %s:%d", host, endpoint_info.port)
+
+    async def _remote_prefill(self, request: PreprocessedRequest) -> _RemotePrefill | None:
+        """Apply the conditional-disaggregation rule; a prefill callable if remote."""
+        assert self.engine is not None and self.prefill_queue is not None
+        tokens = request.token_ids
+        uncached = len(tokens) - self.engine.cached_prefix_tokens(tokens)  # type: ignore[attr-defined]
+        depth = 0
+        if uncached > self.disagg.max_local_prefill_length:
+            depth = await self.prefill_queue.depth()
+        decision = self.disagg.decide(uncached, depth)
+        log.debug("%s: %s prefill (%d uncached tokens, queue %d)",
+                  request.request_id, decision, uncached, depth)  # fmt: skip
+        if decision != "remote":
+            self.disagg_counts[decision] += 1
+            return None
+        return _RemotePrefill(self, request)
 
     @async_on_shutdown
     async def stop(self) -> None:
@@ -121,6 +192,8 @@ class Worker:
                 await self._stats_task
         if self.kv_bridge is not None:
             await self.kv_bridge.stop()
+        if self.kv_receiver is not None:
+            await self.kv_receiver.stop()
         if self.kv_publisher is not None:
             await self.kv_publisher.stop()
         if self.engine is not None:
@@ -158,3 +231,38 @@ class Worker:
                     100 * stats.prefix_cache_hit_rate,
                 )
             last, last_at = stats, now
+
+
+class _RemotePrefill:
+    """Sends one request's prefill to the queue and waits for its KV (a ``RemotePrefill``)."""
+
+    def __init__(self, worker: Worker, request: PreprocessedRequest) -> None:
+        self.worker = worker
+        self.request = request
+        self.started = False
+
+    async def __call__(self, slots: PrefillSlots) -> int:
+        self.started = True
+        w = self.worker
+        queue, receiver, counts = w.prefill_queue, w.kv_receiver, w.disagg_counts
+        assert queue is not None and receiver is not None
+        counts["remote"] += 1
+        transfer_id = f"{self.request.request_id}:{uuid.uuid4().hex[:12]}"
+        arrived = receiver.expect(transfer_id, slots.block_ids)
+        first = slots.num_cached_tokens // slots.block_size
+        try:
+            job = RemotePrefillRequest(
+                self.request, w.instance_id, slots.block_ids, first, transfer_id
+            )
+            await queue.put(job)
+            written = await asyncio.wait_for(arrived, w.disagg.prefill_timeout)
+        except TimeoutError:
+            log.warning("%s: no KV within %.0f s", transfer_id, w.disagg.prefill_timeout)
+            written = 0
+        finally:
+            receiver.forget(transfer_id)
+        if written:
+            counts["remote_tokens"] += written
+        else:
+            counts["fallback"] += 1
+        return written
