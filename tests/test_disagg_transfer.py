@@ -92,20 +92,25 @@ async def test_prefill_queue_hands_each_request_to_one_worker_and_redelivers_una
     await queue_b.ensure()
     for i in range(4):
         req = make_request([1, 2, 3], 4, request_id=f"q{i}")
-        await queue_a.put(RemotePrefillRequest(req, 1, [0], 0))
+        await queue_a.put(RemotePrefillRequest(req, 1, [0], 0, f"t{i}"))
     assert await queue_a.depth() == 4
     got_a = await queue_a.pull(2, timeout=2)
     got_b = await queue_b.pull(2, timeout=2)
     ids = [r.request.request_id for _, r in got_a + got_b]
     assert sorted(ids) == ["q0", "q1", "q2", "q3"]  # each exactly once
     for msg, _ in got_a:
-        await msg.ack()
-    assert await queue_a.depth() == 2
+        await msg.ack_sync()
+    deadline = asyncio.get_running_loop().time() + 5
+    while await queue_a.depth() != 2:  # the stream drops acknowledged requests
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
     # B "dies" without acknowledging: its requests come back after ack_wait
     again = await queue_a.pull(2, timeout=5)
     assert sorted(r.request.request_id for _, r in again) == sorted(
         r.request.request_id for _, r in got_b
     )
     for msg, _ in again:
-        await msg.ack()
+        await msg.ack_sync()
     assert await queue_a.pull(1, timeout=0.5) == []
+    await queue_a.close()
+    await queue_b.close()

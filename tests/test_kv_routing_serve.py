@@ -51,7 +51,7 @@ def routed(
                 json={"model": MODEL, "prompt": "warm", "max_tokens": 1},
                 timeout=5,
             )
-            return r.status_code == 200 and serve.output().count("endpoints [generate, stats]") >= 3
+            return r.status_code == 200 and serve.output().count("endpoints [generate, stats") >= 3
         except httpx.HTTPError:
             return False
 

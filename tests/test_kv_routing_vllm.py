@@ -46,7 +46,7 @@ def test_two_vllm_workers_repeated_prompt_hits_the_same_cache(
     try:
         serve.wait_for(
             lambda: (
-                serve.output().count("endpoints [generate, stats]") >= 2
+                serve.output().count("endpoints [generate, stats") >= 2
                 and "dynamo-tiny" in _models(base)
             ),
             240,

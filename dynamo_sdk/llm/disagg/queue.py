@@ -8,6 +8,7 @@ delivered again to another one after ``ack_wait``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import msgspec
@@ -43,6 +44,13 @@ class PrefillQueue:
                 )
             except BadRequestError:  # created meanwhile by another worker
                 await self.js.stream_info(self.stream)
+
+    async def close(self) -> None:
+        """Drop this process's pull subscription (else draining the connection waits on it)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()  # type: ignore[attr-defined]
 
     async def put(self, request: RemotePrefillRequest) -> None:
         await self.js.publish(self.subject, msgspec.msgpack.encode(request), stream=self.stream)

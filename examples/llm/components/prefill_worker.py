@@ -82,6 +82,8 @@ class PrefillWorker:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        if self.queue is not None:
+            await self.queue.close()
         if self.engine is not None:
             await self.engine.shutdown()
 
