@@ -11,7 +11,7 @@ import torch
 
 from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, TransferHeader
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
-from dynamo_sdk.llm.disagg.transfer import KvReceiver, TransferError, send_kv
+from dynamo_sdk.llm.disagg.transfer import KvReceiver, TransferError, send_kv, transport_for
 from dynamo_sdk.runtime import DistributedRuntime
 from tests.engine_requests import make_request
 
@@ -114,3 +114,17 @@ async def test_prefill_queue_hands_each_request_to_one_worker_and_redelivers_una
     assert await queue_a.pull(1, timeout=0.5) == []
     await queue_a.close()
     await queue_b.close()
+
+
+async def test_transport_is_tcp_without_a_shared_gpu() -> None:
+    """CUDA IPC needs the KV on a GPU and the receiver's cache on a GPU this process sees on
+    this machine; everything else goes over TCP (the GPU path runs in kv_transfer_bench)."""
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: None, cache=torch.zeros(4))
+    endpoint = await receiver.start()
+    try:
+        assert endpoint.cuda_ipc == b"" and endpoint.node  # a CPU cache offers no IPC handle
+        assert transport_for(endpoint, kv_for(1)) == "tcp"
+        elsewhere = msgspec.structs.replace(endpoint, cuda_ipc=b"x", node="other-host/boot")
+        assert transport_for(elsewhere, kv_for(1)) == "tcp"
+    finally:
+        await receiver.stop()

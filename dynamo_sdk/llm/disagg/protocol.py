@@ -32,6 +32,9 @@ class TransferEndpoint(msgspec.Struct):
     host: str
     port: int
     layout: KvLayout
+    node: str = ""  # the machine (hostname + boot id): CUDA IPC works only within one
+    gpu_uuid: str = ""  # the GPU holding the KV cache, when it is on one
+    cuda_ipc: bytes = b""  # the cache tensor as torch's IPC reduction (pickled), if on a GPU
 
 
 def transfer_key(namespace: str, instance_id: int) -> str:
@@ -57,3 +60,4 @@ class TransferHeader(msgspec.Struct, omit_defaults=True):
     num_tokens: int = 0  # leading prompt tokens whose KV is written once this lands
     nbytes: int = 0
     error: str | None = None
+    in_place: bool = False  # written straight into the receiver's GPU memory (CUDA IPC)

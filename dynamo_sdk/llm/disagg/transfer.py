@@ -5,21 +5,34 @@ pending request may receive and writes what arrives into its cache) and a prefil
 ``send_kv``. Every transfer carries the sender's ``KvLayout``; a layout that differs from the
 receiver's is refused with a message naming the differences, before any byte is written.
 
-``TcpKvTransport`` (here) sends host-memory copies over one TCP connection per transfer: it
-works between any two processes or machines and is what CI runs. A connection that breaks
-mid-payload (the prefill worker died) fails the request's transfer, and the decode worker
-prefills the prompt itself. GPU-to-GPU transports (CUDA IPC or NCCL on one node) plug in
-behind the same two halves.
+Two transports, chosen per transfer by ``send_kv``:
+
+* CUDA IPC, when the KV is on a GPU and the receiver's cache is a GPU tensor on the same
+  machine that this process can see: the receiver advertises its cache tensor's IPC handle
+  (torch's CUDA IPC reduction) and GPU UUID in its endpoint; the sender maps that memory once
+  and copies its blocks straight into the receiver's blocks, device to device (NVLink or PCIe
+  peer copies across GPUs), then tells the receiver over TCP that they are in place.
+* TCP otherwise: host-memory copies over one connection per transfer; works between any two
+  processes or machines, and is what CI runs.
+
+Either way the layout and block ids are checked by the receiver, and a connection that breaks
+mid-transfer (the prefill worker died) fails the request's transfer: the decode worker then
+prefills the prompt itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import pickle
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import torch
@@ -53,9 +66,13 @@ class KvReceiver:
         layout: KvLayout,
         write: Callable[[list[int], torch.Tensor], None],
         host: str = "127.0.0.1",
+        cache: torch.Tensor | None = None,
     ) -> None:
+        """``cache``: the whole KV tensor ``[layers, 2, blocks, ...]``; on a GPU, senders on this
+        machine that can see that GPU write into it directly (CUDA IPC)."""
         self.layout = layout
         self.host = host
+        self.cache = cache
         self.port = 0
         self._write = write
         self._pending: dict[str, _Pending] = {}
@@ -65,7 +82,13 @@ class KvReceiver:
     async def start(self, port: int = 0) -> TransferEndpoint:
         self._server = await asyncio.start_server(self._handle, self.host, port)
         self.port = self._server.sockets[0].getsockname()[1]
-        return TransferEndpoint(self.host, self.port, self.layout)
+        endpoint = TransferEndpoint(self.host, self.port, self.layout, node=node_id())
+        if self.cache is not None and self.cache.is_cuda:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            endpoint.gpu_uuid = gpu_uuid(self.cache.device)
+            endpoint.cuda_ipc = pickle.dumps(reduce_tensor(self.cache))
+        return endpoint
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -103,6 +126,10 @@ class KvReceiver:
             if problem is not None:
                 _resolve(pending, 0)
                 return await _refuse(writer, problem)
+            if header.in_place:  # the sender wrote the blocks through CUDA IPC already
+                self.bytes_received += _nbytes(self.layout, len(header.block_ids))
+                _resolve(pending, header.num_tokens)
+                return await _reply(writer, _OK)
             payload = await reader.readexactly(header.nbytes)
             assert header.layout is not None
             kv = _tensor(payload, header.layout, len(header.block_ids))
@@ -132,7 +159,7 @@ def _check(header: TransferHeader, layout: KvLayout, pending: _Pending) -> str |
         return f"KV layout mismatch (sender vs receiver): {diff}"
     if not set(header.block_ids) <= pending.block_ids:
         return "transfer names blocks that were not offered for this request"
-    expected = _nbytes(layout, len(header.block_ids))
+    expected = 0 if header.in_place else _nbytes(layout, len(header.block_ids))
     if header.nbytes != expected:
         return f"payload of {header.nbytes} bytes, {expected} expected"
     return None
@@ -181,8 +208,16 @@ async def send_kv(
         diff = header.layout.mismatch(endpoint.layout)
         if diff is not None:  # fail fast, without moving the bytes
             raise TransferError(f"KV layout mismatch (sender vs receiver): {diff}")
-        payload = kv.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        header.nbytes = len(payload)
+        remote = _peer_cache(endpoint) if kv.is_cuda else None
+        if remote is not None:  # CUDA IPC: straight into the receiver's blocks
+            idx = torch.tensor(header.block_ids, dtype=torch.long, device=remote.device)
+            remote.index_copy_(2, idx, kv.to(remote.device, non_blocking=True))
+            torch.cuda.synchronize(remote.device)
+            header.in_place = True
+            payload = b""
+        else:
+            payload = kv.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            header.nbytes = len(payload)
     else:
         payload = b""
     head = msgspec.msgpack.encode(header)
@@ -198,3 +233,55 @@ async def send_kv(
         writer.close()
     if not reply.startswith(_OK):
         raise TransferError(reply[1:].decode(errors="replace") or "receiver closed the connection")
+
+
+def transport_for(endpoint: TransferEndpoint, kv: torch.Tensor) -> str:
+    """Which transport ``send_kv`` uses for ``kv`` to ``endpoint``: "cuda_ipc" or "tcp"."""
+    return "cuda_ipc" if kv.is_cuda and _peer_cache(endpoint) is not None else "tcp"
+
+
+@functools.cache
+def node_id() -> str:
+    """This machine: its hostname and boot id (containers on one host share the boot id)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}/{boot.read_text().strip() if boot.exists() else ''}"
+
+
+def gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+_PEERS: dict[tuple[str, int, bytes], torch.Tensor | None] = {}
+
+
+def _peer_cache(endpoint: TransferEndpoint) -> torch.Tensor | None:
+    """The receiver's KV cache mapped into this process (once per endpoint), or None when
+    CUDA IPC cannot reach it (another machine, its GPU not visible here, no handle)."""
+    if not endpoint.cuda_ipc or endpoint.node != node_id() or not torch.cuda.is_available():
+        return None
+    key = (endpoint.host, endpoint.port, endpoint.cuda_ipc)
+    if key not in _PEERS:
+        _PEERS[key] = _open_ipc(endpoint)
+    return _PEERS[key]
+
+
+def _open_ipc(endpoint: TransferEndpoint) -> torch.Tensor | None:
+    visible = {gpu_uuid(torch.device("cuda", i)): i for i in range(torch.cuda.device_count())}
+    index = visible.get(endpoint.gpu_uuid)
+    if index is None:
+        return None
+    rebuild, args = pickle.loads(endpoint.cuda_ipc)
+    args = list(args)
+    args[_STORAGE_DEVICE_ARG] = index  # its device index in this process's numbering
+    try:
+        tensor: Any = rebuild(*args)
+    except RuntimeError as exc:  # e.g. peer access not possible between these GPUs
+        log.warning("CUDA IPC to %s:%d unavailable (%s); using TCP", endpoint.host,
+                    endpoint.port, exc)  # fmt: skip
+        return None
+    return tensor
+
+
+# torch.multiprocessing.reductions.rebuild_cuda_tensor's arguments: (tensor_cls, size, stride,
+# offset, storage_cls, dtype, storage_device, storage_handle, ...): the device is the 7th.
+_STORAGE_DEVICE_ARG = 6

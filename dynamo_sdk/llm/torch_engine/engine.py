@@ -457,6 +457,11 @@ class TorchEngine:
         except ValueError as exc:
             raise EngineError(f"cannot write transferred KV: {exc}") from exc
 
+    def kv_cache_tensor(self) -> torch.Tensor:
+        """The whole paged KV cache, ``[layers, 2, blocks + 1, block_size, kv_heads, head_dim]``
+        (block ids index dimension 2): what a GPU-to-GPU transfer writes into."""
+        return self._ready()[1].kv
+
     def kv_layout(self) -> dict[str, Any]:
         """What a KV buffer of this engine looks like, for peers to check before sending."""
         cfg = self.config

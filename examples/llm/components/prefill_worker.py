@@ -32,7 +32,7 @@ from dynamo_sdk.llm.disagg.protocol import (
     transfer_key,
 )
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
-from dynamo_sdk.llm.disagg.transfer import send_kv
+from dynamo_sdk.llm.disagg.transfer import send_kv, transport_for
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.model_resolver import resolve_model
@@ -51,7 +51,8 @@ class PrefillWorker:
         self.engine: TorchEngine | None = None
         self.queue: PrefillQueue | None = None
         self._task: asyncio.Task[None] | None = None
-        self.counts = {"prefilled": 0, "failed": 0, "dropped": 0, "tokens_sent": 0}
+        self.counts = {"prefilled": 0, "failed": 0, "dropped": 0, "tokens_sent": 0,
+                       "via_cuda_ipc": 0, "via_tcp": 0}  # fmt: skip
 
     @async_on_start
     async def start(self) -> None:
@@ -122,8 +123,10 @@ class PrefillWorker:
             covered, kv = await self.engine.prefill_and_export(req.request, req.first_block)
             block_ids = req.block_ids[req.first_block : covered // self.layout.block_size]
             header = TransferHeader(req.transfer_id, block_ids, self.layout, num_tokens=covered)
+            via = transport_for(endpoint, kv)
             await send_kv(endpoint, header, kv)
             self.counts["prefilled"] += 1
+            self.counts[f"via_{via}"] += 1
             self.counts["tokens_sent"] += covered
         except Exception as exc:
             self.counts["failed"] += 1

@@ -157,7 +157,8 @@ class Worker:
             )
         layout = KvLayout(**engine.kv_layout())
         host = os.environ.get("DYN_KV_TRANSFER_HOST", "127.0.0.1")
-        self.kv_receiver = KvReceiver(layout, engine.write_kv, host=host)
+        self.kv_receiver = KvReceiver(layout, engine.write_kv, host=host,
+                                      cache=engine.kv_cache_tensor())  # fmt: skip
         endpoint_info = await self.kv_receiver.start()
         await runtime.put_leased(
             transfer_key(Worker.namespace, runtime.instance_id),
@@ -166,7 +167,8 @@ class Worker:
         self.prefill_queue = PrefillQueue(runtime.nc, Worker.namespace)
         await self.prefill_queue.ensure()
         self.instance_id = runtime.instance_id
-        log.info("disaggregated prefill on: KV received at %s:%d", host, endpoint_info.port)
+        log.info("disaggregated prefill on: KV received at %s:%d%s", host, endpoint_info.port,
+                 " (and through CUDA IPC)" if endpoint_info.cuda_ipc else "")  # fmt: skip
 
     async def _remote_prefill(self, request: PreprocessedRequest) -> _RemotePrefill | None:
         """Apply the conditional-disaggregation rule; a prefill callable if remote."""
