@@ -210,9 +210,7 @@ async def send_kv(
             raise TransferError(f"KV layout mismatch (sender vs receiver): {diff}")
         remote = _peer_cache(endpoint) if kv.is_cuda else None
         if remote is not None:  # CUDA IPC: straight into the receiver's blocks
-            idx = torch.tensor(header.block_ids, dtype=torch.long, device=remote.device)
-            remote.index_copy_(2, idx, kv.to(remote.device, non_blocking=True))
-            torch.cuda.synchronize(remote.device)
+            await _copy_in_place(remote, header.block_ids, kv)
             header.in_place = True
             payload = b""
         else:
@@ -233,6 +231,27 @@ async def send_kv(
         writer.close()
     if not reply.startswith(_OK):
         raise TransferError(reply[1:].decode(errors="replace") or "receiver closed the connection")
+
+
+async def _copy_in_place(remote: torch.Tensor, block_ids: list[int], kv: torch.Tensor) -> None:
+    """Scatter ``kv`` into the peer's blocks on a stream of its own (on the peer's GPU), so the
+    copy neither waits behind nor holds up this process's model steps on the default stream,
+    and wait for it off the event loop. ``kv`` stays referenced until the copy is done."""
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(kv.device))  # kv is fully computed
+    stream = _transfer_stream(remote.device)
+    stream.wait_event(ready)
+    done = torch.cuda.Event()
+    with torch.cuda.device(remote.device), torch.cuda.stream(stream):
+        idx = torch.tensor(block_ids, dtype=torch.long).to(remote.device, non_blocking=True)
+        remote.index_copy_(2, idx, kv.to(remote.device, non_blocking=True))
+        done.record(stream)
+    await asyncio.to_thread(done.synchronize)
+
+
+@functools.cache
+def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
 
 
 def transport_for(endpoint: TransferEndpoint, kv: torch.Tensor) -> str:
