@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -46,6 +47,43 @@ class Engine(Protocol):
 
 class EngineError(Exception):
     """An engine failed to start or to serve a request."""
+
+
+def engine_kwargs(
+    init: Callable[..., Any], config: Mapping[str, Any], engine: str, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """An engine's keyword arguments from a YAML mapping, checked against ``init``'s signature.
+
+    Unknown keys are errors, so a typo cannot fall back silently to a default. Values are
+    coerced to the default's type (YAML may give ``1`` for ``1.0``); booleans must be real
+    booleans, since ``bool("false")`` is True; parameters defaulting to None take any value.
+    """
+    params = inspect.signature(init).parameters
+    defaults = {n: p.default for n, p in params.items() if n not in ("self", *skip)}
+    defaults = {n: d for n, d in defaults.items() if d is not inspect.Parameter.empty}
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise EngineError(
+            f"unknown {engine} engine config key(s): {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(defaults))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in config.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise EngineError(f"{engine}: {key} must be true or false, got {value!r}")
+            kwargs[key] = value
+        elif default is None or isinstance(value, list):
+            kwargs[key] = value
+        else:
+            try:
+                kwargs[key] = type(default)(value)
+            except (TypeError, ValueError) as exc:
+                raise EngineError(
+                    f"{engine}: {key} must be of type {type(default).__name__}, got {value!r}"
+                ) from exc
+    return kwargs
 
 
 def check_prompt(request: PreprocessedRequest, context_length: int) -> None:

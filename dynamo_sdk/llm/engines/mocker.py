@@ -39,15 +39,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
+from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt, engine_kwargs
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
     Scheduler,
@@ -56,12 +55,10 @@ from dynamo_sdk.llm.engines.scheduler import (
     stream_outputs,
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager
-from dynamo_sdk.llm.kv.events import KvEvent, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
-
-KvEventCallback = Callable[[list[KvEvent]], None]
 
 _U64 = (1 << 64) - 1
 _TTFT_HISTORY = 4096  # simulated TTFTs kept for `simulated_ttft_ms` (oldest dropped first)
@@ -188,33 +185,8 @@ class MockerEngine:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MockerEngine:
-        """Build from a YAML mapping; unknown keys are errors so a typo cannot fall back silently.
-
-        Values are coerced to the parameter's type (YAML may give `1` for `1.0`); booleans must
-        be real booleans, since `bool("false")` would be True.
-        """
-        params = inspect.signature(cls.__init__).parameters
-        defaults = {n: p.default for n, p in params.items() if n not in ("self", "on_events")}
-        unknown = sorted(set(config) - set(defaults))
-        if unknown:
-            raise EngineError(
-                f"unknown mocker engine config key(s): {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(defaults))})"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in config.items():
-            kind = type(defaults[key])
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise EngineError(f"mocker: {key} must be true or false, got {value!r}")
-                kwargs[key] = value
-                continue
-            try:
-                kwargs[key] = kind(value)
-            except (TypeError, ValueError) as exc:
-                raise EngineError(
-                    f"mocker: {key} must be of type {kind.__name__}, got {value!r}"
-                ) from exc
+        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``)."""
+        kwargs = engine_kwargs(cls.__init__, config, "mocker", skip=("on_events",))
         return cls(**kwargs)
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -123,15 +123,18 @@ def from_vllm(event: dict[str, Any]) -> KvEvent | None:
     return None
 
 
+KvEventCallback = Callable[[list[KvEvent]], None]
+
+
 class KvEventFanout:
     """Hands an engine's KV events to every subscriber (a worker's publisher, tests); a failing
     subscriber is logged and never allowed to break the engine's scheduling."""
 
     def __init__(self, owner: str) -> None:
         self._owner = owner
-        self._callbacks: list[Callable[[list[KvEvent]], None]] = []
+        self._callbacks: list[KvEventCallback] = []
 
-    def subscribe(self, callback: Callable[[list[KvEvent]], None] | None) -> None:
+    def subscribe(self, callback: KvEventCallback | None) -> None:
         if callback is not None:
             self._callbacks.append(callback)
 

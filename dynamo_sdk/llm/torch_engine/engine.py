@@ -30,10 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from dynamo_sdk.llm.engines.base import (
     PrefillSlots,
     RemotePrefill,
     check_prompt,
+    engine_kwargs,
 )
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
@@ -57,7 +57,7 @@ from dynamo_sdk.llm.engines.scheduler import (
     stream_outputs,
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
-from dynamo_sdk.llm.kv.events import KvEvent, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
 from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
@@ -70,8 +70,6 @@ from dynamo_sdk.llm.torch_engine.runner import (
 from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, SamplingParams
 
 log = logging.getLogger(__name__)
-
-KvEventCallback = Callable[[list[KvEvent]], None]
 
 
 @dataclass
@@ -170,33 +168,9 @@ class TorchEngine:
 
     @classmethod
     def from_config(cls, model: str | None, config: Mapping[str, Any]) -> TorchEngine:
-        """Build from a YAML mapping; unknown keys are errors, values coerced to their type."""
-        params = inspect.signature(cls.__init__).parameters
-        skip = ("self", "model", "on_events", "model_config")
-        defaults = {n: p.default for n, p in params.items() if n not in skip}
-        unknown = sorted(set(config) - set(defaults))
-        if unknown:
-            raise EngineError(
-                f"unknown torch engine config key(s): {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(defaults))})"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in config.items():
-            default = defaults[key]
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise EngineError(f"torch engine: {key} must be true or false, got {value!r}")
-                kwargs[key] = value
-            elif default is None or isinstance(value, list):
-                kwargs[key] = value
-            else:
-                try:
-                    kwargs[key] = type(default)(value)
-                except (TypeError, ValueError) as exc:
-                    raise EngineError(
-                        f"torch engine: {key} must be of type {type(default).__name__}, "
-                        f"got {value!r}"
-                    ) from exc
+        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``)."""
+        skip = ("model", "on_events", "model_config")
+        kwargs = engine_kwargs(cls.__init__, config, "torch", skip=skip)
         return cls(model, **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------------------
