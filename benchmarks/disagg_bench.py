@@ -118,13 +118,10 @@ async def _serve(role: str, device: str, args: argparse.Namespace, front: Any, p
             assert receiver is not None and peer_pipe is not None
 
             async def remote(slots: Any) -> int:
-                arrived = receiver.expect(rid, slots.block_ids)
+                receiver.expect(rid, slots.block_ids)
                 first = slots.num_cached_tokens // slots.block_size
                 peer_pipe.send(("prefill", rid, tokens, slots.block_ids, first))
-                try:
-                    return await asyncio.wait_for(arrived, 120)
-                finally:
-                    receiver.forget(rid)
+                return await receiver.wait(rid, 120)
 
         async for o in engine.generate(request(rid, tokens, new), remote_prefill=remote):
             out.send(("tok", rid, len(o.token_ids), time.time(), o.finish_reason is not None))

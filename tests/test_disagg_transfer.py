@@ -128,3 +128,37 @@ async def test_transport_is_tcp_without_a_shared_gpu() -> None:
         assert transport_for(elsewhere, kv_for(1)) == "tcp"
     finally:
         await receiver.stop()
+
+
+async def test_in_place_writes_are_granted_only_while_awaited_and_awaited_to_the_end() -> None:
+    """The CUDA IPC protocol (spoken by hand here, on CPU): the receiver grants an in-place
+    write only for a request it still waits on; once granted, a timeout does not release the
+    blocks until the sender says "written" (or its connection breaks)."""
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: pytest.fail("in place: nothing to write"))
+    endpoint = await receiver.start()
+
+    async def ask(rid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        head = msgspec.msgpack.encode(TransferHeader(rid, [3], LAYOUT, 16, in_place=True))
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        writer.write(struct.pack(">I", len(head)) + head)
+        return reader, writer, await reader.read(1)
+
+    try:
+        receiver.expect("slow", [3])
+        waiting = asyncio.create_task(receiver.wait("slow", timeout=0.2))
+        reader, writer, grant = await ask("slow")
+        assert grant == b"\x01"
+        await asyncio.sleep(0.5)  # "copying" past the decode side's timeout
+        assert not waiting.done()
+        writer.write(b"\x01")
+        assert await asyncio.wait_for(waiting, 5) == 16
+        assert await reader.read(1) == b"\x01"
+        writer.close()
+        # too late: the request gave up (timed out) before anyone asked to write
+        receiver.expect("late", [3])
+        assert await receiver.wait("late", timeout=0.1) == 0
+        _, writer, refusal = await ask("late")
+        assert refusal == b"\x00"
+        writer.close()
+    finally:
+        await receiver.stop()

@@ -53,6 +53,7 @@ class TransferError(Exception):
 @dataclass
 class _Pending:
     block_ids: set[int]
+    writing: bool = False  # a sender was granted an in-place write and has not finished
     done: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -110,6 +111,27 @@ class KvReceiver:
         """Stop accepting KV for a request (done, timed out or cancelled)."""
         self._pending.pop(request_id, None)
 
+    async def wait(self, request_id: str, timeout: float) -> int:
+        """Tokens written for an ``expect``ed request, 0 if nothing came within ``timeout``.
+
+        A sender already granted an in-place (CUDA IPC) write is waited for past the timeout
+        (until it says done or its connection breaks): its copy lands in these blocks, which
+        must not be reused before it has.
+        """
+        pending = self._pending[request_id]
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.done), timeout)
+        except TimeoutError:
+            if pending.writing:
+                return await pending.done
+            return 0
+        except asyncio.CancelledError:
+            if pending.writing:  # the request goes, its blocks too: not under a running copy
+                await asyncio.shield(pending.done)
+            raise
+        finally:
+            self.forget(request_id)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pending: _Pending | None = None
         try:
@@ -126,7 +148,11 @@ class KvReceiver:
             if problem is not None:
                 _resolve(pending, 0)
                 return await _refuse(writer, problem)
-            if header.in_place:  # the sender wrote the blocks through CUDA IPC already
+            if header.in_place:  # CUDA IPC: grant the write, then wait for "written"
+                pending.writing = True
+                await _reply(writer, _OK)
+                if await reader.readexactly(1) != _OK:
+                    raise ConnectionError("in-place transfer abandoned by the sender")
                 self.bytes_received += _nbytes(self.layout, len(header.block_ids))
                 _resolve(pending, header.num_tokens)
                 return await _reply(writer, _OK)
@@ -209,26 +235,57 @@ async def send_kv(
         if diff is not None:  # fail fast, without moving the bytes
             raise TransferError(f"KV layout mismatch (sender vs receiver): {diff}")
         remote = _peer_cache(endpoint) if kv.is_cuda else None
-        if remote is not None:  # CUDA IPC: straight into the receiver's blocks
-            await _copy_in_place(remote, header.block_ids, kv)
+        if remote is not None:  # CUDA IPC: straight into the receiver's blocks, once granted
             header.in_place = True
-            payload = b""
-        else:
-            payload = kv.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-            header.nbytes = len(payload)
+            await _send_in_place(endpoint, header, remote, kv, timeout)
+            return
+        payload = kv.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        header.nbytes = len(payload)
     else:
         payload = b""
-    head = msgspec.msgpack.encode(header)
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(endpoint.host, endpoint.port), timeout
-    )
+    reader, writer = await _connect(endpoint, header, timeout)
     try:
-        writer.write(_LEN.pack(len(head)) + head)
         writer.write(payload)
         await asyncio.wait_for(writer.drain(), timeout)
         reply = await asyncio.wait_for(reader.read(4096), timeout)
     finally:
         writer.close()
+    _check_reply(reply)
+
+
+async def _send_in_place(
+    endpoint: TransferEndpoint,
+    header: TransferHeader,
+    remote: torch.Tensor,
+    kv: torch.Tensor,
+    timeout: float,
+) -> None:
+    """Ask first, then write: the receiver grants the write only while the request still
+    waits for these blocks (so a late sender can never overwrite blocks given to another
+    request), then waits for "written" before it uses them."""
+    reader, writer = await _connect(endpoint, header, timeout)
+    try:
+        _check_reply(await asyncio.wait_for(reader.read(1), timeout))
+        await _copy_in_place(remote, header.block_ids, kv)
+        writer.write(_OK)
+        await asyncio.wait_for(writer.drain(), timeout)
+        _check_reply(await asyncio.wait_for(reader.read(4096), timeout))
+    finally:
+        writer.close()
+
+
+async def _connect(
+    endpoint: TransferEndpoint, header: TransferHeader, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(endpoint.host, endpoint.port), timeout
+    )
+    head = msgspec.msgpack.encode(header)
+    writer.write(_LEN.pack(len(head)) + head)
+    return reader, writer
+
+
+def _check_reply(reply: bytes) -> None:
     if not reply.startswith(_OK):
         raise TransferError(reply[1:].decode(errors="replace") or "receiver closed the connection")
 

@@ -250,19 +250,17 @@ class _RemotePrefill:
         assert queue is not None and receiver is not None
         counts["remote"] += 1
         transfer_id = f"{self.request.request_id}:{uuid.uuid4().hex[:12]}"
-        arrived = receiver.expect(transfer_id, slots.block_ids)
+        receiver.expect(transfer_id, slots.block_ids)
         first = slots.num_cached_tokens // slots.block_size
+        job = RemotePrefillRequest(self.request, w.instance_id, slots.block_ids, first, transfer_id)
         try:
-            job = RemotePrefillRequest(
-                self.request, w.instance_id, slots.block_ids, first, transfer_id
-            )
             await queue.put(job)
-            written = await asyncio.wait_for(arrived, w.disagg.prefill_timeout)
-        except TimeoutError:
-            log.warning("%s: no KV within %.0f s", transfer_id, w.disagg.prefill_timeout)
-            written = 0
-        finally:
+        except Exception:
             receiver.forget(transfer_id)
+            raise
+        written = await receiver.wait(transfer_id, w.disagg.prefill_timeout)
+        if not written:
+            log.warning("%s: no KV from a prefill worker; prefilling locally", transfer_id)
         if written:
             counts["remote_tokens"] += written
         else:
