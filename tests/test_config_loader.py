@@ -253,11 +253,17 @@ def test_envs_list_and_dict_forms() -> None:
         ({"envs": [{"name": "A"}]}, r"must have 'name' and 'value'"),
         ({"envs": {"A=B": "1"}}, r"not a valid environment variable name"),
         ({"envs": {"A": [1]}}, r"value must be a string or number"),
+        ({"peer_gpus": "yes"}, r"peer_gpus must be true or false"),
     ],
 )
 def test_service_args_validation(args: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         apply_service_args(Worker, {"ServiceArgs": args})
+
+
+def test_peer_gpus_from_service_args() -> None:
+    assert not apply_service_args(Worker, {}).peer_gpus
+    assert apply_service_args(Worker, {"ServiceArgs": {"peer_gpus": True}}).peer_gpus
 
 
 def test_service_args_must_be_a_mapping() -> None:

@@ -60,3 +60,10 @@ def test_shortage_with_no_gpus() -> None:
 def test_cuda_visible_devices() -> None:
     assert cuda_visible_devices([0, 1]) == "0,1"
     assert cuda_visible_devices([]) == ""
+
+
+def test_peer_gpus_come_after_the_workers_own() -> None:
+    assert cuda_visible_devices([2], [0, 1, 2, 3]) == "2,0,1,3"
+    assert cuda_visible_devices([1, 2], [0, 3]) == "1,2,0,3"
+    # no GPU of its own: it must not run on a peer's device as cuda:0
+    assert cuda_visible_devices([], [0, 1]) == ""

@@ -131,7 +131,17 @@ def test_gpu_pinning_with_faked_gpus(servers: EmbeddedServers, tmp_path: Path) -
         ["serve", "gpu_graph:Pinned", "--dry-run"], cwd=tmp_path, env={"DYNAMO_GPUS": "0,1"}
     )
     assert dry.returncode == 0, dry.stderr
-    assert "CUDA_VISIBLE_DEVICES=0" in dry.stdout and "CUDA_VISIBLE_DEVICES=1" in dry.stdout
+    assert "CUDA_VISIBLE_DEVICES=0\n" in dry.stdout and "CUDA_VISIBLE_DEVICES=1\n" in dry.stdout
+
+    peers = run_dynamo(
+        ["serve", "gpu_graph:Pinned", "--dry-run", "--Pinned.ServiceArgs.peer_gpus=true"],
+        cwd=tmp_path,
+        env={"DYNAMO_GPUS": "0,1"},
+    )
+    assert peers.returncode == 0, peers.stderr
+    # each sees the other's GPU too, after its own (its own stays cuda:0)
+    assert "CUDA_VISIBLE_DEVICES=0,1   (own: 1)" in peers.stdout
+    assert "CUDA_VISIBLE_DEVICES=1,0   (own: 1)" in peers.stdout
 
     too_few = run_dynamo(
         ["serve", "gpu_graph:Pinned", "--dry-run"], cwd=tmp_path, env={"DYNAMO_GPUS": "0"}

@@ -45,6 +45,11 @@ class ServiceOptions:
             raise ValueError(f"resources.gpu must be >= 0, got {gpus}")
         return gpus
 
+    @property
+    def peer_gpus(self) -> bool:
+        """Whether its workers also see the other workers' GPUs (after their own)."""
+        return bool(self.extra.get("peer_gpus", False))
+
 
 class DynamoService(Generic[T]):
     """A user class marked with `@service`: metadata plus the class itself."""
@@ -150,7 +155,8 @@ def service(
     """Mark a class as a Dynamo service.
 
     `dynamo={"namespace": ...}` names the namespace its endpoints live in; `resources={"gpu": N}`
-    pins each worker to N GPUs; `workers` is how many processes serve it.
+    pins each worker to N GPUs; `workers` is how many processes serve it. `peer_gpus=True` lets
+    its workers also see the graph's other GPUs, after their own (for CUDA IPC into them).
     """
 
     def decorate(klass: type[T]) -> DynamoService[T]:

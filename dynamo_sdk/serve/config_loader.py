@@ -23,7 +23,7 @@ from dynamo_sdk.sdk.service import DynamoService, ServiceOptions
 COMMON = "Common"
 COMMON_CONFIGS = "common-configs"
 SERVICE_ARGS = "ServiceArgs"
-_SERVICE_ARG_KEYS = frozenset({"workers", "resources", "envs"})
+_SERVICE_ARG_KEYS = frozenset({"workers", "resources", "envs", "peer_gpus"})
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
@@ -259,6 +259,10 @@ def apply_service_args(service: DynamoService[Any], section: Mapping[str, Any]) 
     extra = copy.deepcopy(base.extra)
     if "envs" in args:
         extra["envs"] = {**extra.get("envs", {}), **_envs(args["envs"], where)}
+    if "peer_gpus" in args:
+        if not isinstance(args["peer_gpus"], bool):
+            raise ConfigError(f"{where}.peer_gpus must be true or false, got {args['peer_gpus']!r}")
+        extra["peer_gpus"] = args["peer_gpus"]
     return ServiceOptions(
         namespace=base.namespace, workers=workers, resources=resources, extra=extra
     )

@@ -4,6 +4,7 @@ The supervisor pins every worker to its own GPUs through `CUDA_VISIBLE_DEVICES`,
 workers never load a model onto the same device by accident. Allocation is all-or-nothing and
 happens before any process starts: a graph that does not fit fails with a message saying what
 it asked for and what exists, instead of an out-of-memory error deep inside an engine.
+A service may ask to also *see* the other workers' GPUs (``peer_gpus``), listed after its own.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def _demand_text(name: str, counts: list[int]) -> str:
     return f"{name}: {sum(counts)} over {len(counts)} workers"
 
 
-def cuda_visible_devices(ids: list[int]) -> str:
-    """The `CUDA_VISIBLE_DEVICES` value for `ids`; empty hides every GPU from the worker."""
-    return ",".join(str(gpu) for gpu in ids)
+def cuda_visible_devices(ids: list[int], peers: list[int] | None = None) -> str:
+    """The `CUDA_VISIBLE_DEVICES` value for a worker's own GPUs `ids`; empty hides every GPU.
+
+    `peers` (other workers' GPUs) are listed after the worker's own, so its own stay
+    `cuda:0..n-1` while the peers become reachable (a prefill worker writing KV into a decode
+    worker's GPU memory through CUDA IPC must see that GPU). A worker with no GPU of its own
+    sees none: it would otherwise run on another worker's device.
+    """
+    extra = [gpu for gpu in peers or [] if gpu not in ids] if ids else []
+    return ",".join(str(gpu) for gpu in [*ids, *extra])

@@ -18,7 +18,7 @@ from dynamo_sdk.serve.config_loader import (
     merge_config,
     parse_overrides,
 )
-from dynamo_sdk.serve.gpus import allocate, detect_gpus
+from dynamo_sdk.serve.gpus import allocate, cuda_visible_devices, detect_gpus
 from dynamo_sdk.serve.graph import load_entry, resolve_graph, services_defined_in
 from dynamo_sdk.serve.supervisor import WorkerPlan
 
@@ -69,10 +69,16 @@ def build_plan(
             index=index,
             gpus=allocation[(name, index)],
             env=dict(options[name].extra.get("envs", {})),
+            peer_gpus=_peers(allocation, (name, index)) if options[name].peer_gpus else [],
         )
         for name, index, _ in requests
     ]
     return GraphPlan(graph, cwd, services, options, merged, workers, gpus)
+
+
+def _peers(allocation: dict[tuple[str, int], list[int]], me: tuple[str, int]) -> list[int]:
+    """Every GPU given to another worker of the graph, in allocation order."""
+    return [gpu for key, ids in allocation.items() if key != me for gpu in ids]
 
 
 def render(plan: GraphPlan) -> str:
@@ -91,8 +97,9 @@ def render(plan: GraphPlan) -> str:
         lines.append(f"    depends on: {deps}")
         for worker in plan.workers:
             if worker.service == svc.name and worker.gpus:
-                visible = ",".join(map(str, worker.gpus))
-                lines.append(f"    worker {worker.index}: CUDA_VISIBLE_DEVICES={visible}")
+                visible = cuda_visible_devices(worker.gpus, worker.peer_gpus)
+                own = f"   (own: {len(worker.gpus)})" if worker.peer_gpus else ""
+                lines.append(f"    worker {worker.index}: CUDA_VISIBLE_DEVICES={visible}{own}")
         section = plan.config.get(svc.name, {})
         lines.append(f"    config: {json.dumps(section, sort_keys=True)}")
     return "\n".join(lines)

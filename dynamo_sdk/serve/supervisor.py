@@ -34,6 +34,7 @@ class WorkerPlan:
     index: int
     gpus: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    peer_gpus: list[int] = field(default_factory=list)  # other workers' GPUs it may also see
 
     @property
     def label(self) -> str:
@@ -158,7 +159,7 @@ class Supervisor:
         plan = state.plan
         env = dict(self.base_env)
         env.update(plan.env)
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(plan.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(plan.gpus, plan.peer_gpus)
         env["DYN_SERVICE_NAME"] = plan.service
         env["DYN_WORKER_INDEX"] = str(plan.index)
         env["DYN_HEALTH_PORT"] = str(state.health_port)

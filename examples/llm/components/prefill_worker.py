@@ -43,7 +43,9 @@ log = logging.getLogger("dynamo.llm.prefill")
 FRAMEWORK_KEYS = {"engine", "model", "served_model_name", "max_inflight"}
 
 
-@service(dynamo={"namespace": "dynamo"}, resources={"gpu": 1}, workers=1)
+# peer_gpus: it also sees the decode workers' GPUs (after its own), so it can write KV
+# straight into their caches through CUDA IPC; pinned to its GPU alone it would fall back to TCP.
+@service(dynamo={"namespace": "dynamo"}, resources={"gpu": 1}, workers=1, peer_gpus=True)
 class PrefillWorker:
     def __init__(self) -> None:
         self.config: dict[str, Any] = ServiceConfig.get_instance().for_service("PrefillWorker")
