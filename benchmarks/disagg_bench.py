@@ -40,6 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_pinning import start_pinned
+
 
 def engine_for(args: argparse.Namespace, device: str) -> Any:
     from engine_bench import LLAMA3_8B, SMALL  # noqa: I001 (a sibling script)
@@ -162,17 +164,23 @@ def run_mode(mode: str, args: argparse.Namespace, work: list[tuple[float, list[i
 
     ctx = mp.get_context("spawn")
     two = torch.cuda.device_count() > 1 and not args.device.startswith("cpu")
-    devices = ["cuda:0", "cuda:1"] if two else [args.device, args.device]
     roles = ["agg", "agg"] if mode == "agg" else ["prefill", "decode"]
     fronts, procs = [], []
     peer_a, peer_b = ctx.Pipe() if mode == "disagg" else (None, None)
-    for role, device in zip(roles, devices, strict=True):
+    for gpu, role in enumerate(roles):
         mine, theirs = ctx.Pipe()
         peer = peer_a if role == "prefill" else peer_b
+        # two GPUs: pinned as `dynamo serve` pins them (each its own GPU as cuda:0; the
+        # prefill worker also sees the decode worker's, for CUDA IPC); one: both share it
+        device = "cuda:0" if two else args.device
         proc = ctx.Process(target=serve_main, args=(role, device, args, theirs, peer))
-        proc.start()
+        if two:
+            start_pinned(proc, [gpu], [1 - gpu] if role == "prefill" else [])
+        else:
+            proc.start()
         fronts.append(mine)
         procs.append(proc)
+    devices = ["cuda:0", "cuda:1"] if two else [args.device]
     for conn in fronts:
         assert conn.recv()[0] == "ready"
     targets = fronts if mode == "agg" else [fronts[1]]  # the decode worker takes requests
@@ -244,8 +252,8 @@ def summarize(mode: str, arrivals: dict[str, float], events: dict, gpus: int, st
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--prompt", type=int, nargs=2, default=(2048, 8192))
-    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, nargs=2, help="prompt length range (2048 8192)")
+    p.add_argument("--new", type=int, help="output tokens per request (256)")
     p.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
     p.add_argument("--num-blocks", type=int, default=6000)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
@@ -256,6 +264,9 @@ def main() -> int:
     p.add_argument("--json")
     p.add_argument("--png")
     args = p.parse_args()
+    # --small's model has a 4,096-position rotary table: its default prompts must fit it.
+    args.prompt = args.prompt or ((256, 1024) if args.small else (2048, 8192))
+    args.new = args.new or (32 if args.small else 256)
     rng = random.Random(args.seed)
     vocab = 4096 if args.small else 128256
     at, work = 0.0, []

@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_pinning import start_pinned  # a sibling script
+
 from dynamo_sdk.llm.disagg.protocol import KvLayout, TransferHeader
 from dynamo_sdk.llm.disagg.transfer import KvReceiver, send_kv, transport_for
 
@@ -90,6 +92,7 @@ def main() -> int:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--force-tcp", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-pin", action="store_true", help="receiver sees every GPU too")
     args = p.parse_args()
     if args.cpu:
         sender_dev = receiver_dev = "cpu"
@@ -101,8 +104,13 @@ def main() -> int:
     jobs = [(f"b{n}-r{r}", list(range(n))) for n in args.blocks for r in range(args.repeats)]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=receiver_main, args=(receiver_dev, max(args.blocks) + 1, jobs, child))
-    proc.start()
+    pin = receiver_dev.startswith("cuda") and not args.no_pin
+    target = "cuda:0" if pin else receiver_dev  # pinned: its one visible GPU is cuda:0
+    proc = ctx.Process(target=receiver_main, args=(target, max(args.blocks) + 1, jobs, child))
+    if pin:  # the receiver sees its own GPU only, as `dynamo serve` pins a decode worker
+        start_pinned(proc, [torch.device(receiver_dev).index or 0])
+    else:
+        proc.start()
     endpoint = parent.recv()
     if args.force_tcp:
         endpoint.cuda_ipc = b""

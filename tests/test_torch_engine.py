@@ -268,6 +268,8 @@ def test_registry_builds_torch_engine_and_rejects_unknown_keys(model_dir: Path) 
         create_engine("torch", str(model_dir), {"enforce_eager": "yes"})
     with pytest.raises(EngineError, match="needs a model"):
         create_engine("torch", None, {})
+    with pytest.raises(EngineError, match="max_position_embeddings"):
+        create_engine("torch", str(model_dir), {"max_model_len": 10**6})
 
 
 async def test_decode_steps_launched_ahead_keep_outputs_exact(

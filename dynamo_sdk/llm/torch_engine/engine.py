@@ -138,6 +138,12 @@ class TorchEngine:
         self._num_blocks_wanted = num_blocks
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_gb = kv_cache_gb
+        if max_model_len > self.config.max_position_embeddings:
+            # Positions past the model's rotary table would index out of it mid-step.
+            raise EngineError(
+                f"torch engine: max_model_len {max_model_len} exceeds the model's "
+                f"max_position_embeddings {self.config.max_position_embeddings}"
+            )
         self._max_model_len_wanted = max_model_len or self.config.max_position_embeddings
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
