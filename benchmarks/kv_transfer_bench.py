@@ -18,7 +18,6 @@ Locally: ``python benchmarks/kv_transfer_bench.py --cpu --blocks 8 32``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing as mp
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +66,7 @@ def receiver_main(
             conn.send((tid, tokens, checksum(cache.index_select(2, idx))))
         await receiver.stop()
 
-    asyncio.run(run())
+    uvloop.run(run())
 
 
 def link_bandwidth(src: str, dst: str, nbytes: int) -> float:
@@ -130,7 +130,7 @@ def main() -> int:
             rows.append((tid, transport_for(endpoint, kv), kv.numel() * 2, dt,
                          remote_sum == checksum(kv)))  # fmt: skip
 
-    asyncio.run(send_all())
+    uvloop.run(send_all())
     proc.join(30)
     link = link_bandwidth(sender_dev, receiver_dev, 1 << 30)
     print(f"sender {sender_dev}, receiver {receiver_dev}; link copy {link:.0f} GB/s")
