@@ -60,7 +60,9 @@ LLAMA3_8B = ModelConfig(
     num_heads=32,
     num_kv_heads=8,
     head_dim=128,
-    max_position_embeddings=8192,
+    # Llama-3.1-8B's context (same shape as Llama-3-8B): disagg_bench's 8k prompts plus
+    # their outputs need positions past Llama-3's 8,192.
+    max_position_embeddings=131072,
     rope_theta=500000.0,
 )
 SMALL = ModelConfig(
