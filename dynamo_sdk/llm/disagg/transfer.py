@@ -148,6 +148,9 @@ class KvReceiver:
             if problem is not None:
                 _resolve(pending, 0)
                 return await _refuse(writer, problem)
+            if not header.block_ids:  # a notice: the KV is stored elsewhere (a vLLM connector)
+                _resolve(pending, header.num_tokens)
+                return await _reply(writer, _OK)
             if header.in_place:  # CUDA IPC: grant the write, then wait for "written"
                 pending.writing = True
                 await _reply(writer, _OK)
@@ -246,6 +249,25 @@ async def send_kv(
     reader, writer = await _connect(endpoint, header, timeout)
     try:
         writer.write(payload)
+        await asyncio.wait_for(writer.drain(), timeout)
+        reply = await asyncio.wait_for(reader.read(4096), timeout)
+    finally:
+        writer.close()
+    _check_reply(reply)
+
+
+async def send_notice(
+    endpoint: TransferEndpoint, header: TransferHeader, timeout: float = 30.0
+) -> None:
+    """Tell a decode worker that ``header.num_tokens`` of a prompt's KV are ready where a KV
+    connector can load them (no blocks, no payload); the receiver still checks the layout.
+
+    Raises ``TransferError`` if the receiver refuses (e.g. it no longer waits for the request).
+    """
+    assert not header.block_ids and header.layout is not None
+    header.nbytes = 0
+    reader, writer = await _connect(endpoint, header, timeout)
+    try:
         await asyncio.wait_for(writer.drain(), timeout)
         reply = await asyncio.wait_for(reader.read(4096), timeout)
     finally:
