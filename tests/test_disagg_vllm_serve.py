@@ -64,6 +64,9 @@ def disagg(
     for section in ("Worker", "PrefillWorker"):
         extra = config[section]["kv_transfer_config"]["kv_connector_extra_config"]
         extra["shared_storage_path"] = str(storage)
+    # prefill in chunks of 64 tokens: a prompt's KV must be stored only once all of it is
+    # computed (stored any earlier, the decode side would load garbage and answer differently)
+    config["PrefillWorker"]["max_num_batched_tokens"] = 64
     config_path = log_dir / "disagg_vllm.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
