@@ -95,8 +95,10 @@ class DynamoStorageConnector(ExampleConnector):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         tokens = stored_tokens(len(prompt), self._block_size)
-        if not os.path.isdir(os.path.join(self._storage_path, key)):
-            log.warning("no stored KV for %s under %s: computing it", key, self._storage_path)
+        found = _read_marker(os.path.join(self._storage_path, key))
+        if found != tokens:  # missing, half written, or for another prompt or block size
+            log.warning("no complete stored KV for %s under %s (%s tokens, %d expected): "
+                        "computing it", key, self._storage_path, found, tokens)  # fmt: skip
             return 0, False
         self._loads[request.request_id] = max(tokens - num_computed_tokens, 0)
         return self._loads[request.request_id], False
@@ -175,6 +177,8 @@ class DynamoStorageConnector(ExampleConnector):
         if mode == "store":
             store = self._stores.pop(req_id, None)
             saved = store.num_tokens if store is not None and store.saved else 0
+            if saved:  # the step that saved it has run: every layer's file is complete
+                _write_marker(os.path.join(self._storage_path, key), saved)
             return False, {PARAMS_KEY: {"stored": saved}}
         if mode == "load":
             loaded = self._loads.pop(req_id, 0)
@@ -193,3 +197,25 @@ class DynamoStorageConnector(ExampleConnector):
         if create_folder:
             os.makedirs(folder, exist_ok=True)
         return folder
+
+
+# A stored prompt's folder holds one file per layer, written while the prefill step runs, and
+# this marker, written once the step has finished: the decode side loads only a folder whose
+# marker names the number of tokens it expects, so a prefill that died half way (or a folder of
+# another prompt or block size) is computed, never loaded into the cache.
+_MARKER = "stored_tokens"
+
+
+def _write_marker(folder: str, tokens: int) -> None:
+    tmp = os.path.join(folder, f".{_MARKER}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(tokens))
+    os.replace(tmp, os.path.join(folder, _MARKER))  # atomic: never seen half written
+
+
+def _read_marker(folder: str) -> int | None:
+    try:
+        with open(os.path.join(folder, _MARKER)) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
