@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from dynamo_sdk.llm.disagg.protocol import KvLayout
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
@@ -183,6 +185,23 @@ async def test_task_cancel_aborts_request(engine: VllmEngine) -> None:
         await task
     await settle(engine)
     assert engine.stats().generation_tokens_total - before < 500
+
+
+@module_loop
+async def test_kv_layout_comes_from_the_model_and_cache_config(
+    engine: VllmEngine, model_path: str
+) -> None:
+    """What a vLLM decode worker advertises to prefill workers (disaggregation)."""
+    hf = json.loads((Path(model_path) / "config.json").read_text())
+    layout = engine.kv_layout()
+    assert layout == {
+        "num_layers": hf["num_hidden_layers"],
+        "block_size": engine._llm.vllm_config.cache_config.block_size,  # type: ignore[union-attr]
+        "num_kv_heads": hf["num_key_value_heads"],
+        "head_dim": hf["head_dim"],
+        "dtype": "float32",
+    }
+    KvLayout(**layout)  # the wire type takes it as it is
 
 
 def test_unknown_engine_arg_rejected(model_path: str) -> None:

@@ -240,7 +240,9 @@ class Supervisor:
             health = asyncio.create_task(self._watch_health(state, proc))
             code = await proc.wait()
             health.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
+            _kill_leftovers(proc.pid)
+            with contextlib.suppress(TimeoutError):  # the rest of its output, if any is left
+                await asyncio.wait_for(asyncio.gather(relay, return_exceptions=True), 5.0)
             if self.stopping.is_set():
                 log.info("%s exited with code %d", state.plan.label, code)
                 return
@@ -257,3 +259,15 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), backoff)
             backoff = min(backoff * 2, self.restart.max_backoff)
+
+
+def _kill_leftovers(session: int) -> None:
+    """Kill what an exited worker left running in its session (its process group).
+
+    A worker killed hard (SIGKILL, the OOM killer) cannot stop its own children: vLLM's engine
+    core and its model process live on as orphans, holding the model's memory and the worker's
+    output pipe (so the relay would never see EOF and the worker would never be restarted).
+    Each worker leads its own session, so its process group is exactly what it started.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signal.SIGKILL)

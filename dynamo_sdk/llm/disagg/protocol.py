@@ -49,6 +49,10 @@ class RemotePrefillRequest(msgspec.Struct):
     block_ids: list[int]  # the decode worker's blocks for the whole prompt
     first_block: int  # blocks before it are cached on the decode side: not sent
     transfer_id: str  # names this transfer on the decode worker's receiver
+    # how the KV travels: "blocks" = written into ``block_ids`` (the torch engine); "connector"
+    # = saved through vLLM's KV connector for the decode engine to load (no blocks offered;
+    # the prefill worker only sends a notice, see vllm_connector.py)
+    kv_via: str = "blocks"
 
 
 class TransferHeader(msgspec.Struct, omit_defaults=True):

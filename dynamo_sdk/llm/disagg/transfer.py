@@ -165,6 +165,9 @@ class KvReceiver:
             if problem is not None:
                 _resolve(pending, 0)
                 return await _refuse(conn, problem)
+            if not header.block_ids:  # a notice: the KV is stored elsewhere (a vLLM connector)
+                _resolve(pending, header.num_tokens)
+                return await _reply(conn, _OK)
             if header.in_place:  # CUDA IPC: grant the write, then wait for "written"
                 pending.writing = True
                 await _reply(conn, _OK)
@@ -263,6 +266,24 @@ async def send_kv(
     conn = await _connect(endpoint, header, timeout)
     try:
         await asyncio.wait_for(conn.send(payload), timeout)
+        reply = await asyncio.wait_for(conn.recv_to_end(), timeout)
+    finally:
+        conn.close()
+    _check_reply(reply)
+
+
+async def send_notice(
+    endpoint: TransferEndpoint, header: TransferHeader, timeout: float = 30.0
+) -> None:
+    """Tell a decode worker that ``header.num_tokens`` of a prompt's KV are ready where a KV
+    connector can load them (no blocks, no payload); the receiver still checks the layout.
+
+    Raises ``TransferError`` if the receiver refuses (e.g. it no longer waits for the request).
+    """
+    assert not header.block_ids and header.layout is not None
+    header.nbytes = 0
+    conn = await _connect(endpoint, header, timeout)
+    try:
         reply = await asyncio.wait_for(conn.recv_to_end(), timeout)
     finally:
         conn.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dynamo_sdk.llm.engines.base import EngineError, EngineStats
@@ -157,7 +157,13 @@ class VllmEngine:
         factory = _make_stat_logger_factory(self._stats)
 
         def build() -> AsyncLLM:
-            args = AsyncEngineArgs(model=self.model, **self._engine_args)
+            engine_args = dict(self._engine_args)
+            kv_transfer = engine_args.get("kv_transfer_config")
+            if isinstance(kv_transfer, Mapping):  # from YAML: vLLM wants its config object
+                from vllm.config import KVTransferConfig
+
+                engine_args["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
+            args = AsyncEngineArgs(model=self.model, **engine_args)
             return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
 
         try:
@@ -169,6 +175,26 @@ class VllmEngine:
         self._llm = llm
         self.context_length = int(llm.model_config.max_model_len)
         log.info("vLLM engine ready: model=%s context_length=%d", self.model, self.context_length)
+
+    def kv_layout(self) -> dict[str, Any]:
+        """The shape of this engine's KV blocks (a `KvLayout`'s fields), from vLLM's config.
+
+        Disaggregated decode and prefill engines must agree on it: a KV connector moves blocks
+        whose token count, head count and dtype the other side reads back as they are.
+        """
+        llm = self._llm
+        if llm is None:
+            raise EngineError("VllmEngine.kv_layout() called before start()")
+        config = llm.vllm_config
+        model, cache = config.model_config, config.cache_config
+        dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+        return {
+            "num_layers": int(model.get_num_layers(config.parallel_config)),
+            "block_size": int(cache.block_size),
+            "num_kv_heads": int(model.get_num_kv_heads(config.parallel_config)),
+            "head_dim": int(model.get_head_size()),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
@@ -195,17 +221,30 @@ class VllmEngine:
             max_batch_running=s.max_running,
         )
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self,
+        request: PreprocessedRequest,
+        kv_transfer_params: dict[str, Any] | None = None,
+        on_kv_transfer: Callable[[dict[str, Any]], None] | None = None,
+    ) -> AsyncIterator[EngineOutput]:
         """Stream `EngineOutput` deltas for one request.
 
         If the consumer stops early (closes this generator, or its task is cancelled), the
         request is aborted in vLLM so its KV blocks return to the pool at once rather than
         after it has generated up to max_tokens for nobody.
+
+        ``kv_transfer_params`` go with the request to the configured KV connector (vLLM's
+        per-request channel to it); ``on_kv_transfer`` receives what the connector reports
+        back when the request finishes (disaggregated prefill: tokens stored or loaded).
         """
         llm = self._llm
         if llm is None:
             raise EngineError("VllmEngine.generate() called before start()")
         params = sampling_params_for(request)
+        if kv_transfer_params is not None:
+            extra = dict(params.extra_args or {})
+            extra["kv_transfer_params"] = kv_transfer_params
+            params.extra_args = extra
         request_id = request.request_id
         want_logprobs = request.output.logprobs is not None
         top_n = request.output.logprobs or 0
@@ -221,6 +260,8 @@ class VllmEngine:
                 finish: FinishReason | None = None
                 if out.finished:
                     finished = True
+                    if on_kv_transfer is not None and out.kv_transfer_params:
+                        on_kv_transfer(dict(out.kv_transfer_params))
                     reason = completion.finish_reason
                     finish = _FINISH_REASONS.get(reason, "error") if reason else "stop"
                 if not token_ids and finish is None and not first:

@@ -28,6 +28,13 @@ from dynamo_sdk import (
     endpoint,
     service,
 )
+from dynamo_sdk.llm.disagg.kv_storage import (
+    PARAMS_KEY,
+    remove_stored,
+    storage_key,
+    storage_root,
+    sweep_own,
+)
 from dynamo_sdk.llm.disagg.policy import DisaggConfig
 from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, transfer_key
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
@@ -63,6 +70,10 @@ class Worker:
         self.disagg = DisaggConfig.from_section(self.config)
         self.kv_receiver: KvReceiver | None = None
         self.prefill_queue: PrefillQueue | None = None
+        self.kv_via = "blocks"  # or "connector": a vLLM engine loads the KV itself
+        self.kv_storage = ""  # the connector's shared folder ("connector" only)
+        self._loading: set[str] = set()  # storage keys of requests that may still load
+        self._sweep_task: asyncio.Task[None] | None = None
         self.disagg_counts = {
             "remote": 0,  # prefills sent to the prefill queue
             "local_short": 0,  # few uncached tokens: computed here
@@ -70,6 +81,9 @@ class Worker:
             "local_no_blocks": 0,  # no free blocks to offer a prefill worker: computed here
             "fallback": 0,  # sent, but no KV came back (failure, timeout): computed here
             "remote_tokens": 0,  # prompt tokens whose KV arrived from prefill workers
+            # KV announced by a prefill worker that the engine did not load (vLLM connector:
+            # storage not shared, or the prompt was cached here meanwhile): computed here
+            "remote_unloaded": 0,
         }
 
     @async_on_start
@@ -126,6 +140,10 @@ class Worker:
     @endpoint()
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         assert self.engine is not None
+        if self.prefill_queue is not None and self.kv_via == "connector":
+            async for output in self._generate_via_connector(request):
+                yield output
+            return
         remote = await self._remote_prefill(request) if self.prefill_queue is not None else None
         if remote is None:
             async for output in self.engine.generate(request):
@@ -148,17 +166,31 @@ class Worker:
         return dict(self.disagg_counts)
 
     async def _start_disagg(self, runtime: Any) -> None:
-        """Receive KV from prefill workers; advertise where (and in what layout) in etcd."""
-        engine = self.engine
+        """Receive KV from prefill workers; advertise where (and in what layout) in etcd.
+
+        The torch engine takes KV into its blocks (``write_kv``). A vLLM engine cannot: its KV
+        arrives through its KV connector, so its receiver only takes notices ("the KV is
+        stored, load it"), and the layout it advertises is checked against the prefill
+        worker's before anything is computed.
+        """
+        engine: Any = self.engine
         if not hasattr(engine, "kv_layout"):
             raise EngineError(
-                f"remote_prefill needs an engine that takes KV transfers (torch), "
-                f"not {self.engine_name}"
+                f"remote_prefill needs an engine that takes KV transfers (torch, or vllm with "
+                f"a KV connector), not {self.engine_name}"
             )
         layout = KvLayout(**engine.kv_layout())
         host = os.environ.get("DYN_KV_TRANSFER_HOST", "127.0.0.1")
-        self.kv_receiver = KvReceiver(layout, engine.write_kv, host=host,
-                                      cache=engine.kv_cache_tensor())  # fmt: skip
+        if hasattr(engine, "write_kv"):
+            self.kv_receiver = KvReceiver(layout, engine.write_kv, host=host,
+                                          cache=engine.kv_cache_tensor())  # fmt: skip
+        else:
+            try:
+                self.kv_storage = storage_root(self.config.get("kv_transfer_config"))
+            except ValueError as exc:
+                raise EngineError(str(exc)) from exc
+            self.kv_via = "connector"
+            self.kv_receiver = KvReceiver(layout, _no_block_writes, host=host)
         endpoint_info = await self.kv_receiver.start()
         await runtime.put_leased(
             transfer_key(Worker.namespace, runtime.instance_id),
@@ -167,14 +199,31 @@ class Worker:
         self.prefill_queue = PrefillQueue(runtime.nc, Worker.namespace)
         await self.prefill_queue.ensure()
         self.instance_id = runtime.instance_id
-        log.info("disaggregated prefill on: KV received at %s:%d%s", host, endpoint_info.port,
-                 " (and through CUDA IPC)" if endpoint_info.cuda_ipc else "")  # fmt: skip
+        if self.kv_via == "connector":
+            self._sweep_task = asyncio.create_task(self._sweep_storage())
+        via = {"connector": f" (KV through the vLLM connector, stored in {self.kv_storage})",
+               "blocks": " (and through CUDA IPC)" if endpoint_info.cuda_ipc else ""}  # fmt: skip
+        log.info("disaggregated prefill on: KV notices at %s:%d%s", host, endpoint_info.port,
+                 via[self.kv_via])  # fmt: skip
 
     async def _remote_prefill(self, request: PreprocessedRequest) -> _RemotePrefill | None:
         """Apply the conditional-disaggregation rule; a prefill callable if remote."""
+        if not await self._decide_remote(request):
+            return None
+        return _RemotePrefill(self, request)
+
+    async def _decide_remote(self, request: PreprocessedRequest) -> bool:
+        """The conditional-disaggregation rule, logged and counted (except "remote", counted
+        once a prefill is actually sent).
+
+        vLLM does not let callers look into its prefix cache, so for a vLLM engine every prompt
+        token counts as uncached (a prompt cached here still goes remote when it is long; the
+        connector then loads nothing and vLLM uses its own cache).
+        """
         assert self.engine is not None and self.prefill_queue is not None
         tokens = request.token_ids
-        uncached = len(tokens) - self.engine.cached_prefix_tokens(tokens)  # type: ignore[attr-defined]
+        cached_prefix = getattr(self.engine, "cached_prefix_tokens", None)
+        uncached = len(tokens) - (cached_prefix(tokens) if cached_prefix is not None else 0)
         depth = 0
         if uncached > self.disagg.max_local_prefill_length:
             depth = await self.prefill_queue.depth()
@@ -183,15 +232,87 @@ class Worker:
                   request.request_id, decision, uncached, depth)  # fmt: skip
         if decision != "remote":
             self.disagg_counts[decision] += 1
-            return None
-        return _RemotePrefill(self, request)
+            return False
+        return True
+
+    async def _generate_via_connector(
+        self, request: PreprocessedRequest
+    ) -> AsyncIterator[EngineOutput]:
+        """Disaggregated prefill for a vLLM engine: a prefill worker runs the prompt with the
+        KV connector saving it, notifies, and this engine then loads it as an external prefix
+        hit (computing only the rest). No notice within ``prefill_timeout``: prefill locally.
+        """
+        engine: Any = self.engine
+        params: dict[str, Any] | None = None
+        key = ""
+        if await self._decide_remote(request):
+            key = await self._prefill_via_connector(request)
+            if key:
+                params = {PARAMS_KEY: {"load": key}}
+        report: dict[str, Any] = {}
+        try:
+            async for output in engine.generate(request, params, report.update):
+                yield output
+        finally:
+            self._loading.discard(key)
+        if params is not None:
+            loaded = int((report.get(PARAMS_KEY) or {}).get("loaded", 0))
+            self.disagg_counts["remote_tokens"] += loaded
+            if not loaded:
+                self.disagg_counts["remote_unloaded"] += 1
+
+    async def _prefill_via_connector(self, request: PreprocessedRequest) -> str:
+        """Queue the prompt for a prefill worker and wait for its notice; the storage key to
+        load from, or "" when the prompt must be prefilled here."""
+        queue, receiver, counts = self.prefill_queue, self.kv_receiver, self.disagg_counts
+        assert queue is not None and receiver is not None
+        counts["remote"] += 1
+        transfer_id = f"{request.request_id}:{uuid.uuid4().hex[:12]}"
+        key = storage_key(self.instance_id, transfer_id)
+        receiver.expect(transfer_id, [])
+        job = RemotePrefillRequest(
+            request, self.instance_id, [], 0, transfer_id, kv_via="connector"
+        )
+        self._loading.add(key)
+        try:
+            await queue.put(job)
+            stored = await receiver.wait(transfer_id, self.disagg.prefill_timeout)
+        except BaseException:
+            receiver.forget(transfer_id)
+            self._loading.discard(key)
+            remove_stored(self.kv_storage, key)  # the engine never saw this key
+            raise
+        if stored:
+            return key
+        log.warning("%s: no KV from a prefill worker; prefilling locally", transfer_id)
+        counts["fallback"] += 1
+        self._loading.discard(key)
+        remove_stored(self.kv_storage, key)  # whatever a failed prefill worker left
+        return ""
+
+    async def _sweep_storage(self) -> None:
+        """Now and then, delete this worker's stored KV that no request will load (what a late
+        prefill worker wrote after its request stopped waiting), so storage stays bounded."""
+        min_age = max(60.0, 2 * self.disagg.prefill_timeout)
+        while True:
+            await asyncio.sleep(min_age / 2)
+            try:
+                removed = await asyncio.to_thread(
+                    sweep_own, self.kv_storage, self.instance_id, set(self._loading), min_age
+                )
+            except OSError:
+                log.warning("sweeping %s failed", self.kv_storage, exc_info=True)
+                continue
+            if removed:
+                log.info("removed %d stale stored KV folder(s) from %s", removed, self.kv_storage)
 
     @async_on_shutdown
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._stats_task
+        for task in (self._stats_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         if self.kv_bridge is not None:
             await self.kv_bridge.stop()
         if self.kv_receiver is not None:
@@ -233,6 +354,11 @@ class Worker:
                     100 * stats.prefix_cache_hit_rate,
                 )
             last, last_at = stats, now
+
+
+def _no_block_writes(block_ids: list[int], kv: Any) -> None:
+    """A vLLM decode worker's receiver takes notices only: its KV comes through vLLM's connector."""
+    raise EngineError("this decode worker (vLLM) takes KV through its KV connector, not blocks")
 
 
 class _RemotePrefill:
