@@ -33,6 +33,7 @@ from gpu_pinning import start_pinned  # a sibling script
 
 from dynamo_sdk.llm.disagg.protocol import KvLayout, TransferHeader
 from dynamo_sdk.llm.disagg.transfer import KvReceiver, send_kv, transport_for
+from dynamo_sdk.llm.kv.block_copy import scatter_blocks
 
 LAYOUT = KvLayout(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 
@@ -53,7 +54,7 @@ def receiver_main(
         cache = torch.zeros(shape(cache_blocks), dtype=torch.bfloat16, device=device)
 
         def write(ids: list[int], kv: torch.Tensor) -> None:
-            cache.index_copy_(2, torch.tensor(ids, device=cache.device), kv.to(cache.device))
+            scatter_blocks(cache, torch.tensor(ids, device=cache.device), kv.to(cache.device))
 
         receiver = KvReceiver(LAYOUT, write, cache=cache)
         futures = {tid: receiver.expect(tid, ids) for tid, ids in jobs}

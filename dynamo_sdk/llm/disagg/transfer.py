@@ -41,6 +41,7 @@ import msgspec
 import torch
 
 from dynamo_sdk.llm.disagg.protocol import KvLayout, TransferEndpoint, TransferHeader
+from dynamo_sdk.llm.kv.block_copy import scatter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ async def _copy_in_place(remote: torch.Tensor, block_ids: list[int], kv: torch.T
     done = torch.cuda.Event()
     with torch.cuda.device(remote.device), torch.cuda.stream(stream):
         idx = torch.tensor(block_ids, dtype=torch.long).to(remote.device, non_blocking=True)
-        remote.index_copy_(2, idx, kv.to(remote.device, non_blocking=True))
+        scatter_blocks(remote, idx, kv.to(remote.device, non_blocking=True))
         done.record(stream)
     await asyncio.to_thread(done.synchronize)
 

@@ -1,7 +1,8 @@
 """KV-cache awareness: vLLM-compatible block hashing, paged-block bookkeeping, KV events, and
 the global prefix index the KV-aware router queries.
 
-Kept import-light (msgspec and cbor2 only) so the router can use it without an engine.
+Kept import-light (msgspec and cbor2 only) so the router can use it without an engine;
+`block_copy` (torch) is not imported here.
 """
 
 from dynamo_sdk.llm.kv.block_manager import Allocation, BlockManager, NoFreeBlocksError

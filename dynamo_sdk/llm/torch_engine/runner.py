@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynamo_sdk.llm.kv.block_copy import gather_blocks, scatter_blocks
 from dynamo_sdk.llm.torch_engine.attention import AttentionMetadata
 from dynamo_sdk.llm.torch_engine.model import LlamaModel
 from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, sample, sample_on_device
@@ -107,7 +108,7 @@ class ModelRunner:
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """The KV of ``block_ids`` as one contiguous [layers, 2, n, block, heads, dim] tensor."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self.kv.index_select(2, idx).contiguous()
+        return gather_blocks(self.kv, idx)
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Write a buffer from ``export_blocks`` (same layout) into ``block_ids``."""
@@ -118,7 +119,7 @@ class ModelRunner:
                 f"(expected {expected} {self.kv.dtype})"
             )
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv.index_copy_(2, idx, data.to(self.device))
+        scatter_blocks(self.kv, idx, data.to(self.device))
 
     # -- one step ------------------------------------------------------------------------------
 
