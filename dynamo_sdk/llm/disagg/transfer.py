@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import pickle
 import socket
@@ -315,9 +316,8 @@ async def _connect(
     endpoint: TransferEndpoint, header: TransferHeader, timeout: float
 ) -> _Connection:
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    family, address = await _resolve_address(loop, endpoint.host, endpoint.port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     conn = _Connection(sock)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
@@ -327,6 +327,19 @@ async def _connect(
         conn.close()
         raise
     return conn
+
+
+async def _resolve_address(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> tuple[int, tuple[Any, ...]]:
+    """Receivers advertise IP addresses: take those as they are (``getaddrinfo`` runs in a
+    thread pool, a hop worth ~0.1-0.2 ms per transfer); resolve anything else."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return infos[0][0], infos[0][4]
+    return (socket.AF_INET6, (host, port)) if ip.version == 6 else (socket.AF_INET, (host, port))
 
 
 class _Connection:
