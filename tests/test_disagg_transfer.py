@@ -38,6 +38,29 @@ async def test_kv_arrives_bit_exact_in_the_offered_blocks() -> None:
         await receiver.stop()
 
 
+async def test_transfers_reuse_a_kept_connection_and_survive_its_loss() -> None:
+    written: list[list[int]] = []
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: written.append(ids))
+    endpoint = await receiver.start()
+    for rid in ("r1", "r2", "r3"):
+        done = receiver.expect(rid, [1, 2])
+        await send_kv(endpoint, TransferHeader(rid, [1, 2], LAYOUT, num_tokens=8), kv_for(2))
+        assert await done == 8
+    assert receiver.connections_accepted == 1  # one connection served all three
+    # The receiver goes away and a new one listens on the same port: the kept connection is
+    # dead, which the next transfer finds out before any answer, and it reconnects.
+    await receiver.stop()
+    receiver = KvReceiver(LAYOUT, lambda ids, kv: written.append(ids))
+    endpoint = await receiver.start(endpoint.port)
+    try:
+        done = receiver.expect("r4", [3])
+        await send_kv(endpoint, TransferHeader("r4", [3], LAYOUT, num_tokens=4), kv_for(1))
+        assert await done == 4 and written == [[1, 2]] * 3 + [[3]]
+        assert receiver.connections_accepted == 1
+    finally:
+        await receiver.stop()
+
+
 async def test_bad_transfers_are_refused_and_fail_the_request() -> None:
     receiver = KvReceiver(LAYOUT, lambda ids, kv: pytest.fail("nothing may be written"))
     endpoint = await receiver.start()
@@ -141,7 +164,11 @@ async def test_in_place_writes_are_granted_only_while_awaited_and_awaited_to_the
         head = msgspec.msgpack.encode(TransferHeader(rid, [3], LAYOUT, 16, in_place=True))
         reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
         writer.write(struct.pack(">I", len(head)) + head)
-        return reader, writer, await reader.read(1)
+        return reader, writer, await reply(reader)
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:  # status, 4-byte length, message
+        status = await reader.readexactly(5)
+        return status[:1] + await reader.readexactly(struct.unpack(">I", status[1:])[0])
 
     try:
         receiver.expect("slow", [3])
@@ -152,13 +179,13 @@ async def test_in_place_writes_are_granted_only_while_awaited_and_awaited_to_the
         assert not waiting.done()
         writer.write(b"\x01")
         assert await asyncio.wait_for(waiting, 5) == 16
-        assert await reader.read(1) == b"\x01"
+        assert await reply(reader) == b"\x01"
         writer.close()
         # too late: the request gave up (timed out) before anyone asked to write
         receiver.expect("late", [3])
         assert await receiver.wait("late", timeout=0.1) == 0
         _, writer, refusal = await ask("late")
-        assert refusal == b"\x00"
+        assert refusal.startswith(b"\x00") and b"no transfer expected" in refusal
         writer.close()
     finally:
         await receiver.stop()

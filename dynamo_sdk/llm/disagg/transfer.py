@@ -12,15 +12,16 @@ Two transports, chosen per transfer by ``send_kv``:
   (torch's CUDA IPC reduction) and GPU UUID in its endpoint; the sender maps that memory once
   and copies its blocks straight into the receiver's blocks, device to device (NVLink or PCIe
   peer copies across GPUs), then tells the receiver over TCP that they are in place.
-* TCP otherwise: host memory over one connection per transfer; works between any two
+* TCP otherwise: host memory over a TCP connection; works between any two
   processes or machines, and is what CI runs. The payload moves between the socket and tensor
   memory directly (``sock_recv_into`` / ``sock_sendall`` on raw non-blocking sockets): asyncio
   streams cap their buffer at 64 KiB and copy every byte twice more, which held loopback
   transfers to about 0.1 GB/s.
 
-Either way the layout and block ids are checked by the receiver, and a connection that breaks
-mid-transfer (the prefill worker died) fails the request's transfer: the decode worker then
-prefills the prompt itself.
+Either way a sender keeps its connections to a receiver open for later transfers (a new
+one costs a handshake), the layout and block ids are checked by the receiver, and a
+connection that breaks mid-transfer (the prefill worker died) fails the request's transfer:
+the decode worker then prefills the prompt itself.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import logging
 import pickle
 import socket
 import struct
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _LEN = struct.Struct(">I")
 _OK, _REFUSED = b"\x01", b"\x00"
 _SOCKET_BUFFER = 4 << 20  # large socket buffers: fewer wakeups per payload
+_MAX_IDLE = 4  # connections kept open per receiver, per event loop
+# Senders' idle connections, per event loop (a socket serves the loop that opened it).
+_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class TransferError(Exception):
@@ -87,6 +94,7 @@ class KvReceiver:
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self.bytes_received = 0
+        self.connections_accepted = 0
 
     async def start(self, port: int = 0) -> TransferEndpoint:
         self._listener = socket.create_server((self.host, port), backlog=128)
@@ -148,43 +156,62 @@ class KvReceiver:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            self.connections_accepted += 1
             task = asyncio.create_task(self._handle(_Connection(sock)))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
     async def _handle(self, conn: _Connection) -> None:
+        """Serve transfers on one connection, one after another, until the sender closes it
+        (senders keep a connection per receiver open: a new one costs a round trip or two).
+        Anything but a completed transfer closes it: the stream may be out of step."""
+        try:
+            while await self._serve_one(conn):
+                pass
+        finally:
+            conn.close()
+
+    async def _serve_one(self, conn: _Connection) -> bool:
+        """One transfer; True when it completed and the connection can take the next."""
         pending: _Pending | None = None
         try:
             header = await conn.recv_header()
+            if header is None:  # the sender closed the connection between transfers
+                return False
             pending = self._pending.get(header.request_id)
             if pending is None:
-                return await _refuse(conn, f"no transfer expected for {header.request_id}")
+                await _refuse(conn, f"no transfer expected for {header.request_id}")
+                return False
             if header.error is not None:
                 log.warning("prefill of %s failed remotely: %s", header.request_id, header.error)
                 _resolve(pending, 0)
-                return await _reply(conn, _OK)
+                await _reply(conn, _OK)
+                return True
             problem = _check(header, self.layout, pending)
             if problem is not None:
                 _resolve(pending, 0)
-                return await _refuse(conn, problem)
+                await _refuse(conn, problem)
+                return False
             if not header.block_ids:  # a notice: the KV is stored elsewhere (a vLLM connector)
                 _resolve(pending, header.num_tokens)
-                return await _reply(conn, _OK)
+                await _reply(conn, _OK)
+                return True
             if header.in_place:  # CUDA IPC: grant the write, then wait for "written"
                 pending.writing = True
                 await _reply(conn, _OK)
                 if await conn.recv_exactly(1) != _OK:
                     raise ConnectionError("in-place transfer abandoned by the sender")
                 self.bytes_received += _nbytes(self.layout, len(header.block_ids))
-                _resolve(pending, header.num_tokens)
-                return await _reply(conn, _OK)
-            assert header.layout is not None
-            payload = torch.empty(header.nbytes, dtype=torch.uint8)
-            await conn.recv_into(payload.numpy().data)
-            self._write(header.block_ids, _tensor(payload, header.layout, len(header.block_ids)))
-            self.bytes_received += header.nbytes
+            else:
+                assert header.layout is not None
+                payload = torch.empty(header.nbytes, dtype=torch.uint8)
+                await conn.recv_into(payload.numpy().data)
+                kv = _tensor(payload, header.layout, len(header.block_ids))
+                self._write(header.block_ids, kv)
+                self.bytes_received += header.nbytes
             _resolve(pending, header.num_tokens)
             await _reply(conn, _OK)
+            return True
         except (ConnectionError, msgspec.DecodeError) as exc:
             log.warning("KV transfer broke off: %s", exc)
             if pending is not None:
@@ -195,8 +222,7 @@ class KvReceiver:
                 _resolve(pending, 0)
             with contextlib.suppress(Exception):
                 await _refuse(conn, f"{type(exc).__name__}: {exc}")
-        finally:
-            conn.close()
+        return False
 
 
 def _check(header: TransferHeader, layout: KvLayout, pending: _Pending) -> str | None:
@@ -219,8 +245,10 @@ def _resolve(pending: _Pending, tokens: int) -> None:
 
 
 async def _reply(conn: _Connection, status: bytes, message: str = "") -> None:
+    """A status byte and a length-prefixed message (replies don't end the connection)."""
+    text = message.encode()
     with contextlib.suppress(OSError):
-        await conn.send(status + message.encode())
+        await conn.send(status + _LEN.pack(len(text)) + text)
 
 
 async def _refuse(conn: _Connection, message: str) -> None:
@@ -265,13 +293,12 @@ async def send_kv(
         header.nbytes = len(payload)
     else:
         payload = memoryview(b"")
-    conn = await _connect(endpoint, header, timeout)
-    try:
+
+    async def exchange(conn: _Connection) -> None:
         await asyncio.wait_for(conn.send(payload), timeout)
-        reply = await asyncio.wait_for(conn.recv_to_end(), timeout)
-    finally:
-        conn.close()
-    _check_reply(reply)
+        _check_reply(await asyncio.wait_for(conn.recv_reply(), timeout))
+
+    await _transfer(endpoint, header, timeout, exchange)
 
 
 async def send_notice(
@@ -284,12 +311,11 @@ async def send_notice(
     """
     assert not header.block_ids and header.layout is not None
     header.nbytes = 0
-    conn = await _connect(endpoint, header, timeout)
-    try:
-        reply = await asyncio.wait_for(conn.recv_to_end(), timeout)
-    finally:
-        conn.close()
-    _check_reply(reply)
+
+    async def exchange(conn: _Connection) -> None:
+        _check_reply(await asyncio.wait_for(conn.recv_reply(), timeout))
+
+    await _transfer(endpoint, header, timeout, exchange)
 
 
 async def _send_in_place(
@@ -302,27 +328,63 @@ async def _send_in_place(
     """Ask first, then write: the receiver grants the write only while the request still
     waits for these blocks (so a late sender can never overwrite blocks given to another
     request), then waits for "written" before it uses them."""
-    conn = await _connect(endpoint, header, timeout)
-    try:
-        _check_reply(await asyncio.wait_for(conn.recv_grant(), timeout))
+
+    async def exchange(conn: _Connection) -> None:
+        _check_reply(await asyncio.wait_for(conn.recv_reply(), timeout))
         await _copy_in_place(remote, header.block_ids, kv)
         await asyncio.wait_for(conn.send(_OK), timeout)
-        _check_reply(await asyncio.wait_for(conn.recv_to_end(), timeout))
-    finally:
-        conn.close()
+        _check_reply(await asyncio.wait_for(conn.recv_reply(), timeout))
+
+    await _transfer(endpoint, header, timeout, exchange)
 
 
-async def _connect(
-    endpoint: TransferEndpoint, header: TransferHeader, timeout: float
-) -> _Connection:
+async def _transfer(
+    endpoint: TransferEndpoint,
+    header: TransferHeader,
+    timeout: float,
+    exchange: Callable[[_Connection], Awaitable[None]],
+) -> None:
+    """Send ``header`` and run ``exchange`` on a connection to ``endpoint``: an idle one kept
+    from an earlier transfer when there is one, which goes back to the pool once the receiver
+    has answered OK. A kept connection the receiver closed meanwhile fails before any answer
+    arrives; then the transfer is tried once more on a new connection."""
+    pool = _IDLE.setdefault(asyncio.get_running_loop(), {}).setdefault(
+        (endpoint.host, endpoint.port), []
+    )
+    for kept in (True, False):
+        conn = pool.pop() if kept and pool else None
+        reused = conn is not None
+        if conn is None:
+            conn = await _connect(endpoint, timeout)
+        conn.answered = False
+        try:
+            head = msgspec.msgpack.encode(header)
+            await asyncio.wait_for(conn.send(_LEN.pack(len(head)) + head), timeout)
+            await exchange(conn)
+        except (ConnectionError, OSError) as exc:
+            conn.close()
+            if reused and not conn.answered:
+                log.debug("kept transfer connection to %s:%d was closed (%s); reconnecting",
+                          endpoint.host, endpoint.port, exc)  # fmt: skip
+                continue
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        if len(pool) < _MAX_IDLE:
+            pool.append(conn)
+        else:
+            conn.close()
+        return
+
+
+async def _connect(endpoint: TransferEndpoint, timeout: float) -> _Connection:
     loop = asyncio.get_running_loop()
     family, address = await _resolve_address(loop, endpoint.host, endpoint.port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     conn = _Connection(sock)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
-        head = msgspec.msgpack.encode(header)
-        await asyncio.wait_for(conn.send(_LEN.pack(len(head)) + head), timeout)
     except BaseException:
         conn.close()
         raise
@@ -359,6 +421,7 @@ class _Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         self.sock = sock
+        self.answered = False  # a reply to the current transfer arrived
         self._loop = asyncio.get_running_loop()
 
     async def send(self, data: bytes | memoryview) -> None:
@@ -378,28 +441,25 @@ class _Connection:
         await self.recv_into(memoryview(buf))
         return bytes(buf)
 
-    async def recv_header(self) -> TransferHeader:
-        (size,) = _LEN.unpack(await self.recv_exactly(_LEN.size))
+    async def recv_header(self) -> TransferHeader | None:
+        """The next transfer's header; None when the peer closed the connection before it."""
+        first = await self._loop.sock_recv(self.sock, _LEN.size)
+        if not first:
+            return None
+        rest = await self.recv_exactly(_LEN.size - len(first)) if len(first) < _LEN.size else b""
+        (size,) = _LEN.unpack(first + rest)
         if size > self._MAX_MESSAGE:
             raise ConnectionError(f"transfer header of {size} bytes")
         return msgspec.msgpack.decode(await self.recv_exactly(size), type=TransferHeader)
 
-    async def recv_grant(self) -> bytes:
-        """The receiver's answer to an in-place request: OK alone, or a refusal to the end."""
-        first = await self._loop.sock_recv(self.sock, 1)
-        return first if first == _OK else first + await self.recv_to_end()
-
-    async def recv_to_end(self) -> bytes:
-        """Everything the peer sends until it closes (a final reply)."""
-        chunks: list[bytes] = []
-        size = 0
-        while size <= self._MAX_MESSAGE:
-            chunk = await self._loop.sock_recv(self.sock, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+    async def recv_reply(self) -> bytes:
+        """A reply: its status byte, then its message (empty for OK)."""
+        head = await self.recv_exactly(1 + _LEN.size)
+        self.answered = True
+        (size,) = _LEN.unpack(head[1:])
+        if size > self._MAX_MESSAGE:
+            raise ConnectionError(f"transfer reply of {size} bytes")
+        return head[:1] + (await self.recv_exactly(size) if size else b"")
 
     def close(self) -> None:
         self.sock.close()
