@@ -130,7 +130,7 @@ async def _serve(role: str, device: str, args: argparse.Namespace, front: Any, p
 
     async def prefill(rid: str, tokens: list[int], block_ids: list[int], first: int) -> None:
         covered, kv = await engine.prefill_and_export(request(rid, tokens, 1), first)
-        ids = block_ids[first : covered // layout.block_size]
+        ids = block_ids[first : -(-covered // layout.block_size)]
         t0 = time.perf_counter()
         await send_kv(endpoint, TransferHeader(rid, ids, layout, num_tokens=covered), kv)
         moved["seconds"] += time.perf_counter() - t0

@@ -62,6 +62,8 @@ class Sequence:
     cached_tokens: int = 0  # prefix-cache hit of the latest admission before the first output
     sent_first: bool = False
     reserved: int = 0  # KV slots taken ahead for tokens still being sampled (see reserve_next)
+    # called with the block table when it finishes, before the blocks are freed
+    on_finish: Callable[[list[int]], None] | None = None
 
     @property
     def num_generated(self) -> int:
@@ -275,6 +277,8 @@ class Scheduler:
         seq.queue.put_nowait(out)
         if finish is not None:
             self.running.remove(seq)
+            if seq.on_finish is not None:
+                seq.on_finish(self.block_manager.block_table(seq.seq_id))
             self.block_manager.free(seq.seq_id)
             seq.state = SeqState.FINISHED
             return out

@@ -375,22 +375,10 @@ class TorchEngine:
         if self._failure is not None:
             raise self._failure
         sched = self._scheduler
-        check_prompt(request, self.context_length)
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.token_ids):
-            raise EngineError(f"request {request.request_id}: token id outside the vocabulary")
-        self._prompt_tokens += len(request.token_ids)
+        seq = self._new_seq(request)
         if request.stop.max_tokens <= 0:
             yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
             return
-        seq = _Seq(
-            seq_id=f"{request.request_id}#{self._new_id()}",
-            request=request,
-            prompt_len=len(request.token_ids),
-            tokens=list(request.token_ids),
-            stop_ids=frozenset(request.stop.stop_token_ids),
-            params=SamplingParams.from_request(request, self.device),
-        )
         blocks = sched.start_remote(seq) if remote_prefill is not None else None
         if remote_prefill is not None and blocks is not None:
             slots = PrefillSlots(blocks, seq.num_computed, self.block_size)
@@ -410,24 +398,58 @@ class TorchEngine:
             async for out in outputs:
                 yield out
 
+    def _new_seq(self, request: PreprocessedRequest) -> _Seq:
+        """A checked request as a sequence for the scheduler."""
+        check_prompt(request, self.context_length)
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.token_ids):
+            raise EngineError(f"request {request.request_id}: token id outside the vocabulary")
+        self._prompt_tokens += len(request.token_ids)
+        return _Seq(
+            seq_id=f"{request.request_id}#{self._new_id()}",
+            request=request,
+            prompt_len=len(request.token_ids),
+            tokens=list(request.token_ids),
+            stop_ids=frozenset(request.stop.stop_token_ids),
+            params=SamplingParams.from_request(request, self.device),
+        )
+
     async def prefill_and_export(
         self, request: PreprocessedRequest, first_block: int = 0
     ) -> tuple[int, torch.Tensor]:
         """Compute a prompt's KV here (a prefill worker's job) and read it out.
 
-        Returns (tokens covered, KV of full blocks ``first_block`` .. covered/block_size),
-        covering the prompt's full blocks up to, not including, its last token: the decode
-        side computes that one to sample the first token, as vLLM's disaggregation does.
+        Returns (tokens covered, KV of blocks ``first_block`` .. ceil(covered / block_size)),
+        covering every prompt token but the last, its partly filled last block included: the
+        decode side computes only that last token (its logits give the first output token), as
+        in vLLM's disaggregation, so the step that adds the request to a decode batch stays a
+        one-token-per-sequence decode step (a CUDA graph) instead of an eager prefill step that
+        stalls every running stream. The blocks are read when the sequence finishes, before
+        they are freed: a partly filled block is not prefix-cached and would be lost after.
         """
+        if self._task is None or self._scheduler is None:
+            raise EngineError("TorchEngine.prefill_and_export() called before start()")
+        if self._failure is not None:
+            raise self._failure
+        sched, (_, runner) = self._scheduler, self._ready()
         one = msgspec.structs.replace(
             request, stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0)
         )
-        async for _ in self.generate(one):
-            pass
-        bm, runner = self._ready()
-        wanted = list(request.token_ids[: len(request.token_ids) - 1])
-        block_ids = bm.cached_prefix(wanted)
-        return len(block_ids) * self.block_size, runner.export_blocks(block_ids[first_block:])
+        seq = self._new_seq(one)
+        covered = len(request.token_ids) - 1
+        last_block = -(-covered // self.block_size)
+        exported: list[torch.Tensor] = []
+        seq.on_finish = lambda table: exported.append(
+            runner.export_blocks(table[first_block:last_block])
+        )
+        sched.add(seq)
+        self._wakeup.set()
+        async with contextlib.aclosing(stream_outputs(seq, sched.abort)) as outputs:
+            async for _ in outputs:
+                pass
+        if not exported:
+            raise EngineError(f"prefill of {request.request_id} ended without its KV")
+        return covered, exported[0]
 
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Write transferred KV (``export_blocks`` layout) into this engine's ``block_ids``."""

@@ -162,7 +162,7 @@ class PrefillWorker:
                 await self._prefill_via_connector(self.engine, endpoint, req)
                 return
             covered, kv = await self.engine.prefill_and_export(req.request, req.first_block)
-            block_ids = req.block_ids[req.first_block : covered // self.layout.block_size]
+            block_ids = req.block_ids[req.first_block : -(-covered // self.layout.block_size)]
             header = TransferHeader(req.transfer_id, block_ids, self.layout, num_tokens=covered)
             via = transport_for(endpoint, kv)
             await send_kv(endpoint, header, kv)
