@@ -52,16 +52,7 @@ def sweep_storage(root: str | Path, live: Iterable[str], min_age: float = 60.0) 
     may still be writing for an instance it saw a moment ago) belongs to a decode worker that
     died between a prefill and its load: nobody will ever load or delete it.
     """
-    base = Path(root)
-    if not base.is_dir():
-        return 0
-    keep = set(live)
-    removed = 0
-    for entry in base.iterdir():
-        if entry.name not in keep and entry.is_dir() and _idle_for(entry) >= min_age:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-    return removed
+    return _remove_idle(Path(root), set(live), min_age)
 
 
 def sweep_own(root: str | Path, instance: int, in_use: Iterable[str], min_age: float) -> int:
@@ -73,10 +64,15 @@ def sweep_own(root: str | Path, instance: int, in_use: Iterable[str], min_age: f
     seeing it. ``in_use``: keys (`storage_key`) of requests that may still load; other folders
     older than ``min_age`` seconds (longer than any load in flight) are removed.
     """
-    base = Path(root) / instance_dir(instance)
+    keep = {key.rsplit("/", 1)[-1] for key in in_use}
+    return _remove_idle(Path(root) / instance_dir(instance), keep, min_age)
+
+
+def _remove_idle(base: Path, keep: set[str], min_age: float) -> int:
+    """Delete the folders in ``base`` not named in ``keep`` and idle for ``min_age`` seconds;
+    how many went."""
     if not base.is_dir():
         return 0
-    keep = {key.rsplit("/", 1)[-1] for key in in_use}
     removed = 0
     for entry in base.iterdir():
         if entry.name not in keep and entry.is_dir() and _idle_for(entry) >= min_age:

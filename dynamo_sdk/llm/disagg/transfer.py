@@ -54,9 +54,9 @@ _OK, _REFUSED = b"\x01", b"\x00"
 _SOCKET_BUFFER = 4 << 20  # large socket buffers: fewer wakeups per payload
 _MAX_IDLE = 4  # connections kept open per receiver, per event loop
 # Senders' idle connections, per event loop (a socket serves the loop that opened it).
-_IDLE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], list[Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_IDLE: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, int], list[_Connection]]
+] = weakref.WeakKeyDictionary()
 
 
 class TransferError(Exception):

@@ -370,11 +370,7 @@ class TorchEngine:
         written (at least its last prompt token, whose logits give the first token). If no
         blocks are free, or the prefill fails, the prompt is computed here.
         """
-        if self._task is None or self._scheduler is None:
-            raise EngineError("TorchEngine.generate() called before start()")
-        if self._failure is not None:
-            raise self._failure
-        sched = self._scheduler
+        sched = self._accepting("generate")
         seq = self._new_seq(request)
         if request.stop.max_tokens <= 0:
             yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
@@ -397,6 +393,14 @@ class TorchEngine:
         async with contextlib.aclosing(stream_outputs(seq, sched.abort)) as outputs:
             async for out in outputs:
                 yield out
+
+    def _accepting(self, method: str) -> Scheduler:
+        """The scheduler, if the engine takes requests now; else why not, as an error."""
+        if self._task is None or self._scheduler is None:
+            raise EngineError(f"TorchEngine.{method}() called before start()")
+        if self._failure is not None:
+            raise self._failure
+        return self._scheduler
 
     def _new_seq(self, request: PreprocessedRequest) -> _Seq:
         """A checked request as a sequence for the scheduler."""
@@ -427,11 +431,7 @@ class TorchEngine:
         stalls every running stream. The blocks are read when the sequence finishes, before
         they are freed: a partly filled block is not prefix-cached and would be lost after.
         """
-        if self._task is None or self._scheduler is None:
-            raise EngineError("TorchEngine.prefill_and_export() called before start()")
-        if self._failure is not None:
-            raise self._failure
-        sched, (_, runner) = self._scheduler, self._ready()
+        sched, (_, runner) = self._accepting("prefill_and_export"), self._ready()
         one = msgspec.structs.replace(
             request, stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0)
         )
