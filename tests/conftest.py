@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -50,6 +50,15 @@ def model_dir() -> Path:
     from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
 
     return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir: Path) -> Any:
+    """transformers' own model of the tiny folder, fp32: the reference for greedy outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

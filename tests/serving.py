@@ -109,6 +109,15 @@ def post_stream(url: str, body: dict[str, object], timeout: float = 30.0) -> lis
         return [line for line in response.iter_lines() if line]
 
 
+def answers_a_completion(base: str, model: str) -> bool:
+    """Whether a one-token completion makes it through the served pipeline at ``base``."""
+    body = {"model": model, "prompt": "ping", "max_tokens": 1}
+    try:
+        return httpx.post(f"{base}/completions", json=body, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until_serving(
     serve: ServeProcess, url: str, body: dict[str, object], timeout: float = 60.0
 ) -> list[str]:

@@ -12,13 +12,10 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from dynamo_sdk.llm.engines.base import EngineStats
 from dynamo_sdk.llm.tokenizer import Tokenizer
@@ -48,11 +45,6 @@ def disagg(
         serve.stop()
 
 
-@pytest.fixture(scope="module")
-def hf(model_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def complete(base: str, prompt: str, max_tokens: int = 12) -> dict[str, Any]:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
@@ -67,7 +59,7 @@ def counts(servers: EmbeddedServers, component: str, endpoint: str) -> dict[str,
 
 
 def test_outputs_match_and_only_long_prompts_go_remote(
-    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf: Any
+    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf_model: Any
 ) -> None:
     before = counts(servers, "Worker", "disagg_stats")
     prompts = [f"{LONG} question {i}" for i in range(3)] + ["short one", "a short two"]
@@ -75,7 +67,7 @@ def test_outputs_match_and_only_long_prompts_go_remote(
         answers = list(pool.map(lambda p: complete(disagg.base, p), prompts))
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tokenizer.encode(prompt, add_special_tokens=True)
-        assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, ids, 12))
+        assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf_model, ids, 12))
     after = counts(servers, "Worker", "disagg_stats")
     assert after["remote"] - before["remote"] == 3
     assert after["local_short"] - before["local_short"] == 2
@@ -91,7 +83,7 @@ def test_outputs_match_and_only_long_prompts_go_remote(
 
 
 def test_prefill_worker_killed_mid_flight_requests_still_complete(
-    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf: Any
+    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf_model: Any
 ) -> None:
     before = counts(servers, "Worker", "disagg_stats")
     prompts = [f"survivor {i} {LONG}" for i in range(6)]  # no prefix cached anywhere yet
@@ -102,7 +94,7 @@ def test_prefill_worker_killed_mid_flight_requests_still_complete(
         answers = [f.result() for f in futures]
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tokenizer.encode(prompt, add_special_tokens=True)
-        assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, ids, 12))
+        assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf_model, ids, 12))
     after = counts(servers, "Worker", "disagg_stats")
     went = {k: after[k] - before[k] for k in after}
     # the queue holds at most 4: beyond that the rule keeps a prefill local
@@ -117,4 +109,4 @@ def test_prefill_worker_killed_mid_flight_requests_still_complete(
     )
     answer = complete(disagg.base, f"after the restart {LONG}")
     ids = tokenizer.encode(f"after the restart {LONG}", add_special_tokens=True)
-    assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, ids, 12))
+    assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf_model, ids, 12))

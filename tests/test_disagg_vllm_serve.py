@@ -20,18 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import psutil
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM
 
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
 from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
-from tests.serving import REPO_ROOT, ServeProcess
+from tests.serving import REPO_ROOT, ServeProcess, answers_a_completion
 from tests.test_disagg_serve import complete, counts
 from tests.test_torch_engine import hf_greedy
 
@@ -83,11 +80,7 @@ def disagg(
         out = serve.output()
         if "prefill worker ready" not in out or "with the vllm engine" not in out:
             return False
-        body = {"model": MODEL, "prompt": "ping", "max_tokens": 1}
-        try:
-            return httpx.post(f"{base}/completions", json=body, timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_a_completion(base, MODEL)
 
     try:
         serve.wait_for(up, 300, "two vLLM workers behind graphs.disagg")
@@ -97,13 +90,9 @@ def disagg(
         serve.stop()
 
 
-@pytest.fixture(scope="module")
-def hf(model_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def expected(tokenizer: Tokenizer, hf: Any, prompt: str) -> str:
-    return tokenizer.decode(hf_greedy(hf, tokenizer.encode(prompt, add_special_tokens=True), 12))
+def expected(tokenizer: Tokenizer, hf_model: Any, prompt: str) -> str:
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    return tokenizer.decode(hf_greedy(hf_model, ids, 12))
 
 
 def in_group(pgid: int) -> list[int]:
@@ -137,7 +126,11 @@ def leftovers(storage: Path) -> list[Path]:
 
 
 def test_long_prompts_go_remote_through_the_connector_and_match_greedy(
-    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf: Any, storage: Path
+    disagg: ServeProcess,
+    servers: EmbeddedServers,
+    tokenizer: Tokenizer,
+    hf_model: Any,
+    storage: Path,
 ) -> None:
     before = counts(servers, "Worker", "disagg_stats")
     sent_before = counts(servers, "PrefillWorker", "stats")
@@ -146,7 +139,7 @@ def test_long_prompts_go_remote_through_the_connector_and_match_greedy(
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(lambda p: complete(disagg.base, p), prompts))
     for prompt, answer in zip(prompts, answers, strict=True):
-        assert answer["choices"][0]["text"] == expected(tokenizer, hf, prompt)
+        assert answer["choices"][0]["text"] == expected(tokenizer, hf_model, prompt)
     after = counts(servers, "Worker", "disagg_stats")
     went = {k: after[k] - before[k] for k in after}
     assert went["remote"] == 3 and went["local_short"] == 2
@@ -167,7 +160,11 @@ def test_long_prompts_go_remote_through_the_connector_and_match_greedy(
 
 
 def test_prefill_worker_killed_mid_flight_requests_complete_and_storage_is_cleaned(
-    disagg: ServeProcess, servers: EmbeddedServers, tokenizer: Tokenizer, hf: Any, storage: Path
+    disagg: ServeProcess,
+    servers: EmbeddedServers,
+    tokenizer: Tokenizer,
+    hf_model: Any,
+    storage: Path,
 ) -> None:
     before = counts(servers, "Worker", "disagg_stats")
     prompts = [f"survivor {i} {LONG}" for i in range(4)]
@@ -178,7 +175,7 @@ def test_prefill_worker_killed_mid_flight_requests_complete_and_storage_is_clean
         os.kill(killed, signal.SIGKILL)
         answers = [f.result() for f in futures]
     for prompt, answer in zip(prompts, answers, strict=True):
-        assert answer["choices"][0]["text"] == expected(tokenizer, hf, prompt)
+        assert answer["choices"][0]["text"] == expected(tokenizer, hf_model, prompt)
     after = counts(servers, "Worker", "disagg_stats")
     went = {k: after[k] - before[k] for k in after}
     assert went["remote"] + went["local_queue_full"] == 4 and went["remote"] >= 1
@@ -196,7 +193,7 @@ def test_prefill_worker_killed_mid_flight_requests_complete_and_storage_is_clean
     disagg.wait_for(lambda: queue_depth(servers) == 0, 60, "the prefill queue to drain")
     prompt = f"after the restart {LONG}"
     answer = complete(disagg.base, prompt)
-    assert answer["choices"][0]["text"] == expected(tokenizer, hf, prompt)
+    assert answer["choices"][0]["text"] == expected(tokenizer, hf_model, prompt)
     final = counts(servers, "Worker", "disagg_stats")
     assert final["remote"] == after["remote"] + 1 and final["fallback"] == after["fallback"]
     # what the redelivered prefills stored went when their notices were refused

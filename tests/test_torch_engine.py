@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from dynamo_sdk.llm.engines.base import EngineError, PrefillSlots, RemotePrefill
 from dynamo_sdk.llm.engines.registry import create_engine
@@ -22,12 +21,6 @@ from tests.engine_requests import collect, make_request, tokens
 
 GREEDY = SamplingOptions(temperature=0.0)
 BS = 16
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir: Path) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.eval()
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:

@@ -15,13 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from dynamo_sdk.llm.engines.base import EngineStats
 from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
-from tests.serving import REPO_ROOT, ServeProcess
+from tests.serving import REPO_ROOT, ServeProcess, answers_a_completion
 from tests.test_kv_routing_serve import call
 from tests.test_torch_engine import hf_greedy
 
@@ -53,11 +51,7 @@ def serve_graph(
     def up() -> bool:  # every worker ready, and a request makes it through the pipeline
         if serve.output().count("with the torch engine") < workers:
             return False
-        body = {"model": MODEL, "prompt": "ping", "max_tokens": 1}
-        try:
-            return httpx.post(f"{base}/completions", json=body, timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_a_completion(base, MODEL)
 
     try:
         serve.wait_for(up, 120, f"{workers} torch worker(s) behind {graph}")
@@ -91,14 +85,13 @@ def stats(servers: EmbeddedServers) -> EngineStats:
 
 
 def test_greedy_through_the_pipeline_matches_transformers(
-    client: Any, tokenizer: Tokenizer, model_dir: Path
+    client: Any, tokenizer: Tokenizer, hf_model: Any
 ) -> None:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt in ["the model serves tokens", "hello world 東京, paged attention"]:
         ids = tokenizer.encode(prompt, add_special_tokens=True)
         got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, **GREEDY)
         assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 16
-        assert got.choices[0].text == tokenizer.decode(hf_greedy(hf, ids, 16))
+        assert got.choices[0].text == tokenizer.decode(hf_greedy(hf_model, ids, 16))
 
     messages = [{"role": "user", "content": "who computes the KV cache?"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **GREEDY)
