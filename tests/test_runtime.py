@@ -378,6 +378,7 @@ from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
 
 async def main():
     settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]])
+    settings.response_transport = sys.argv[4]
     rt = await DistributedRuntime.connect(settings)
     client = rt.endpoint_client(sys.argv[3], "Long", "generate", response_type=int)
     async for item in client(10**6):
@@ -388,8 +389,14 @@ asyncio.run(main())
 """
 
 
-async def test_a_dead_caller_cancels_its_streams(servers: EmbeddedServers, unique_ns: str) -> None:
-    """A caller killed with SIGKILL must not leave the callee generating for nobody."""
+@pytest.mark.parametrize("transport", ["tcp", "nats"])
+async def test_a_dead_caller_cancels_its_streams(
+    servers: EmbeddedServers, unique_ns: str, transport: str
+) -> None:
+    """A caller killed with SIGKILL must not leave the callee generating for nobody.
+
+    Over TCP its connection drops; over NATS, NATS answers "no responders" to a heartbeat.
+    """
     import signal
     import sys
 
@@ -408,6 +415,7 @@ async def test_a_dead_caller_cancels_its_streams(servers: EmbeddedServers, uniqu
         await callee.serve_endpoint(unique_ns, "Long", "generate", handler, request_type=int)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CALLER_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
+            transport,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None

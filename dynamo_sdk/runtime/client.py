@@ -6,10 +6,11 @@ endpoints). Routing: calling the endpoint publishes to its queue-group subject (
 instance); `.round_robin()`, `.random()` and `.direct(instance_id)` pick one from discovery and
 use its instance subject.
 
-Every call has its own reply subject under the process's one wildcard inbox. Frames are routed
-to the call's stream; a watchdog fails streams whose instance went silent or left discovery, so
-a dead callee is an error, never a hang. Closing a stream early (break, cancellation, garbage
-collection) sends a cancel to the callee.
+Every call has its own reply subject under the process's one wildcard inbox, and names the
+process's TCP response listener (`response_plane`) so the callee can skip the NATS server on the
+way back. Frames from either path are routed to the call's stream; a watchdog fails streams
+whose instance went silent or left discovery, so a dead callee is an error, never a hang.
+Closing a stream early (break, cancellation, garbage collection) sends a cancel to the callee.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from dynamo_sdk.runtime.protocol import (
     response_decoder,
     subject_prefix,
 )
+from dynamo_sdk.runtime.response_plane import ResponseListener
 from dynamo_sdk.runtime.server import cancel_frame
 
 if TYPE_CHECKING:
@@ -58,11 +60,14 @@ _END = object()
 
 
 class CallDispatcher:
-    """Owns the process's reply inbox and routes frames to open streams."""
+    """Owns the process's reply inbox and response listener; routes frames to open streams."""
 
-    def __init__(self, nc: NATS, stream_timeout: float) -> None:
+    def __init__(self, nc: NATS, stream_timeout: float, listen_host: str | None = None) -> None:
         self.nc = nc
         self.stream_timeout = stream_timeout
+        # None: responses come over NATS only (DYN_RESPONSE_TRANSPORT=nats)
+        self._listener = ResponseListener(listen_host, self._deliver) if listen_host else None
+        self.reply_addr = ""
         self._nuid = NUID()
         self._prefix = f"_INBOX.{self._nuid.next().decode()}"
         self._calls = itertools.count(1)
@@ -77,6 +82,9 @@ class CallDispatcher:
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
         await self.nc.flush()
+        if self._listener is not None:
+            await self._listener.start()
+            self.reply_addr = self._listener.address
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
@@ -87,6 +95,8 @@ class CallDispatcher:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        if self._listener is not None:
+            await self._listener.close()
 
     def new_call(self) -> tuple[str, str]:
         # The inbox prefix is unique per process and a counter makes each call's token unique
@@ -110,6 +120,12 @@ class CallDispatcher:
                         "(its process died or lost its lease)"
                     )
                 )
+
+    def _deliver(self, reply: str, frame: bytes) -> None:
+        """A frame from the TCP response plane."""
+        stream = self._streams.get(reply.rpartition(".")[2])
+        if stream is not None:
+            stream._on_frame(frame)
 
     async def _on_frame(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[1]
@@ -261,7 +277,7 @@ class ResponseStream:
         self.last_frame = time.monotonic()
         ep.dispatcher.register(token, self)
         payload = request_encoder.encode(
-            RequestFrame(reply, msgspec.Raw(codec.encode(self._request)))
+            RequestFrame(reply, msgspec.Raw(codec.encode(self._request)), ep.dispatcher.reply_addr)
         )
         try:
             await ep.nc.publish(subject, payload, reply=reply)

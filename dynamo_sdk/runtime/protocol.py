@@ -1,9 +1,10 @@
 """The wire contract between a caller and a callee: a few msgspec structs, msgpack-encoded.
 
 A call is one NATS message to the endpoint's subject, with a reply subject unique to the
-call. The callee answers on that reply subject with a stream of `ResponseFrame`s; items are
-pre-encoded (`Raw`) so that each item is encoded once and decoded straight into the caller's
-type. Several items produced without the generator pausing travel in one frame.
+call. The callee answers with a stream of `ResponseFrame`s: over TCP to the caller's
+`reply_addr` when the request names one (see `response_plane`), else on that reply subject.
+Items are pre-encoded (`Raw`) so that each item is encoded once and decoded straight into the
+caller's type. Several items produced without the generator pausing travel in one frame.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class FrameKind(enum.IntEnum):
 class RequestFrame(msgspec.Struct, array_like=True):
     request_id: str
     payload: msgspec.Raw
+    reply_addr: str = ""  # "host:port" of the caller's response listener; "" = reply on NATS
 
 
 class ErrorInfo(msgspec.Struct, array_like=True):

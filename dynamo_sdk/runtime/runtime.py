@@ -30,6 +30,7 @@ from dynamo_sdk.runtime.discovery import (
     instance_key,
 )
 from dynamo_sdk.runtime.errors import RuntimeConnectionError
+from dynamo_sdk.runtime.response_plane import ReplyConnections, listen_host
 from dynamo_sdk.runtime.server import EndpointServer, Handler
 
 if TYPE_CHECKING:
@@ -83,6 +84,11 @@ class RuntimeSettings:
     wait_for_instances: float = 0.0  # DYN_WAIT_FOR_INSTANCES: seconds a call waits for one
     stream_timeout: float = 5.0  # DYN_STREAM_TIMEOUT: silence after which a stream is lost
     heartbeat_interval: float = 1.0  # DYN_HEARTBEAT_INTERVAL: callee keep-alive on streams
+    # DYN_RESPONSE_TRANSPORT: "tcp" (responses straight from callee to caller) or "nats"
+    response_transport: str = "tcp"
+    # DYN_RESPONSE_HOST: the address callees reach this process's response listener at
+    # ("" = the loopback address on one machine, else the interface that routes to NATS)
+    response_host: str = ""
 
     @classmethod
     def from_env(cls) -> RuntimeSettings:
@@ -94,7 +100,14 @@ class RuntimeSettings:
             wait_for_instances=_env_float("DYN_WAIT_FOR_INSTANCES", 0.0),
             stream_timeout=_env_float("DYN_STREAM_TIMEOUT", 5.0),
             heartbeat_interval=_env_float("DYN_HEARTBEAT_INTERVAL", 1.0),
+            response_transport=os.environ.get("DYN_RESPONSE_TRANSPORT", "tcp").strip().lower(),
+            response_host=os.environ.get("DYN_RESPONSE_HOST", "").strip(),
         )
+        if settings.response_transport not in ("tcp", "nats"):
+            raise ValueError(
+                "DYN_RESPONSE_TRANSPORT must be 'tcp' or 'nats', "
+                f"got {settings.response_transport!r}"
+            )
         if settings.lease_ttl < 1:
             raise ValueError("DYN_LEASE_TTL must be >= 1 second")
         if settings.stream_timeout <= settings.heartbeat_interval:
@@ -110,7 +123,11 @@ class DistributedRuntime:
         self.etcd = etcd
         self.settings = settings
         self.lease = Lease(etcd, settings.lease_ttl, self._lease_lost)
-        self.dispatcher = CallDispatcher(nc, settings.stream_timeout)
+        tcp = settings.response_transport == "tcp"
+        host = (settings.response_host or listen_host(settings.nats_url)) if tcp else None
+        self.dispatcher = CallDispatcher(nc, settings.stream_timeout, host)
+        # Connections to the callers of this process's endpoints (TCP response plane).
+        self.replies = ReplyConnections(self._caller_lost)
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}
         self._service_clients: dict[int, ServiceClient] = {}
@@ -158,6 +175,10 @@ class DistributedRuntime:
     def on_lease_lost(self, callback: Callable[[], None]) -> None:
         self._on_lease_lost.append(callback)
 
+    def _caller_lost(self, address: str) -> None:
+        for server in self.servers:
+            server.caller_lost(address)
+
     def _lease_lost(self) -> None:
         self.lease_lost.set()
         for callback in self._on_lease_lost:
@@ -188,6 +209,7 @@ class DistributedRuntime:
             request_type=request_type,
             streaming=streaming,
             heartbeat_interval=self.settings.heartbeat_interval,
+            replies=self.replies,
         )
         await server.start()
         self.servers.append(server)
@@ -284,6 +306,7 @@ class DistributedRuntime:
         for watcher in self._watchers.values():
             await watcher.stop()
         await self.dispatcher.close()
+        self.replies.close()
         await self.lease.revoke()
         with contextlib.suppress(Exception):
             await self.nc.drain()

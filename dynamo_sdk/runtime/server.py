@@ -2,13 +2,15 @@
 
 Each instance subscribes to the endpoint's queue-group subject (NATS spreads requests over the
 group) and to its own instance subject (direct routing). Every request runs in its own task;
-items are streamed back to the request's reply subject. Items produced while the generator
+items are streamed back over TCP to the caller's response listener when the request names one
+(`response_plane`), else to the request's NATS reply subject. Items produced while the generator
 does not pause are sent together in one frame; the buffer is flushed as soon as the generator
 waits, so a slow stream (tokens) still leaves item by item with no added latency.
 
 A request is cancelled when its caller says so (a `CancelFrame` on the component's cancel
-subject): the handler's task is cancelled, so the generator sees `CancelledError` at its
-current `await` (or `GeneratorExit` if it was parked at a `yield`).
+subject), or when its caller is gone (the TCP connection to it dropped, or NATS answered "no
+responders" to a heartbeat): the handler's task is cancelled, so the generator sees
+`CancelledError` at its current `await` (or `GeneratorExit` if it was parked at a `yield`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dynamo_sdk.runtime.protocol import (
     request_decoder,
     subject_prefix,
 )
+from dynamo_sdk.runtime.response_plane import ReplyConnections, encode_message
 from dynamo_sdk.sdk.context import set_request_context
 
 log = logging.getLogger(__name__)
@@ -48,11 +51,14 @@ _frame_encoder = msgspec.msgpack.Encoder()
 
 
 class _Stream:
-    __slots__ = ("buf", "flush_scheduled", "last_sent", "pending", "reply", "request_id", "task")
+    __slots__ = (
+        "addr", "buf", "flush_scheduled", "last_sent", "pending", "reply", "request_id", "task",
+    )  # fmt: skip
 
-    def __init__(self, request_id: str, reply: str) -> None:
+    def __init__(self, request_id: str, reply: str, addr: str = "") -> None:
         self.request_id = request_id
         self.reply = reply
+        self.addr = addr  # the caller's response listener; "" = answer on NATS
         self.buf: list[msgspec.Raw] = []
         self.flush_scheduled = False
         self.pending: asyncio.Task[None] | None = None
@@ -75,8 +81,10 @@ class EndpointServer:
         request_type: Any,
         streaming: bool,
         heartbeat_interval: float = 1.0,
+        replies: ReplyConnections | None = None,
     ) -> None:
         self.nc = nc
+        self.replies = replies  # None: every answer goes over NATS
         self.namespace = namespace
         self.component = component
         self.endpoint = endpoint
@@ -173,11 +181,13 @@ class EndpointServer:
         try:
             frame = request_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await self._send(msg.reply, FrameKind.ERROR, [], ErrorInfo("BadRequestError", str(exc)))
+            error = ErrorInfo("BadRequestError", str(exc))
+            await self._send(_Stream("", msg.reply), FrameKind.ERROR, [], error)
             return
+        addr = frame.reply_addr if self.replies is not None else ""
         if not self._accepting:
             await self._send(
-                msg.reply,
+                _Stream(frame.request_id, msg.reply, addr),
                 FrameKind.ERROR,
                 [],
                 ErrorInfo("WorkerShuttingDown", f"instance {self.instance_id:x} is draining"),
@@ -185,10 +195,18 @@ class EndpointServer:
             return
         if frame.request_id in self._recently_cancelled:
             return
-        stream = _Stream(frame.request_id, msg.reply)
+        stream = _Stream(frame.request_id, msg.reply, addr)
         self._active[frame.request_id] = stream
         self._idle.clear()
         stream.task = asyncio.get_running_loop().create_task(self._run(stream, frame.payload))
+
+    def caller_lost(self, addr: str) -> None:
+        """The connection to the caller at `addr` dropped: its process is gone; stop its work."""
+        for stream in list(self._active.values()):
+            if stream.addr == addr and stream.task is not None and not stream.task.done():
+                log.info("%s: caller of %s is gone; cancelling", self.queue_subject,
+                         stream.request_id)  # fmt: skip
+                stream.task.cancel("caller gone")
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -263,6 +281,13 @@ class EndpointServer:
             return
         items, stream.buf = stream.buf, []
         previous = stream.pending
+        if (previous is None or previous.done()) and stream.addr and self.replies is not None:
+            # The hot path of a token stream: nothing queued before this frame and the
+            # connection open, so write it now rather than in a task of its own.
+            conn = self.replies.ready(stream.addr)
+            if conn is not None and conn.write_now(self._message(stream, FrameKind.DATA, items)):
+                stream.last_sent = time.monotonic()
+                return
         stream.pending = asyncio.get_running_loop().create_task(
             self._send_after(previous, stream, FrameKind.DATA, items)
         )
@@ -276,7 +301,7 @@ class EndpointServer:
     ) -> None:
         if previous is not None and not previous.done():
             await previous
-        await self._send(stream.reply, kind, items, None)
+        await self._send(stream, kind, items, None)
         stream.last_sent = time.monotonic()
 
     async def _flush(
@@ -287,20 +312,35 @@ class EndpointServer:
         items, stream.buf = stream.buf, []
         while stream.pending is not None and not stream.pending.done():
             await stream.pending
-        await self._send(stream.reply, kind, items, error)
+        await self._send(stream, kind, items, error)
         stream.last_sent = time.monotonic()
+
+    def _frame(self, kind: FrameKind, items: list[msgspec.Raw], error: ErrorInfo | None) -> bytes:
+        frame = ResponseFrame(kind=kind, instance_id=self.instance_id, items=items, error=error)
+        return _frame_encoder.encode(frame)
+
+    def _message(self, stream: _Stream, kind: FrameKind, items: list[msgspec.Raw]) -> bytes:
+        return encode_message(stream.reply, self._frame(kind, items, None))
 
     async def _send(
         self,
-        reply: str,
+        stream: _Stream,
         kind: FrameKind,
         items: list[msgspec.Raw],
         error: ErrorInfo | None,
         probe: str = "",
     ) -> None:
-        frame = ResponseFrame(kind=kind, instance_id=self.instance_id, items=items, error=error)
+        data = self._frame(kind, items, error)
+        if stream.addr and self.replies is not None:
+            conn = self.replies.ready(stream.addr) or await self.replies.get(stream.addr)
+            if conn is not None:
+                # False: the connection dropped, so the caller is gone and `caller_lost`
+                # cancels the stream; there is no one left to answer.
+                await conn.write(encode_message(stream.reply, data))
+                return
+            stream.addr = ""  # unreachable over TCP: this stream answers over NATS from now on
         try:
-            await self.nc.publish(reply, _frame_encoder.encode(frame), reply=probe)
+            await self.nc.publish(stream.reply, data, reply=probe)
         except Exception as exc:  # connection closing: the caller's watchdog reports it
             log.debug("%s: could not send a frame: %s", self.queue_subject, exc)
 
@@ -316,12 +356,15 @@ class EndpointServer:
             now = time.monotonic()
             live: dict[str, str] = {}
             for stream in list(self._active.values()):
+                stream.last_sent = now
+                if stream.addr:  # over TCP a dead caller shows as a dropped connection
+                    await self._send(stream, FrameKind.HEARTBEAT, [], None)
+                    continue
                 self._probe_counter += 1
                 token = format(self._probe_counter, "x")
                 live[token] = stream.request_id
-                stream.last_sent = now
                 await self._send(
-                    stream.reply,
+                    stream,
                     FrameKind.HEARTBEAT,
                     [],
                     None,

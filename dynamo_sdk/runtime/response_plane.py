@@ -1,0 +1,283 @@
+"""Response frames straight from callee to caller over TCP, past the NATS server.
+
+Requests keep travelling over NATS: queue groups spread them over a component's instances,
+instance subjects route them, and NATS is how every process reaches every other without
+knowing addresses. Responses are different: a stream of many small frames to one process that
+the request already named. Through NATS each frame goes callee -> server -> caller, and
+nats-py hands it through a flusher task on one side and a read loop, a subscription queue and
+a callback task on the other: four task wake-ups and two extra socket hops per token. So, as
+in NVIDIA Dynamo's runtime, a caller listens on one TCP port (`ResponseListener`) and names it
+in every request (`RequestFrame.reply_addr`); the callee keeps one connection per caller
+process (`ReplyConnections`) and writes each frame to it the moment it is produced. The caller
+parses frames in the connection's `data_received` and hands them straight to their stream.
+
+On the wire, every message is ``u32 length | u16 reply length | reply subject | frame``, where
+the reply subject is the call's unique id (the same string the NATS path would reply to) and
+the frame is the msgpack `ResponseFrame` that NATS would have carried.
+
+A callee that cannot connect to the named address (a firewall, a caller behind NAT) answers
+on the NATS reply subject instead; the caller listens on both. A callee whose connection to a
+caller drops takes the caller for gone and cancels that caller's streams, which is how a
+SIGKILLed caller stops engines from generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import cast
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IH")  # bytes after the u32, reply subject length
+MAX_MESSAGE = 64 * 1024 * 1024  # a frame is at most 256 items; anything bigger is corruption
+_RETRY_AFTER = 30.0  # seconds before trying TCP again to an address that refused us
+# Well below the callers' stream timeout (DYN_STREAM_TIMEOUT, 5 s): a caller whose address
+# cannot be reached still gets its first frame, over NATS, before it gives up on the stream.
+CONNECT_TIMEOUT = 1.5
+
+
+def encode_message(reply: str, frame: bytes) -> bytes:
+    token = reply.encode()
+    return _HEADER.pack(len(frame) + len(token) + 2, len(token)) + token + frame
+
+
+class _FrameReader(asyncio.Protocol):
+    """The caller's end of one callee's connection: split the byte stream into frames."""
+
+    def __init__(self, deliver: Callable[[str, bytes], None]) -> None:
+        self._deliver = deliver
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        offset, end = 0, len(buf)
+        while end - offset >= 6:
+            size, token_len = _HEADER.unpack_from(buf, offset)
+            if size > MAX_MESSAGE or token_len + 2 > size:
+                log.warning("response connection sent a corrupt frame header; closing it")
+                assert self._transport is not None
+                self._transport.close()
+                buf.clear()
+                return
+            if end - offset - 4 < size:
+                break
+            start = offset + 6
+            reply = bytes(buf[start : start + token_len]).decode()
+            frame = bytes(buf[start + token_len : offset + 4 + size])
+            offset += 4 + size
+            self._deliver(reply, frame)
+        if offset:
+            del buf[:offset]
+
+
+class ResponseListener:
+    """The caller's TCP port: frames arriving on it go to `deliver(reply_subject, frame)`."""
+
+    def __init__(self, host: str, deliver: Callable[[str, bytes], None]) -> None:
+        self.host = host
+        self._deliver = deliver
+        self._server: asyncio.AbstractServer | None = None
+        self.address = ""  # "host:port" once started: what requests name as reply_addr
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _FrameReader(self._deliver), self.host, 0, backlog=1024
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{host}:{port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+
+class _ReplyConnection(asyncio.Protocol):
+    """The callee's end of the connection to one caller process.
+
+    Messages written in one turn of the event loop leave in one `writelines` at the end of
+    it: a frame is never held back behind an await, and many streams' frames share a syscall.
+    """
+
+    def __init__(self, on_lost: Callable[[_ReplyConnection], None]) -> None:
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._out: list[bytes] = []
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:  # callers never write back
+        pass
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._out.clear()
+        self._writable.set()
+        self._on_lost(self)
+
+    def write_now(self, message: bytes) -> bool:
+        """Queue without waiting; False if the caller reads too slowly (await `write`)."""
+        if self.lost or not self._writable.is_set():
+            return False
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(message)
+        return True
+
+    async def write(self, message: bytes) -> bool:
+        """Queue, first waiting while the caller is behind; False if the connection dropped."""
+        if not self._writable.is_set():
+            await self._writable.wait()  # the caller reads slowly: hold the producer here
+        if self.lost:
+            return False
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(message)
+        return True
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.lost and self.transport is not None:
+            self.transport.writelines(out)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+
+class ReplyConnections:
+    """The callee's connections to its callers, one per caller address, opened on first use.
+
+    `on_caller_lost(address)` runs when a connection drops: the caller process is gone (or
+    unreachable), so its streams should be cancelled.
+    """
+
+    def __init__(self, on_caller_lost: Callable[[str], None]) -> None:
+        self._on_caller_lost = on_caller_lost
+        self._conns: dict[str, _ReplyConnection] = {}
+        self._opening: dict[str, asyncio.Future[_ReplyConnection | None]] = {}
+        self._refused: dict[str, float] = {}  # address -> when TCP to it last failed
+        self._closed = False
+
+    def ready(self, address: str) -> _ReplyConnection | None:
+        """The open connection to `address`, if there is one (no awaiting)."""
+        conn = self._conns.get(address)
+        return conn if conn is not None and not conn.lost else None
+
+    async def get(self, address: str) -> _ReplyConnection | None:
+        """The connection to `address`, opened if needed; None means "answer over NATS"."""
+        conn = self.ready(address)
+        if conn is not None:
+            return conn
+        if self._closed:
+            return None
+        refused_at = self._refused.get(address)
+        if refused_at is not None and time.monotonic() - refused_at < _RETRY_AFTER:
+            return None
+        opening = self._opening.get(address)
+        if opening is None:
+            opening = asyncio.get_running_loop().create_future()
+            self._opening[address] = opening
+            try:
+                opening.set_result(await self._open(address))
+            finally:
+                del self._opening[address]
+            return opening.result()
+        return await asyncio.shield(opening)
+
+    async def _open(self, address: str) -> _ReplyConnection | None:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _ReplyConnection(self._lost), host, int(port)),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            self._refused[address] = time.monotonic()
+            log.warning(
+                "cannot open a response connection to %s (%s); answering that caller over NATS",
+                address, exc,
+            )  # fmt: skip
+            return None
+        self._refused.pop(address, None)
+        self._conns[address] = conn
+        return conn
+
+    def _lost(self, conn: _ReplyConnection) -> None:
+        for address, known in list(self._conns.items()):
+            if known is conn:
+                del self._conns[address]
+                if not self._closed:
+                    self._on_caller_lost(address)
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+
+
+def listen_host(nats_url: str) -> str:
+    """The address callees can reach this process at, for its `ResponseListener`.
+
+    On one machine (NATS on a loopback address) it is 127.0.0.1. Otherwise it is the local
+    address of the interface that routes to the NATS server: a host that reaches NATS is, in
+    the deployments this runtime targets, also reachable from its peers. ``DYN_RESPONSE_HOST``
+    overrides it.
+    """
+    first = nats_url.split(",")[0].strip()
+    host = urlsplit(first if "://" in first else f"nats://{first}").hostname or "127.0.0.1"
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None and ip.is_loopback:
+        return str(ip)
+    family = socket.AF_INET6 if ip is not None and ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 4222))  # UDP connect sends nothing; it only picks a route
+            return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
