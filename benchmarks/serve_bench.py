@@ -21,9 +21,12 @@ Per request: TTFT is the time from sending the request to the first chunk with n
 (direct: the first output with token ids); ITL are the gaps between later content chunks (all
 requests' gaps pooled for the percentiles); the output token count is the ``completion_tokens``
 of the usage chunk (``stream_options.include_usage``), direct: the number of ids received.
-A cell is a closed loop: C tasks send ``--requests`` requests back to back (at least 2*C, so
-every task sends two); tokens/s and req/s are over the cell's wall time, from its first request
-to its last answer. Each engine gets unmeasured warm-up requests first.
+The HTTP client is aiohttp (``--http-client``; what ``vllm bench serve`` uses), one keep-alive
+connection per sending task; httpx, the ``openai`` package's client, costs ~0.4-1.3 ms more per
+request in the client itself. A cell is a closed loop: C tasks send ``--requests`` requests back
+to back (at least 2*C, so every task sends two); tokens/s and req/s are over the cell's wall
+time, from its first request to its last answer. Each engine gets unmeasured warm-up requests
+first.
 
 How
 ---
@@ -40,7 +43,7 @@ Usage::
 
     python benchmarks/serve_bench.py [--engines echo,vllm] [--concurrency 1,8,32]
         [--requests N] [--isl 64] [--osl N] [--echo-extra 64:256] [--json out.json]
-        [--profile DIR] [--vllm-bench]
+        [--http-client aiohttp|httpx] [--profile DIR] [--vllm-bench]
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ LAUNCHER = (
 )
 STOP_TIMEOUT = 30.0  # seconds for `dynamo serve` to drain and exit before it is killed
 REQUEST_TIMEOUT = 120.0  # seconds for one streamed request
+_TLS = ssl.create_default_context()  # loaded once, not once per client (plain HTTP anyway)
+HttpClient = Any  # an httpx.AsyncClient or an aiohttp.ClientSession (see `http_client`)
 PROFILE_ENV = "DYNAMO_BENCH_PROFILE_DIR"
 
 SITECUSTOMIZE = f'''\
@@ -353,58 +358,104 @@ class Prompts:
 # ---- clients ---------------------------------------------------------------------------------
 
 
-async def http_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+class _SseTimer:
+    """Times one streamed completion from its SSE bytes: TTFT, ITLs, usage, [DONE]."""
+
+    def __init__(self, result: RequestResult, t0: float) -> None:
+        self.result = result
+        self.t0 = t0
+        self.last = math.nan
+        self.buffer = b""
+        self.completion_tokens: int | None = None
+        self.done = False
+
+    def feed(self, data: bytes, now: float) -> bool:
+        """Consume received bytes; False once an error chunk ended the request."""
+        self.buffer += data
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: "):
+                continue
+            payload = event[6:]
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            chunk = msgspec.json.decode(payload)
+            if "error" in chunk:
+                self.result.error = str(chunk["error"].get("message", chunk["error"]))[:200]
+                return False
+            usage = chunk.get("usage")
+            if usage:
+                self.completion_tokens = int(usage["completion_tokens"])
+            choices = chunk.get("choices") or ()
+            if choices and choices[0].get("text"):
+                if math.isnan(self.last):
+                    self.result.ttft = now - self.t0
+                else:
+                    self.result.itls.append(now - self.last)
+                self.last = now
+        return True
+
+    def finish(self, now: float) -> RequestResult:
+        result = self.result
+        result.e2e = now - self.t0
+        if not self.done or self.completion_tokens is None:
+            result.error = "stream ended without [DONE] or without a usage chunk"
+            return result
+        result.tokens = self.completion_tokens
+        result.ok = not math.isnan(result.ttft)
+        if not result.ok:
+            result.error = "no text in the stream"
+        return result
+
+
+async def http_request(client: HttpClient, url: str, body: dict[str, Any]) -> RequestResult:
     """One streamed completion: TTFT, ITLs and usage from the SSE chunks."""
+    if isinstance(client, httpx.AsyncClient):
+        return await _httpx_request(client, url, body)
+    return await _aiohttp_request(client, url, body)
+
+
+async def _httpx_request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> RequestResult:
     clock = time.perf_counter
     result = RequestResult(ok=False)
-    t0 = clock()
-    last = math.nan
-    completion_tokens: int | None = None
-    done = False
+    timer = _SseTimer(result, clock())
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 await response.aread()
                 result.error = f"HTTP {response.status_code}: {response.text[:200]}"
                 return result
-            buffer = b""
             async for data in response.aiter_bytes():
-                now = clock()
-                buffer += data
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    if not event.startswith(b"data: "):
-                        continue
-                    payload = event[6:]
-                    if payload == b"[DONE]":
-                        done = True
-                        continue
-                    chunk = msgspec.json.decode(payload)
-                    if "error" in chunk:
-                        result.error = str(chunk["error"].get("message", chunk["error"]))[:200]
-                        return result
-                    usage = chunk.get("usage")
-                    if usage:
-                        completion_tokens = int(usage["completion_tokens"])
-                    choices = chunk.get("choices") or ()
-                    if choices and choices[0].get("text"):
-                        if math.isnan(last):
-                            result.ttft = now - t0
-                        else:
-                            result.itls.append(now - last)
-                        last = now
+                if not timer.feed(data, clock()):
+                    return result
     except (httpx.HTTPError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
-    result.e2e = clock() - t0
-    if not done or completion_tokens is None:
-        result.error = "stream ended without [DONE] or without a usage chunk"
+    return timer.finish(clock())
+
+
+async def _aiohttp_request(client: Any, url: str, body: dict[str, Any]) -> RequestResult:
+    import aiohttp
+
+    clock = time.perf_counter
+    result = RequestResult(ok=False)
+    timer = _SseTimer(result, clock())
+    try:
+        async with client.post(url, json=body) as response:
+            if response.status != 200:
+                text = await response.text()
+                result.error = f"HTTP {response.status}: {text[:200]}"
+                return result
+            async for data in response.content.iter_any():
+                if not timer.feed(data, clock()):
+                    return result
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
         return result
-    result.tokens = completion_tokens
-    result.ok = not math.isnan(result.ttft)
-    if not result.ok:
-        result.error = "no text in the stream"
-    return result
+    return timer.finish(clock())
 
 
 async def direct_request(client: EndpointClient, request: PreprocessedRequest) -> RequestResult:
@@ -525,7 +576,7 @@ def engine_request(model: str, ids: list[int], osl: int) -> PreprocessedRequest:
     )
 
 
-async def wait_until_serving(graph: Graph, client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+async def wait_until_serving(graph: Graph, client: HttpClient, body: dict[str, Any]) -> None:
     """Retry one request until the whole graph answers it (bounded by the engine's timeout)."""
     deadline = time.monotonic() + graph.spec.ready_timeout
     last_error = ""
@@ -573,6 +624,27 @@ def n_requests(spec: EngineSpec, args: argparse.Namespace, conc: int) -> int:
     return max(args.requests or spec.default_requests, 2 * conc)
 
 
+def http_client(kind: str) -> Any:
+    """One HTTP client (one keep-alive connection), as an async context manager.
+
+    aiohttp is what `vllm bench serve` and most serving benchmarks use; httpx (what the
+    `openai` package uses) costs ~1 ms more per request on a small host, which is the client's
+    time, not the server's.
+    """
+    if kind == "aiohttp":
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=2.0),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, connect=10.0),
+        )
+    # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes
+    # them from its side (reusing one the server is closing fails with a ReadError).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
+    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, verify=_TLS)
+
+
 async def measure_engine(
     spec: EngineSpec,
     args: argparse.Namespace,
@@ -587,17 +659,9 @@ async def measure_engine(
     max_conc = max(c for c, _ in cells)
     # One client (one keep-alive connection) per sending task: a shared pool scans all of its
     # connections on every request, which at c=64 costs the client more CPU than the parsing.
-    # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes
-    # them from its side (reusing one the server is closing fails with a ReadError).
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
-    tls = ssl.create_default_context()  # loaded once, not once per client (plain HTTP anyway)
     async with contextlib.AsyncExitStack() as stack:
         clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(limits=limits, timeout=timeout, verify=tls)
-            )
-            for _ in range(max_conc)
+            await stack.enter_async_context(http_client(args.http_client)) for _ in range(max_conc)
         ]
         await wait_until_serving(graph, clients[0], completion_body(spec.model, "hello", 4))
         worker = runtime.endpoint_client(*WORKER_TARGET, response_type=EngineOutput)
@@ -919,9 +983,9 @@ async def run_benchmark(args: argparse.Namespace, session: Session, results: Res
 
     env = session.start_servers()
     prompts = await asyncio.to_thread(Prompts, args.isl)
-    settings = RuntimeSettings(
-        nats_url=env["NATS_SERVER"], etcd_endpoints=env["ETCD_ENDPOINTS"].split(",")
-    )
+    settings = RuntimeSettings.from_env()  # DYN_RESPONSE_TRANSPORT etc., as the graph sees them
+    settings.nats_url = env["NATS_SERVER"]
+    settings.etcd_endpoints = env["ETCD_ENDPOINTS"].split(",")
     runtime = await asyncio.wait_for(DistributedRuntime.connect(settings), 30.0)
     try:
         for name in args.engines:
@@ -996,6 +1060,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[(64, 256)],
         help="extra echo frontend/direct cells CONC:OSL for the throughput target ('' for none)",
     )
+    parser.add_argument(
+        "--http-client",
+        choices=("aiohttp", "httpx"),
+        default="aiohttp" if importlib.util.find_spec("aiohttp") else "httpx",
+        help="HTTP client library (default aiohttp, as `vllm bench serve`)",
+    )
     parser.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
     parser.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve`")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
@@ -1050,6 +1120,8 @@ def main(argv: list[str] | None = None) -> int:
         "isl": args.isl,
         "osl": args.osl,
         "echo_extra": args.echo_extra,
+        "http_client": args.http_client,
+        "response_transport": os.environ.get("DYN_RESPONSE_TRANSPORT", "tcp"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "seconds": round(time.monotonic() - started, 1),
