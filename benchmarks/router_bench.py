@@ -30,13 +30,15 @@ then ``kv`` (``--overlap-weight`` sets the kv router's ``RouterConfig.overlap_we
 
 Per mode: prefix-cache hit rate (sum of the engines' ``cached_tokens`` over sum of prompt
 tokens; also the hit rate on the part of the prompts after the system prompt, i.e. the
-conversation history that only routing can reuse, and the hit rate the router predicted from
-its index); TTFT p50/p90/p99 on the mocker's simulated clock (``simulated_ttft_ms``: unlike wall
-time it does not depend on host CPU noise) and wall-clock TTFT (scaled by ``--speedup`` to the
-same units); output tokens/s over the run (wall duration x speedup = simulated seconds); busy
-GPU seconds (the engines' simulated step time summed: the compute the workload cost); and the
-host CPU use, which must stay well below 100% for the simulated figures to be trustworthy (an
-overloaded host stretches steps and piles more requests into each one).
+conversation history that only routing can reuse; the *reusable* rate, the prefix that any
+earlier request computed anywhere, i.e. the hit rate of one worker with an infinite cache, which
+no router can beat; and the hit rate the router predicted from its index); TTFT p50/p90/p99 on
+the mocker's simulated clock (``simulated_ttft_ms``: unlike wall time it does not depend on host
+CPU noise) and wall-clock TTFT (scaled by ``--speedup`` to the same units); output tokens/s over
+the run (wall duration x speedup = simulated seconds); busy GPU seconds (the engines' simulated
+step time summed: the compute the workload cost); and the host CPU use, which must stay well
+below 100% for the simulated figures to be trustworthy (an overloaded host stretches steps and
+piles more requests into each one).
 
 Part 2: decision cost
 ---------------------
@@ -164,6 +166,7 @@ class RequestRecord:
     prompt_tokens: int
     system_tokens: int
     cached_tokens: int
+    reusable_tokens: int  # prefix computed before by ANY request: one infinite shared cache
     predicted_cached_tokens: int  # the router's overlap estimate, in tokens
     output_tokens: int
     sim_ttft_ms: float
@@ -179,6 +182,9 @@ class ModeResult:
     cached_tokens: int = 0
     hit_rate: float = 0.0
     history_hit_rate: float = 0.0  # beyond the system prompt: what only routing can reuse
+    # The hit rate of one worker with an infinite cache serving everything: no router can
+    # beat it, so reusable / round-robin's hit rate caps what kv can gain over round-robin.
+    reusable_rate: float = 0.0
     predicted_hit_rate: float = 0.0
     ttft_p50_ms: float = math.nan
     ttft_p90_ms: float = math.nan
@@ -248,6 +254,15 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
     records: list[RequestRecord] = []
     errors = 0
     speedup = args.speedup
+    computed: set[int] = set()  # every block any worker has computed so far (the oracle)
+
+    def reusable(prompt: list[int]) -> int:
+        n = 0
+        for h in block_hashes_int(prompt, args.block_size):
+            if h not in computed:
+                break
+            n += 1
+        return min(n * args.block_size, len(prompt) - 1)  # the last token is always computed
 
     async def publish_load() -> None:
         while True:
@@ -268,6 +283,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                 return  # the conversation filled the context: the session ends here
             prompt = history + user[:room]
             rid = f"s{s.index}-t{turn}"
+            could_reuse = reusable(prompt)
             decision = router.choose(prompt, worker_ids, request_id=rid)
             engine = engines[decision.worker_id]
             request = PreprocessedRequest(
@@ -286,6 +302,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                     if first is None:
                         first = loop.time()
                         cached = out.cached_tokens or 0
+                        computed.update(block_hashes_int(prompt, args.block_size))
                         ttft = engine.simulated_ttft_ms(rid)
                         sim_ttft = math.nan if ttft is None else ttft
                     answer.extend(out.token_ids)
@@ -304,6 +321,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                     prompt_tokens=len(prompt),
                     system_tokens=len(system),
                     cached_tokens=cached,
+                    reusable_tokens=could_reuse,
                     predicted_cached_tokens=decision.overlap_blocks * args.block_size,
                     output_tokens=len(answer),
                     sim_ttft_ms=sim_ttft,
@@ -311,6 +329,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                 )
             )
             history = prompt + answer
+            computed.update(block_hashes_int(history, args.block_size))
             await asyncio.sleep(s.think_s[turn] / speedup)
 
     publisher = asyncio.create_task(publish_load())
@@ -345,6 +364,8 @@ def summarize(
     beyond = sum(x.prompt_tokens - x.system_tokens for x in records)
     beyond_hit = sum(max(0, x.cached_tokens - x.system_tokens) for x in records)
     r.history_hit_rate = beyond_hit / beyond if beyond else 0.0
+    reusable = sum(x.reusable_tokens for x in records)
+    r.reusable_rate = reusable / r.prompt_tokens if r.prompt_tokens else 0.0
     predicted = sum(min(x.predicted_cached_tokens, x.prompt_tokens) for x in records)
     r.predicted_hit_rate = predicted / r.prompt_tokens if r.prompt_tokens else 0.0
     sim = [x.sim_ttft_ms for x in records if not math.isnan(x.sim_ttft_ms)]
@@ -611,6 +632,7 @@ def format_report(results: Results) -> str:
             "reqs",
             "hit rate",
             "hist hit",
+            "reusable",
             "pred hit",
             "TTFT p50",
             "p90",
@@ -630,6 +652,7 @@ def format_report(results: Results) -> str:
                 f"{m.requests}" + (f" ({m.errors} err)" if m.errors else ""),
                 f"{m.hit_rate:.1%}",
                 f"{m.history_hit_rate:.1%}",
+                f"{m.reusable_rate:.1%}",
                 f"{m.predicted_hit_rate:.1%}",
                 f"{m.ttft_p50_ms:.1f}",
                 f"{m.ttft_p90_ms:.1f}",
@@ -713,6 +736,14 @@ def format_report(results: Results) -> str:
         verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t.passed]
         unit = "" if t.value is None else t.unit
         out.append(f"  {t.name.ljust(width)}  {value:>8} {unit:<3}  {verdict}")
+    by_mode = {m.mode: m for m in results.modes}
+    rr, kv = by_mode.get("round_robin"), by_mode.get("kv")
+    if rr is not None and kv is not None and rr.hit_rate > 0 and kv.reusable_rate > 0:
+        out.append(
+            f"  (no router can beat the reusable rate: on this workload the hit-rate ratio is "
+            f"capped at {kv.reusable_rate / rr.hit_rate:.2f}x; kv reached "
+            f"{kv.hit_rate / kv.reusable_rate:.0%} of the reusable tokens)"
+        )
     return "\n".join(out)
 
 
