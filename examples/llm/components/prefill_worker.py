@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -47,12 +47,16 @@ from dynamo_sdk.llm.disagg.protocol import (
     transfer_key,
 )
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
-from dynamo_sdk.llm.disagg.transfer import send_kv, send_notice, transport_for
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.registry import create_engine
-from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
 from dynamo_sdk.llm.model_resolver import resolve_model
-from dynamo_sdk.llm.torch_engine.engine import TorchEngine
+
+if TYPE_CHECKING:
+    from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
+    from dynamo_sdk.llm.torch_engine.engine import TorchEngine
+
+# The engines and the KV transfer bring PyTorch (and vLLM): they are imported when a
+# PrefillWorker starts, not when a graph that contains one is loaded by its other processes.
 
 log = logging.getLogger("dynamo.llm.prefill")
 
@@ -80,6 +84,9 @@ class PrefillWorker:
         name = str(self.config.get("engine", "torch"))
         path = str(await asyncio.to_thread(resolve_model, str(self.config.get("model", "auto"))))
         engine_config = {k: v for k, v in self.config.items() if k not in FRAMEWORK_KEYS}
+        from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
+        from dynamo_sdk.llm.torch_engine.engine import TorchEngine
+
         engine = create_engine(name, path, engine_config)
         if isinstance(engine, VllmEngine):
             try:
@@ -142,6 +149,8 @@ class PrefillWorker:
                 task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
 
     async def _prefill(self, msg: Any, req: RemotePrefillRequest) -> None:
+        from dynamo_sdk.llm.disagg.transfer import send_kv, transport_for
+
         assert self.engine is not None
         raw = self.endpoints.values.get(transfer_key(PrefillWorker.namespace, req.decode_instance))
         if raw is None:  # the decode worker is gone: nobody waits for this KV
@@ -158,10 +167,11 @@ class PrefillWorker:
                     f"the decode worker wants KV via {req.kv_via!r}; this prefill worker's "
                     f"engine moves it via {self.kv_via!r} (run both on the same engine)"
                 )
-            if isinstance(self.engine, VllmEngine):
-                await self._prefill_via_connector(self.engine, endpoint, req)
+            if self.kv_via == "connector":
+                await self._prefill_via_connector(cast("VllmEngine", self.engine), endpoint, req)
                 return
-            covered, kv = await self.engine.prefill_and_export(req.request, req.first_block)
+            engine = cast("TorchEngine", self.engine)
+            covered, kv = await engine.prefill_and_export(req.request, req.first_block)
             block_ids = req.block_ids[req.first_block : -(-covered // self.layout.block_size)]
             header = TransferHeader(req.transfer_id, block_ids, self.layout, num_tokens=covered)
             via = transport_for(endpoint, kv)
@@ -183,6 +193,8 @@ class PrefillWorker:
         """Run the prompt for one token while the KV connector stores its KV under the
         transfer's key, then notify the decode worker. KV nobody will load (the notice was
         refused: the decode worker stopped waiting) is deleted here."""
+        from dynamo_sdk.llm.disagg.transfer import send_notice
+
         key = storage_key(req.decode_instance, req.transfer_id)
         stop = msgspec.structs.replace(req.request.stop, max_tokens=1, min_tokens=0)
         one = msgspec.structs.replace(

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -38,7 +38,6 @@ from dynamo_sdk.llm.disagg.kv_storage import (
 from dynamo_sdk.llm.disagg.policy import DisaggConfig
 from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, transfer_key
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
-from dynamo_sdk.llm.disagg.transfer import KvReceiver
 from dynamo_sdk.llm.engines.base import Engine, EngineError, EngineStats, PrefillSlots
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import LoadMetrics
@@ -49,6 +48,12 @@ from dynamo_sdk.llm.model_registry import register_model
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest
 from dynamo_sdk.serve.embedded import free_port
+
+if TYPE_CHECKING:
+    # PyTorch comes with it: imported only by workers that take KV transfers, so that the
+    # Frontend and Processor processes (which import this module through the graph) start
+    # without loading torch.
+    from dynamo_sdk.llm.disagg.transfer import KvReceiver
 
 log = logging.getLogger("dynamo.llm.worker")
 
@@ -179,6 +184,8 @@ class Worker:
                 f"remote_prefill needs an engine that takes KV transfers (torch, or vllm with "
                 f"a KV connector), not {self.engine_name}"
             )
+        from dynamo_sdk.llm.disagg.transfer import KvReceiver
+
         layout = KvLayout(**engine.kv_layout())
         host = os.environ.get("DYN_KV_TRANSFER_HOST", "127.0.0.1")
         if hasattr(engine, "write_kv"):
