@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+from dynamo_sdk.runtime import DistributedRuntime, RemoteError, RuntimeSettings
 from dynamo_sdk.runtime.response_plane import _FrameReader, encode_message, listen_host
 from dynamo_sdk.serve.embedded import EmbeddedServers
 from tests.conftest import settings_for
@@ -139,3 +141,169 @@ def test_streams_under_uvloop(servers: EmbeddedServers) -> None:
             await callee.shutdown()
 
     assert uvloop.run(main()) == list(range(2000))
+
+
+def test_frames_for_another_process_are_dropped() -> None:
+    from dynamo_sdk.runtime.client import CallDispatcher
+
+    dispatcher = CallDispatcher(None, 5.0)  # type: ignore[arg-type]
+    got: list[bytes] = []
+
+    class Stream:
+        def _on_frame(self, frame: bytes) -> None:
+            got.append(frame)
+
+    stream = Stream()
+    token, reply = dispatcher.new_call()
+    dispatcher.register(token, stream)  # type: ignore[arg-type]
+    dispatcher._deliver("_INBOX.someoneelse." + token, b"theirs")
+    dispatcher._deliver(reply, b"ours")
+    assert got == [b"ours"]
+
+
+@pytest.fixture
+def stalled_listener() -> Iterator[str]:
+    """An address whose accept queue is full: connecting to it just waits (as through a
+    firewall that drops packets)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    for c in fillers:
+        c.close()
+    server.close()
+
+
+async def _one(n: int) -> AsyncIterator[int]:
+    yield n
+
+
+async def test_a_cancelled_stream_does_not_strand_others_waiting_for_the_connection(
+    servers: EmbeddedServers, unique_ns: str, stalled_listener: str
+) -> None:
+    callee = await DistributedRuntime.connect(settings_for(servers))
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+        await callee.serve_endpoint(unique_ns, "One", "one", _one, request_type=int)
+        client = caller.endpoint_client(unique_ns, "One", "one", response_type=int)
+        caller.dispatcher.reply_addr = stalled_listener
+        first = asyncio.create_task(anext(aiter(client(1))))
+        await asyncio.sleep(0.05)  # its request reaches the callee, which starts connecting
+        second = asyncio.create_task(client(2)._single())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(first, 0.3)  # the first caller gives up meanwhile
+        # The connection attempt times out and the second stream is answered over NATS.
+        assert await asyncio.wait_for(second, 4.0) == 2
+    finally:
+        await caller.shutdown()
+        await callee.shutdown()
+
+
+async def _flood(n: int) -> AsyncIterator[bytes]:
+    while True:
+        yield b"x" * 65536
+        await asyncio.sleep(0.001)
+
+
+async def _quiet(n: int) -> AsyncIterator[int]:
+    await asyncio.sleep(n)  # a long prefill: only heartbeats keep the caller's watchdog fed
+    yield n
+
+
+async def test_a_caller_that_stops_reading_holds_up_nobody_else(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    fast = {"heartbeat_interval": 0.3, "stream_timeout": 1.5}
+    callee = await DistributedRuntime.connect(settings_for(servers, **fast))
+    stuck = await DistributedRuntime.connect(settings_for(servers, **fast))
+    other = await DistributedRuntime.connect(settings_for(servers, **fast))
+    sink = socket.socket()  # accepted by the kernel, never read
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(8)
+    try:
+        await callee.serve_endpoint(unique_ns, "F", "flood", _flood, request_type=int)
+        await callee.serve_endpoint(unique_ns, "Q", "quiet", _quiet, request_type=int)
+        stuck.dispatcher.reply_addr = f"127.0.0.1:{sink.getsockname()[1]}"
+        flood = stuck.endpoint_client(unique_ns, "F", "flood", response_type=bytes)(0)
+        pending = asyncio.create_task(anext(aiter(flood)))
+        await asyncio.sleep(1.0)  # the flood fills the socket buffers; the connection pauses
+        conn = callee.replies.ready(stuck.dispatcher.reply_addr)
+        assert conn is not None and not conn.writable
+        # Heartbeats still reach another caller's quiet stream, and draining is bounded.
+        quiet = other.endpoint_client(unique_ns, "Q", "quiet", response_type=int)
+        assert [i async for i in quiet(2)] == [2]
+        started = time.monotonic()
+        assert await callee.drain(0.5) == 1
+        assert time.monotonic() - started < 8.0
+        pending.cancel()
+    finally:
+        sink.close()
+        for rt in (stuck, other, callee):
+            await rt.shutdown()
+
+
+async def test_oversized_items_fail_their_stream_and_big_bursts_are_split(
+    servers: EmbeddedServers, unique_ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dynamo_sdk.runtime.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_MESSAGE", 1 << 20)
+
+    async def items(size: int) -> AsyncIterator[bytes]:
+        for _ in range(256):  # produced without a pause: one frame unless split
+            yield b"y" * size
+
+    callee = await DistributedRuntime.connect(settings_for(servers))
+    tcp = await DistributedRuntime.connect(settings_for(servers))
+    nats = await DistributedRuntime.connect(settings_for(servers, response_transport="nats"))
+    try:
+        await callee.serve_endpoint(unique_ns, "B", "items", items, request_type=int)
+        for caller in (tcp, nats):
+            client = caller.endpoint_client(unique_ns, "B", "items", response_type=bytes)
+            got = [len(x) async for x in client(16_000)]  # ~4 MB produced at once
+            assert got == [16_000] * 256
+            with pytest.raises(RemoteError, match="ResponseTooLarge"):
+                async for _ in client(2_000_000):
+                    pass
+    finally:
+        for rt in (tcp, nats, callee):
+            await rt.shutdown()
+
+
+async def test_a_caller_runtime_shut_down_stops_its_streams(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    async def forever(n: int) -> AsyncIterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+            await asyncio.sleep(0.02)
+
+    callee = await DistributedRuntime.connect(settings_for(servers))
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+        server = await callee.serve_endpoint(unique_ns, "F", "f", forever, request_type=int)
+        stream = caller.endpoint_client(unique_ns, "F", "f", response_type=int)(0)
+        async for i in stream:
+            if i == 3:
+                break  # still referenced: no cancel is sent
+        await caller.shutdown()
+        for _ in range(50):
+            if server.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.in_flight == 0
+    finally:
+        await callee.shutdown()

@@ -123,7 +123,11 @@ class CallDispatcher:
 
     def _deliver(self, reply: str, frame: bytes) -> None:
         """A frame from the TCP response plane."""
-        stream = self._streams.get(reply.rpartition(".")[2])
+        prefix, _, token = reply.rpartition(".")
+        if prefix != self._prefix:  # meant for another process (a stale or misrouted peer)
+            log.debug("dropped a response frame for %s: not one of this process's calls", reply)
+            return
+        stream = self._streams.get(token)
         if stream is not None:
             stream._on_frame(frame)
 

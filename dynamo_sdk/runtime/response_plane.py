@@ -37,11 +37,29 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IH")  # bytes after the u32, reply subject length
-MAX_MESSAGE = 64 * 1024 * 1024  # a frame is at most 256 items; anything bigger is corruption
+# The largest message a caller accepts; bigger means a corrupt stream. Callees check their
+# frames against it first and send an error in place of an oversized one.
+MAX_MESSAGE = 64 * 1024 * 1024
 _RETRY_AFTER = 30.0  # seconds before trying TCP again to an address that refused us
 # Well below the callers' stream timeout (DYN_STREAM_TIMEOUT, 5 s): a caller whose address
 # cannot be reached still gets its first frame, over NATS, before it gives up on the stream.
 CONNECT_TIMEOUT = 1.5
+# A caller that has not read for this long (its socket buffers full) is taken for dead: its
+# connection is aborted and its streams cancelled, rather than holding producers forever.
+STALL_TIMEOUT = 30.0
+
+
+def _tune(sock: socket.socket | None, keepalive: bool = False) -> None:
+    """No Nagle delay; on the callee's side, keepalives that notice a vanished caller host."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def encode_message(reply: str, frame: bytes) -> bytes:
@@ -52,18 +70,26 @@ def encode_message(reply: str, frame: bytes) -> bytes:
 class _FrameReader(asyncio.Protocol):
     """The caller's end of one callee's connection: split the byte stream into frames."""
 
-    def __init__(self, deliver: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self, deliver: Callable[[str, bytes], None], live: set[_FrameReader] | None = None
+    ) -> None:
         self._deliver = deliver
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._live = live if live is not None else set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._live.add(self)
+        _tune(transport.get_extra_info("socket"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live.discard(self)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -95,20 +121,24 @@ class ResponseListener:
         self.host = host
         self._deliver = deliver
         self._server: asyncio.AbstractServer | None = None
+        self._readers: set[_FrameReader] = set()
         self.address = ""  # "host:port" once started: what requests name as reply_addr
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _FrameReader(self._deliver), self.host, 0, backlog=1024
+            lambda: _FrameReader(self._deliver, self._readers), self.host, 0, backlog=1024
         )
         port = self._server.sockets[0].getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.address = f"{host}:{port}"
 
     async def close(self) -> None:
+        """Stop listening and drop every callee's connection: they cancel this caller's streams."""
         if self._server is not None:
             self._server.close()
+            for reader in list(self._readers):
+                reader.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
@@ -129,12 +159,8 @@ class _ReplyConnection(asyncio.Protocol):
         self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(transport.get_extra_info("socket"), keepalive=True)
 
     def data_received(self, data: bytes) -> None:  # callers never write back
         pass
@@ -151,6 +177,10 @@ class _ReplyConnection(asyncio.Protocol):
         self._writable.set()
         self._on_lost(self)
 
+    @property
+    def writable(self) -> bool:
+        return not self.lost and self._writable.is_set()
+
     def write_now(self, message: bytes) -> bool:
         """Queue without waiting; False if the caller reads too slowly (await `write`)."""
         if self.lost or not self._writable.is_set():
@@ -161,9 +191,19 @@ class _ReplyConnection(asyncio.Protocol):
         return True
 
     async def write(self, message: bytes) -> bool:
-        """Queue, first waiting while the caller is behind; False if the connection dropped."""
+        """Queue, first waiting while the caller is behind; False if the connection dropped.
+
+        A caller that reads nothing for `STALL_TIMEOUT` seconds is cut off (and its streams
+        cancelled through `connection_lost`): a producer is never held forever.
+        """
         if not self._writable.is_set():
-            await self._writable.wait()  # the caller reads slowly: hold the producer here
+            try:  # the caller reads slowly: hold the producer here
+                await asyncio.wait_for(self._writable.wait(), STALL_TIMEOUT)
+            except TimeoutError:
+                log.warning("a caller read nothing for %.0f s; dropping its connection",
+                            STALL_TIMEOUT)  # fmt: skip
+                self.abort()
+                return False
         if self.lost:
             return False
         if not self._out:
@@ -181,6 +221,10 @@ class _ReplyConnection(asyncio.Protocol):
             self._flush()
             self.transport.close()
 
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
 
 class ReplyConnections:
     """The callee's connections to its callers, one per caller address, opened on first use.
@@ -192,7 +236,7 @@ class ReplyConnections:
     def __init__(self, on_caller_lost: Callable[[str], None]) -> None:
         self._on_caller_lost = on_caller_lost
         self._conns: dict[str, _ReplyConnection] = {}
-        self._opening: dict[str, asyncio.Future[_ReplyConnection | None]] = {}
+        self._opening: dict[str, asyncio.Task[_ReplyConnection | None]] = {}
         self._refused: dict[str, float] = {}  # address -> when TCP to it last failed
         self._closed = False
 
@@ -201,25 +245,36 @@ class ReplyConnections:
         conn = self._conns.get(address)
         return conn if conn is not None and not conn.lost else None
 
+    def refused(self, address: str) -> bool:
+        """TCP to `address` failed lately: answer that caller over NATS for now."""
+        refused_at = self._refused.get(address)
+        return refused_at is not None and time.monotonic() - refused_at < _RETRY_AFTER
+
+    def open_soon(self, address: str) -> asyncio.Task[_ReplyConnection | None] | None:
+        """Start opening the connection to `address` unless it is open, opening or refused.
+
+        Called when a request arrives, so the connection is usually open by the time the
+        handler has a first item (and a quiet stream's heartbeats have a way out).
+        """
+        if self._closed or self.ready(address) is not None or self.refused(address):
+            return None
+        opening = self._opening.get(address)
+        if opening is None:
+            # A task of its own: every stream waiting for this connection may be cancelled
+            # without cancelling the opening for the others.
+            opening = asyncio.get_running_loop().create_task(self._open(address))
+            self._opening[address] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(address, None))
+        return opening
+
     async def get(self, address: str) -> _ReplyConnection | None:
         """The connection to `address`, opened if needed; None means "answer over NATS"."""
         conn = self.ready(address)
         if conn is not None:
             return conn
-        if self._closed:
-            return None
-        refused_at = self._refused.get(address)
-        if refused_at is not None and time.monotonic() - refused_at < _RETRY_AFTER:
-            return None
-        opening = self._opening.get(address)
+        opening = self.open_soon(address)
         if opening is None:
-            opening = asyncio.get_running_loop().create_future()
-            self._opening[address] = opening
-            try:
-                opening.set_result(await self._open(address))
-            finally:
-                del self._opening[address]
-            return opening.result()
+            return self.ready(address)  # None when closed or refused
         return await asyncio.shield(opening)
 
     async def _open(self, address: str) -> _ReplyConnection | None:
@@ -235,8 +290,11 @@ class ReplyConnections:
             self._refused[address] = time.monotonic()
             log.warning(
                 "cannot open a response connection to %s (%s); answering that caller over NATS",
-                address, exc,
+                address, exc or type(exc).__name__,
             )  # fmt: skip
+            return None
+        if self._closed:  # shut down while connecting
+            conn.close()
             return None
         self._refused.pop(address, None)
         self._conns[address] = conn
@@ -251,6 +309,8 @@ class ReplyConnections:
 
     def close(self) -> None:
         self._closed = True
+        for task in list(self._opening.values()):
+            task.cancel()
         for conn in list(self._conns.values()):
             conn.close()
         self._conns.clear()

@@ -209,7 +209,8 @@ class DistributedRuntime:
             request_type=request_type,
             streaming=streaming,
             heartbeat_interval=self.settings.heartbeat_interval,
-            replies=self.replies,
+            # With DYN_RESPONSE_TRANSPORT=nats this process answers over NATS too.
+            replies=self.replies if self.settings.response_transport == "tcp" else None,
         )
         await server.start()
         self.servers.append(server)

@@ -39,7 +39,7 @@ from dynamo_sdk.runtime.protocol import (
     request_decoder,
     subject_prefix,
 )
-from dynamo_sdk.runtime.response_plane import ReplyConnections, encode_message
+from dynamo_sdk.runtime.response_plane import MAX_MESSAGE, ReplyConnections, encode_message
 from dynamo_sdk.sdk.context import set_request_context
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,14 @@ class EndpointServer:
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel("worker shutting down")
                 cancelled += 1
-        if self._active:
-            await asyncio.gather(
-                *(s.task for s in self._active.values() if s.task is not None),
-                return_exceptions=True,
-            )
+        tasks = [s.task for s in self._active.values() if s.task is not None]
+        if tasks:
+            # Bounded: a cancelled stream whose caller stopped reading may still be trying to
+            # say so; shutting down must not wait on it.
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            if stuck:
+                log.warning("%s: %d stream(s) did not stop within 5 s of being cancelled",
+                            self.queue_subject, len(stuck))  # fmt: skip
         return cancelled
 
     async def close(self) -> None:
@@ -196,6 +199,8 @@ class EndpointServer:
         if frame.request_id in self._recently_cancelled:
             return
         stream = _Stream(frame.request_id, msg.reply, addr)
+        if addr and self.replies is not None:
+            self.replies.open_soon(addr)
         self._active[frame.request_id] = stream
         self._idle.clear()
         stream.task = asyncio.get_running_loop().create_task(self._run(stream, frame.payload))
@@ -279,36 +284,37 @@ class EndpointServer:
         stream.flush_scheduled = False
         if not stream.buf:
             return
-        items, stream.buf = stream.buf, []
-        previous = stream.pending
-        if (previous is None or previous.done()) and stream.addr and self.replies is not None:
+        if stream.pending is not None and not stream.pending.done():
+            return  # the stream's sender is still busy: it takes these items next, in order
+        if stream.addr and self.replies is not None:
             # The hot path of a token stream: nothing queued before this frame and the
             # connection open, so write it now rather than in a task of its own.
             conn = self.replies.ready(stream.addr)
-            if conn is not None and conn.write_now(self._message(stream, FrameKind.DATA, items)):
+            if conn is not None and conn.writable:
+                items, stream.buf = stream.buf, []
+                conn.write_now(self._message(stream, FrameKind.DATA, items))
                 stream.last_sent = time.monotonic()
                 return
-        stream.pending = asyncio.get_running_loop().create_task(
-            self._send_after(previous, stream, FrameKind.DATA, items)
-        )
+        stream.pending = asyncio.get_running_loop().create_task(self._sender(stream))
 
-    async def _send_after(
-        self,
-        previous: asyncio.Task[None] | None,
-        stream: _Stream,
-        kind: FrameKind,
-        items: list[msgspec.Raw],
-    ) -> None:
-        if previous is not None and not previous.done():
-            await previous
-        await self._send(stream, kind, items, None)
-        stream.last_sent = time.monotonic()
+    async def _sender(self, stream: _Stream) -> None:
+        """Send what the generator buffered, frame after frame, until the buffer is empty.
+
+        At most one per stream: while a frame waits (a connection opening, a caller slow to
+        read), the generator's items gather in `stream.buf`; once that holds
+        MAX_ITEMS_PER_FRAME the generator itself waits in `_flush`, so a stalled caller holds
+        its producer back instead of piling up frames in memory.
+        """
+        while stream.buf:
+            items, stream.buf = stream.buf, []
+            await self._send(stream, FrameKind.DATA, items, None)
+            stream.last_sent = time.monotonic()
 
     async def _flush(
         self, stream: _Stream, kind: FrameKind, error: ErrorInfo | None = None
     ) -> None:
-        # Take the items first: while we wait for the previous frame, a scheduled
-        # `_flush_when_idle` must find nothing to send, or it would overtake this frame.
+        # Take the items first: the sender finishing its frame must find nothing left, or it
+        # would send these after ours; a scheduled `_flush_when_idle` finds nothing either.
         items, stream.buf = stream.buf, []
         while stream.pending is not None and not stream.pending.done():
             await stream.pending
@@ -330,15 +336,30 @@ class EndpointServer:
         error: ErrorInfo | None,
         probe: str = "",
     ) -> None:
-        data = self._frame(kind, items, error)
+        conn = None
         if stream.addr and self.replies is not None:
             conn = self.replies.ready(stream.addr) or await self.replies.get(stream.addr)
-            if conn is not None:
-                # False: the connection dropped, so the caller is gone and `caller_lost`
-                # cancels the stream; there is no one left to answer.
-                await conn.write(encode_message(stream.reply, data))
+            if conn is None:
+                stream.addr = ""  # unreachable over TCP: this stream answers over NATS now
+        data = self._frame(kind, items, error)
+        limit = MAX_MESSAGE - 6 - len(stream.reply) if conn is not None else self.nc.max_payload
+        if len(data) > limit:
+            if len(items) > 1:  # many items: several frames
+                half = len(items) // 2
+                await self._send(stream, FrameKind.DATA, items[:half], None)
+                await self._send(stream, kind, items[half:], error)
                 return
-            stream.addr = ""  # unreachable over TCP: this stream answers over NATS from now on
+            path = "TCP" if conn is not None else "NATS"
+            message = f"a response item of {len(data):,} bytes exceeds the {path} limit ({limit:,})"
+            log.warning("%s: %s; failing the stream", self.queue_subject, message)
+            data = self._frame(FrameKind.ERROR, [], ErrorInfo("ResponseTooLarge", message))
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel("response too large")
+        if conn is not None:
+            # False: the connection dropped, so the caller is gone and `caller_lost` cancels
+            # the stream; there is no one left to answer.
+            await conn.write(encode_message(stream.reply, data))
+            return
         try:
             await self.nc.publish(stream.reply, data, reply=probe)
         except Exception as exc:  # connection closing: the caller's watchdog reports it
@@ -357,9 +378,19 @@ class EndpointServer:
             live: dict[str, str] = {}
             for stream in list(self._active.values()):
                 stream.last_sent = now
-                if stream.addr:  # over TCP a dead caller shows as a dropped connection
-                    await self._send(stream, FrameKind.HEARTBEAT, [], None)
-                    continue
+                if stream.addr and self.replies is not None:
+                    # Over TCP a dead caller shows as a dropped connection. Never wait here: one
+                    # caller slow to read, or a connection still opening, must not hold up the
+                    # heartbeats of every other stream.
+                    conn = self.replies.ready(stream.addr)
+                    if conn is not None:
+                        if conn.writable:
+                            conn.write_now(self._message(stream, FrameKind.HEARTBEAT, []))
+                        continue
+                    if not self.replies.refused(stream.addr):
+                        self.replies.open_soon(stream.addr)
+                        continue
+                    stream.addr = ""  # unreachable over TCP: heartbeat (and answer) over NATS
                 self._probe_counter += 1
                 token = format(self._probe_counter, "x")
                 live[token] = stream.request_id
