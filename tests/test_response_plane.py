@@ -10,7 +10,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from dynamo_sdk.runtime import DistributedRuntime, RemoteError, RuntimeSettings
+from dynamo_sdk.runtime import (
+    DistributedRuntime,
+    RemoteError,
+    RuntimeSettings,
+    StreamLostError,
+)
 from dynamo_sdk.runtime.response_plane import _FrameReader, encode_message, listen_host
 from dynamo_sdk.serve.embedded import EmbeddedServers
 from tests.conftest import settings_for
@@ -33,7 +38,7 @@ def test_frames_survive_any_split_of_the_byte_stream() -> None:
     rng = random.Random(0)
     for _ in range(20):
         got: list[tuple[str, bytes]] = []
-        reader = _FrameReader(lambda reply, frame, got=got: got.append((reply, frame)))
+        reader = _FrameReader(lambda reply, frame, conn, got=got: got.append((reply, frame)))
         reader.connection_made(_Transport())  # type: ignore[arg-type]
         i = 0
         while i < len(wire):
@@ -45,7 +50,7 @@ def test_frames_survive_any_split_of_the_byte_stream() -> None:
 
 def test_a_corrupt_header_closes_the_connection() -> None:
     got: list[tuple[str, bytes]] = []
-    reader = _FrameReader(lambda reply, frame: got.append((reply, frame)))
+    reader = _FrameReader(lambda reply, frame, conn: got.append((reply, frame)))
     transport = _Transport()
     reader.connection_made(transport)  # type: ignore[arg-type]
     reader.data_received(b"\xff\xff\xff\xff\x01\x00" + b"x" * 10)  # 4 GiB message
@@ -307,3 +312,58 @@ async def test_a_caller_runtime_shut_down_stops_its_streams(
         assert server.in_flight == 0
     finally:
         await callee.shutdown()
+
+
+CALLEE_SCRIPT = """
+import asyncio, sys
+from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+
+async def slow(n):
+    i = 0
+    while True:
+        yield i
+        i += 1
+        await asyncio.sleep(0.05)
+
+async def main():
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]])
+    rt = await DistributedRuntime.connect(settings)
+    await rt.serve_endpoint(sys.argv[3], "Slow", "generate", slow, request_type=int)
+    print("serving", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_dead_callee_fails_its_streams_at_once(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """SIGKILL closes the callee's sockets: its streams fail then, not after the 5 s watchdog
+    or the 10 s lease."""
+    import signal
+    import sys
+
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CALLEE_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"serving"
+        client = caller.endpoint_client(unique_ns, "Slow", "generate", response_type=int)
+        await client.wait_for_instance_ids(10.0)
+        stream = client(0)
+        assert await anext(stream) == 0
+        proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(StreamLostError, match="closed mid-stream"):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - killed < 2.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await caller.shutdown()

@@ -66,7 +66,11 @@ class CallDispatcher:
         self.nc = nc
         self.stream_timeout = stream_timeout
         # None: responses come over NATS only (DYN_RESPONSE_TRANSPORT=nats)
-        self._listener = ResponseListener(listen_host, self._deliver) if listen_host else None
+        self._listener = (
+            ResponseListener(listen_host, self._deliver, self._connection_lost)
+            if listen_host
+            else None
+        )
         self.reply_addr = ""
         self._nuid = NUID()
         self._prefix = f"_INBOX.{self._nuid.next().decode()}"
@@ -121,7 +125,7 @@ class CallDispatcher:
                     )
                 )
 
-    def _deliver(self, reply: str, frame: bytes) -> None:
+    def _deliver(self, reply: str, frame: bytes, connection: object = None) -> None:
         """A frame from the TCP response plane."""
         prefix, _, token = reply.rpartition(".")
         if prefix != self._prefix:  # meant for another process (a stale or misrouted peer)
@@ -129,7 +133,20 @@ class CallDispatcher:
             return
         stream = self._streams.get(token)
         if stream is not None:
+            stream.connection = connection
             stream._on_frame(frame)
+
+    def _connection_lost(self, connection: object) -> None:
+        """A callee's connection dropped: its process is gone, so its open streams fail now
+        rather than after the watchdog's silence timeout."""
+        for stream in list(self._streams.values()):
+            if stream.connection is connection:
+                stream._fail(
+                    StreamLostError(
+                        f"{stream.target}: the connection from instance {stream.instance_id:x} "
+                        "closed mid-stream (its process died or shut down)"
+                    )
+                )
 
     async def _on_frame(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[1]
@@ -179,6 +196,7 @@ class ResponseStream:
         self.request_id = ""  # globally unique: the call's reply subject
         self._token = ""  # this process's key for the call
         self.last_frame = time.monotonic()
+        self.connection: object = None  # the TCP connection its frames arrive on, if any
         self._items: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._started = False

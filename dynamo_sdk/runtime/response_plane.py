@@ -67,13 +67,20 @@ def encode_message(reply: str, frame: bytes) -> bytes:
     return _HEADER.pack(len(frame) + len(token) + 2, len(token)) + token + frame
 
 
+Deliver = Callable[[str, bytes, object], None]  # (reply subject, frame, the connection)
+
+
 class _FrameReader(asyncio.Protocol):
     """The caller's end of one callee's connection: split the byte stream into frames."""
 
     def __init__(
-        self, deliver: Callable[[str, bytes], None], live: set[_FrameReader] | None = None
+        self,
+        deliver: Deliver,
+        live: set[_FrameReader] | None = None,
+        on_lost: Callable[[object], None] | None = None,
     ) -> None:
         self._deliver = deliver
+        self._on_lost = on_lost
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._live = live if live is not None else set()
@@ -86,6 +93,8 @@ class _FrameReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._live.discard(self)
+        if self._on_lost is not None:
+            self._on_lost(self)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -109,17 +118,21 @@ class _FrameReader(asyncio.Protocol):
             reply = bytes(buf[start : start + token_len]).decode()
             frame = bytes(buf[start + token_len : offset + 4 + size])
             offset += 4 + size
-            self._deliver(reply, frame)
+            self._deliver(reply, frame, self)
         if offset:
             del buf[:offset]
 
 
 class ResponseListener:
-    """The caller's TCP port: frames arriving on it go to `deliver(reply_subject, frame)`."""
+    """The caller's TCP port: frames arriving on it go to `deliver(reply, frame, connection)`;
+    `on_lost(connection)` runs when a callee's connection drops (its process died)."""
 
-    def __init__(self, host: str, deliver: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self, host: str, deliver: Deliver, on_lost: Callable[[object], None] | None = None
+    ) -> None:
         self.host = host
         self._deliver = deliver
+        self._on_lost = on_lost
         self._server: asyncio.AbstractServer | None = None
         self._readers: set[_FrameReader] = set()
         self.address = ""  # "host:port" once started: what requests name as reply_addr
@@ -127,7 +140,10 @@ class ResponseListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _FrameReader(self._deliver, self._readers), self.host, 0, backlog=1024
+            lambda: _FrameReader(self._deliver, self._readers, self._on_lost),
+            self.host,
+            0,
+            backlog=1024,
         )
         port = self._server.sockets[0].getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -137,7 +153,9 @@ class ResponseListener:
         """Stop listening and drop every callee's connection: they cancel this caller's streams."""
         if self._server is not None:
             self._server.close()
+            self._on_lost = None  # our own shutdown: the dispatcher fails its streams itself
             for reader in list(self._readers):
+                reader._on_lost = None
                 reader.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
