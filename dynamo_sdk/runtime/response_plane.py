@@ -201,11 +201,9 @@ class _ReplyConnection(asyncio.Protocol):
 
     def write_now(self, message: bytes) -> bool:
         """Queue without waiting; False if the caller reads too slowly (await `write`)."""
-        if self.lost or not self._writable.is_set():
+        if not self.writable:
             return False
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(message)
+        self._queue(message)
         return True
 
     async def write(self, message: bytes) -> bool:
@@ -224,10 +222,13 @@ class _ReplyConnection(asyncio.Protocol):
                 return False
         if self.lost:
             return False
-        if not self._out:
+        self._queue(message)
+        return True
+
+    def _queue(self, message: bytes) -> None:
+        if not self._out:  # the first message of this loop turn schedules the turn's write
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(message)
-        return True
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -291,8 +292,8 @@ class ReplyConnections:
         if conn is not None:
             return conn
         opening = self.open_soon(address)
-        if opening is None:
-            return self.ready(address)  # None when closed or refused
+        if opening is None:  # shut down, or refused lately
+            return None
         return await asyncio.shield(opening)
 
     async def _open(self, address: str) -> _ReplyConnection | None:

@@ -126,8 +126,9 @@ class DistributedRuntime:
         tcp = settings.response_transport == "tcp"
         host = (settings.response_host or listen_host(settings.nats_url)) if tcp else None
         self.dispatcher = CallDispatcher(nc, settings.stream_timeout, host)
-        # Connections to the callers of this process's endpoints (TCP response plane).
-        self.replies = ReplyConnections(self._caller_lost)
+        # Connections to the callers of this process's endpoints (TCP response plane); None
+        # with DYN_RESPONSE_TRANSPORT=nats: this process then answers over NATS too.
+        self.replies = ReplyConnections(self._caller_lost) if tcp else None
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}
         self._service_clients: dict[int, ServiceClient] = {}
@@ -209,8 +210,7 @@ class DistributedRuntime:
             request_type=request_type,
             streaming=streaming,
             heartbeat_interval=self.settings.heartbeat_interval,
-            # With DYN_RESPONSE_TRANSPORT=nats this process answers over NATS too.
-            replies=self.replies if self.settings.response_transport == "tcp" else None,
+            replies=self.replies,
         )
         await server.start()
         self.servers.append(server)
@@ -307,7 +307,8 @@ class DistributedRuntime:
         for watcher in self._watchers.values():
             await watcher.stop()
         await self.dispatcher.close()
-        self.replies.close()
+        if self.replies is not None:
+            self.replies.close()
         await self.lease.revoke()
         with contextlib.suppress(Exception):
             await self.nc.drain()
