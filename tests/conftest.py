@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,6 +36,22 @@ def settings_for(servers: EmbeddedServers, **overrides: object) -> RuntimeSettin
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    servers: EmbeddedServers, *overrides: dict[str, Any]
+) -> AsyncIterator[list[DistributedRuntime]]:
+    """One runtime per settings override (callee first, then callers), all shut down on exit,
+    the last connected first."""
+    runtimes: list[DistributedRuntime] = []
+    try:
+        for extra in overrides:
+            runtimes.append(await DistributedRuntime.connect(settings_for(servers, **extra)))
+        yield runtimes
+    finally:
+        for rt in reversed(runtimes):
+            await rt.shutdown()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from dynamo_sdk.runtime import (
 )
 from dynamo_sdk.runtime.response_plane import _FrameReader, encode_message, listen_host
 from dynamo_sdk.serve.embedded import EmbeddedServers
-from tests.conftest import settings_for
+from tests.conftest import connected, settings_for
 
 
 class _Transport:
@@ -79,25 +79,18 @@ async def _count(n: int) -> AsyncIterator[int]:
 
 
 async def test_responses_come_over_tcp(servers: EmbeddedServers, unique_ns: str) -> None:
-    callee = await DistributedRuntime.connect(settings_for(servers))
-    caller = await DistributedRuntime.connect(settings_for(servers))
-    try:
+    async with connected(servers, {}, {}) as (callee, caller):
         await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
         client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
         assert caller.dispatcher.reply_addr.startswith("127.0.0.1:")
         assert [i async for i in client(5000)] == list(range(5000))
         assert callee.replies.ready(caller.dispatcher.reply_addr) is not None
-    finally:
-        await caller.shutdown()
-        await callee.shutdown()
 
 
 async def test_an_unreachable_caller_is_answered_over_nats(
     servers: EmbeddedServers, unique_ns: str
 ) -> None:
-    callee = await DistributedRuntime.connect(settings_for(servers))
-    caller = await DistributedRuntime.connect(settings_for(servers))
-    try:
+    async with connected(servers, {}, {}) as (callee, caller):
         await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
         client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
         # Name an address nothing listens on (as a caller behind NAT would).
@@ -109,23 +102,15 @@ async def test_an_unreachable_caller_is_answered_over_nats(
         assert [i async for i in client(300)] == list(range(300))
         assert callee.replies.ready(dead) is None and dead in callee.replies._refused
         assert [i async for i in client(3)] == [0, 1, 2]  # no second attempt for a while
-    finally:
-        await caller.shutdown()
-        await callee.shutdown()
 
 
 async def test_nats_only_when_configured(servers: EmbeddedServers, unique_ns: str) -> None:
-    callee = await DistributedRuntime.connect(settings_for(servers))
-    caller = await DistributedRuntime.connect(settings_for(servers, response_transport="nats"))
-    try:
+    async with connected(servers, {}, {"response_transport": "nats"}) as (callee, caller):
         await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
         client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
         assert caller.dispatcher.reply_addr == ""
         assert [i async for i in client(1000)] == list(range(1000))
         assert not callee.replies._conns
-    finally:
-        await caller.shutdown()
-        await callee.shutdown()
 
 
 def test_streams_under_uvloop(servers: EmbeddedServers) -> None:
@@ -133,17 +118,12 @@ def test_streams_under_uvloop(servers: EmbeddedServers) -> None:
     import uvloop
 
     async def main() -> list[int]:
-        callee = await DistributedRuntime.connect(settings_for(servers))
-        caller = await DistributedRuntime.connect(settings_for(servers))
-        try:
+        async with connected(servers, {}, {}) as (callee, caller):
             await callee.serve_endpoint("uvloop-test", "Count", "count", _count, request_type=int)
             client = caller.endpoint_client("uvloop-test", "Count", "count", response_type=int)
             got = [i async for i in client(2000)]
             assert callee.replies.ready(caller.dispatcher.reply_addr) is not None
             return got
-        finally:
-            await caller.shutdown()
-            await callee.shutdown()
 
     assert uvloop.run(main()) == list(range(2000))
 
@@ -197,9 +177,7 @@ async def _one(n: int) -> AsyncIterator[int]:
 async def test_a_cancelled_stream_does_not_strand_others_waiting_for_the_connection(
     servers: EmbeddedServers, unique_ns: str, stalled_listener: str
 ) -> None:
-    callee = await DistributedRuntime.connect(settings_for(servers))
-    caller = await DistributedRuntime.connect(settings_for(servers))
-    try:
+    async with connected(servers, {}, {}) as (callee, caller):
         await callee.serve_endpoint(unique_ns, "One", "one", _one, request_type=int)
         client = caller.endpoint_client(unique_ns, "One", "one", response_type=int)
         caller.dispatcher.reply_addr = stalled_listener
@@ -210,9 +188,6 @@ async def test_a_cancelled_stream_does_not_strand_others_waiting_for_the_connect
             await asyncio.wait_for(first, 0.3)  # the first caller gives up meanwhile
         # The connection attempt times out and the second stream is answered over NATS.
         assert await asyncio.wait_for(second, 4.0) == 2
-    finally:
-        await caller.shutdown()
-        await callee.shutdown()
 
 
 async def _flood(n: int) -> AsyncIterator[bytes]:
@@ -230,32 +205,28 @@ async def test_a_caller_that_stops_reading_holds_up_nobody_else(
     servers: EmbeddedServers, unique_ns: str
 ) -> None:
     fast = {"heartbeat_interval": 0.3, "stream_timeout": 1.5}
-    callee = await DistributedRuntime.connect(settings_for(servers, **fast))
-    stuck = await DistributedRuntime.connect(settings_for(servers, **fast))
-    other = await DistributedRuntime.connect(settings_for(servers, **fast))
     sink = socket.socket()  # accepted by the kernel, never read
     sink.bind(("127.0.0.1", 0))
     sink.listen(8)
     try:
-        await callee.serve_endpoint(unique_ns, "F", "flood", _flood, request_type=int)
-        await callee.serve_endpoint(unique_ns, "Q", "quiet", _quiet, request_type=int)
-        stuck.dispatcher.reply_addr = f"127.0.0.1:{sink.getsockname()[1]}"
-        flood = stuck.endpoint_client(unique_ns, "F", "flood", response_type=bytes)(0)
-        pending = asyncio.create_task(anext(aiter(flood)))
-        await asyncio.sleep(1.0)  # the flood fills the socket buffers; the connection pauses
-        conn = callee.replies.ready(stuck.dispatcher.reply_addr)
-        assert conn is not None and not conn.writable
-        # Heartbeats still reach another caller's quiet stream, and draining is bounded.
-        quiet = other.endpoint_client(unique_ns, "Q", "quiet", response_type=int)
-        assert [i async for i in quiet(2)] == [2]
-        started = time.monotonic()
-        assert await callee.drain(0.5) == 1
-        assert time.monotonic() - started < 8.0
-        pending.cancel()
+        async with connected(servers, fast, fast, fast) as (callee, stuck, other):
+            await callee.serve_endpoint(unique_ns, "F", "flood", _flood, request_type=int)
+            await callee.serve_endpoint(unique_ns, "Q", "quiet", _quiet, request_type=int)
+            stuck.dispatcher.reply_addr = f"127.0.0.1:{sink.getsockname()[1]}"
+            flood = stuck.endpoint_client(unique_ns, "F", "flood", response_type=bytes)(0)
+            pending = asyncio.create_task(anext(aiter(flood)))
+            await asyncio.sleep(1.0)  # the flood fills the socket buffers; the connection pauses
+            conn = callee.replies.ready(stuck.dispatcher.reply_addr)
+            assert conn is not None and not conn.writable
+            # Heartbeats still reach another caller's quiet stream, and draining is bounded.
+            quiet = other.endpoint_client(unique_ns, "Q", "quiet", response_type=int)
+            assert [i async for i in quiet(2)] == [2]
+            started = time.monotonic()
+            assert await callee.drain(0.5) == 1
+            assert time.monotonic() - started < 8.0
+            pending.cancel()
     finally:
         sink.close()
-        for rt in (stuck, other, callee):
-            await rt.shutdown()
 
 
 async def test_oversized_items_fail_their_stream_and_big_bursts_are_split(
@@ -269,10 +240,8 @@ async def test_oversized_items_fail_their_stream_and_big_bursts_are_split(
         for _ in range(256):  # produced without a pause: one frame unless split
             yield b"y" * size
 
-    callee = await DistributedRuntime.connect(settings_for(servers))
-    tcp = await DistributedRuntime.connect(settings_for(servers))
-    nats = await DistributedRuntime.connect(settings_for(servers, response_transport="nats"))
-    try:
+    nats_only = {"response_transport": "nats"}
+    async with connected(servers, {}, {}, nats_only) as (callee, tcp, nats):
         await callee.serve_endpoint(unique_ns, "B", "items", items, request_type=int)
         for caller in (tcp, nats):
             client = caller.endpoint_client(unique_ns, "B", "items", response_type=bytes)
@@ -281,9 +250,6 @@ async def test_oversized_items_fail_their_stream_and_big_bursts_are_split(
             with pytest.raises(RemoteError, match="ResponseTooLarge"):
                 async for _ in client(2_000_000):
                     pass
-    finally:
-        for rt in (tcp, nats, callee):
-            await rt.shutdown()
 
 
 async def test_a_caller_runtime_shut_down_stops_its_streams(
