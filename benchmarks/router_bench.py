@@ -256,9 +256,9 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
     speedup = args.speedup
     computed: set[int] = set()  # every block any worker has computed so far (the oracle)
 
-    def reusable(prompt: list[int]) -> int:
+    def reusable(prompt: list[int], hashes: list[int]) -> int:
         n = 0
-        for h in block_hashes_int(prompt, args.block_size):
+        for h in hashes:
             if h not in computed:
                 break
             n += 1
@@ -283,7 +283,8 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                 return  # the conversation filled the context: the session ends here
             prompt = history + user[:room]
             rid = f"s{s.index}-t{turn}"
-            could_reuse = reusable(prompt)
+            prompt_hashes = block_hashes_int(prompt, args.block_size)
+            could_reuse = reusable(prompt, prompt_hashes)
             decision = router.choose(prompt, worker_ids, request_id=rid)
             engine = engines[decision.worker_id]
             request = PreprocessedRequest(
@@ -302,7 +303,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
                     if first is None:
                         first = loop.time()
                         cached = out.cached_tokens or 0
-                        computed.update(block_hashes_int(prompt, args.block_size))
+                        computed.update(prompt_hashes)
                         ttft = engine.simulated_ttft_ms(rid)
                         sim_ttft = math.nan if ttft is None else ttft
                     answer.extend(out.token_ids)
