@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from dynamo_sdk import api
 from dynamo_sdk.runtime.errors import NoInstancesError
-from dynamo_sdk.serve.http import bind_api_methods
+from dynamo_sdk.serve.api_routes import bind_api_methods
 
 
 class Query(msgspec.Struct):
@@ -64,8 +64,9 @@ async def test_stream_response_closes_the_body_when_the_client_leaves(
     (or for its first one: a request still queued for its first token)."""
     import asyncio
 
+    from dynamo_sdk.http.server import listen_socket, make_server
+    from dynamo_sdk.http.streaming import StreamResponse
     from dynamo_sdk.serve.embedded import free_port
-    from dynamo_sdk.serve.http import StreamResponse, listen_socket, make_server
 
     closed = asyncio.Event()
 

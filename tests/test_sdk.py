@@ -20,6 +20,7 @@ from dynamo_sdk import (
     service,
 )
 from dynamo_sdk.runtime import DistributedRuntime, NoInstancesError
+from dynamo_sdk.sdk.client import client_of
 from dynamo_sdk.sdk.context import NoRuntimeError
 from dynamo_sdk.sdk.service import DynamoService
 
@@ -205,4 +206,4 @@ async def test_client_of_absent_service_fails_fast(bound_runtime: DistributedRun
             yield req
 
     with pytest.raises(NoInstancesError, match="sdk-absent/Absent/generate"):
-        _ = [x async for x in bound_runtime.service_client(Absent).generate("x")]
+        _ = [x async for x in client_of(bound_runtime, Absent).generate("x")]

@@ -23,12 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.routing import Route
 
-from dynamo_sdk.llm.errors import LLMError, ModelNotFoundError, status_for_error_type
+from dynamo_sdk.http.errors import describe, error_response
+from dynamo_sdk.http.streaming import StreamResponse
+from dynamo_sdk.llm.errors import ModelNotFoundError
 from dynamo_sdk.llm.metrics import FrontendMetrics
 from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest
 from dynamo_sdk.llm.protocol import LogprobEntry, ProcessorRequest, TextDelta, Usage
-from dynamo_sdk.runtime.errors import NoInstancesError, RemoteError, StreamLostError
-from dynamo_sdk.serve.http import StreamResponse
+from dynamo_sdk.runtime.errors import ErrorCode, code_of
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,14 @@ class Backend(Protocol):
 
 
 def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return error_response(status, message, kind, param)
 
 
 def error_from_exception(exc: BaseException) -> JSONResponse:
-    if isinstance(exc, LLMError):
-        return openai_error(exc.status, str(exc), exc.error_type)
-    if isinstance(exc, RemoteError):
-        status, kind = status_for_error_type(exc.error_type)
-        message = exc.remote_message if status < 500 else str(exc)
-        return openai_error(status, message, kind)
-    if isinstance(exc, NoInstancesError):
-        return openai_error(503, str(exc), "service_unavailable")
-    if isinstance(exc, StreamLostError):
-        return openai_error(502, str(exc), "upstream_error")
-    log.exception("request failed", exc_info=exc)
-    return openai_error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+    status, kind, message = describe(exc)
+    if status >= 500 and code_of(exc) is ErrorCode.INTERNAL:
+        log.error("request failed: %s", message, exc_info=exc)
+    return error_response(status, message, kind)
 
 
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:

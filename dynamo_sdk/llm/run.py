@@ -101,8 +101,8 @@ async def _start(spec: RunSpec) -> tuple[LocalBackend, Engine]:
 
 
 async def run_http(spec: RunSpec) -> None:
+    from dynamo_sdk.http.server import listen_socket, make_server
     from dynamo_sdk.llm.frontend import OpenAIServer
-    from dynamo_sdk.serve.http import listen_socket, make_server
 
     backend, engine = await _start(spec)
     app = OpenAIServer(backend).app

@@ -1,10 +1,10 @@
 """The caller side: typed clients of remote endpoints, and the response streams they return.
 
-`ServiceClient` is what `depends(Other)` resolves to; `client.generate` is an `EndpointClient`
-and `client.generate(req)` a `ResponseStream` (an async iterator; awaitable for one-answer
-endpoints). Routing: calling the endpoint publishes to its queue-group subject (NATS picks an
-instance); `.round_robin()`, `.random()` and `.direct(instance_id)` pick one from discovery and
-use its instance subject.
+An `EndpointClient` calls one endpoint (the SDK's `depends()` clients are built of them);
+`client(req)` is a `ResponseStream` (an async iterator; awaitable for one-answer endpoints).
+Routing: calling the endpoint publishes to its queue-group subject (NATS picks an instance);
+`.round_robin()`, `.random()` and `.direct(instance_id)` pick one from discovery and use its
+instance subject.
 
 Every call has its own reply subject under the process's one wildcard inbox, and names the
 process's TCP response listener (`response_plane`) so the callee can skip the NATS server on the
@@ -24,7 +24,7 @@ import random
 import time
 import weakref
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -50,9 +50,6 @@ from dynamo_sdk.runtime.protocol import (
 )
 from dynamo_sdk.runtime.response_plane import ResponseListener
 from dynamo_sdk.runtime.server import cancel_frame
-
-if TYPE_CHECKING:
-    from dynamo_sdk.sdk.service import DynamoService
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +335,9 @@ class ResponseStream:
         elif frame.kind == FrameKind.ERROR:
             err = frame.error
             self._fail(
-                RemoteError(self.target, err.type if err else "Error", err.message if err else "")
+                RemoteError(self.target, err.type, err.message, err.code)
+                if err is not None
+                else RemoteError(self.target, "Error", "")
             )
             return
         self._wake()
@@ -441,39 +440,3 @@ class EndpointClient:
         else:
             raise ValueError(f"unknown routing mode {mode!r}")
         return instance_subject(self.namespace, self.component, self.endpoint, chosen)
-
-
-class ServiceClient:
-    """A client of every endpoint of one service: `client.<endpoint>(request)`."""
-
-    def __init__(self, service: DynamoService[Any], make_endpoint: Any) -> None:
-        self._service = service
-        self._make_endpoint = make_endpoint
-        self._endpoints: dict[str, EndpointClient] = {}
-
-    def endpoint(self, name: str) -> EndpointClient:
-        client = self._endpoints.get(name)
-        if client is None:
-            spec = self._service.endpoints.get(name)
-            if spec is None:
-                raise AttributeError(
-                    f"service {self._service.name} has no endpoint {name!r} "
-                    f"(endpoints: {', '.join(sorted(self._service.endpoints)) or 'none'})"
-                )
-            client = self._make_endpoint(self._service, spec)
-            self._endpoints[name] = client
-        return client
-
-    def __getattr__(self, name: str) -> EndpointClient:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self.endpoint(name)
-
-    def instance_ids(self) -> list[int]:
-        """Live instances of the service (of its first endpoint)."""
-        if not self._service.endpoints:
-            return []
-        return self.endpoint(next(iter(self._service.endpoints))).instance_ids()
-
-    def __repr__(self) -> str:
-        return f"<client of {self._service.namespace}/{self._service.name}>"

@@ -13,6 +13,8 @@ import enum
 
 import msgspec
 
+from dynamo_sdk.runtime.errors import ErrorCode
+
 
 class FrameKind(enum.IntEnum):
     DATA = 0  # items follow, the stream goes on
@@ -28,8 +30,9 @@ class RequestFrame(msgspec.Struct, array_like=True):
 
 
 class ErrorInfo(msgspec.Struct, array_like=True):
-    type: str
+    type: str  # the exception's class name, for people reading logs
     message: str
+    code: ErrorCode = ErrorCode.INTERNAL  # what the caller acts on (an HTTP status, a retry)
 
 
 class ResponseFrame(msgspec.Struct, array_like=True):

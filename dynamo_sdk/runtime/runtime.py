@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats.aio.client import Client as NATS
 
-from dynamo_sdk.runtime.client import CallDispatcher, EndpointClient, ServiceClient
+from dynamo_sdk.runtime.client import CallDispatcher, EndpointClient
 from dynamo_sdk.runtime.discovery import (
     InstanceInfo,
     InstanceWatcher,
@@ -36,8 +36,6 @@ from dynamo_sdk.runtime.server import EndpointServer, Handler
 if TYPE_CHECKING:
     import aetcd
 
-    from dynamo_sdk.sdk.endpoint import EndpointSpec
-    from dynamo_sdk.sdk.service import DynamoService
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +129,6 @@ class DistributedRuntime:
         self.replies = ReplyConnections(self._caller_lost) if tcp else None
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}
-        self._service_clients: dict[int, ServiceClient] = {}
         self._registered: dict[str, InstanceInfo] = {}
         self.lease_lost = asyncio.Event()
         self._on_lease_lost: list[Callable[[], None]] = []
@@ -280,17 +277,6 @@ class DistributedRuntime:
             response_type=response_type,
             wait_for_instances=self.settings.wait_for_instances,
         )
-
-    def service_client(self, service: DynamoService[Any]) -> ServiceClient:
-        client = self._service_clients.get(id(service))
-        if client is None:
-
-            def make(svc: DynamoService[Any], spec: EndpointSpec) -> EndpointClient:
-                return self.endpoint_client(svc.namespace, svc.name, spec.name, spec.response_type)
-
-            client = ServiceClient(service, make)
-            self._service_clients[id(service)] = client
-        return client
 
     # ---- shutdown ---------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from dynamo_sdk.runtime import codec
-from dynamo_sdk.runtime.errors import BadRequestError
+from dynamo_sdk.runtime.context import bind_request
+from dynamo_sdk.runtime.errors import BadRequestError, ErrorCode, code_of
 from dynamo_sdk.runtime.protocol import (
     CancelFrame,
     ErrorInfo,
@@ -40,7 +41,6 @@ from dynamo_sdk.runtime.protocol import (
     subject_prefix,
 )
 from dynamo_sdk.runtime.response_plane import MAX_MESSAGE, ReplyConnections, encode_message
-from dynamo_sdk.sdk.context import set_request_context
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class EndpointServer:
         try:
             frame = request_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            error = ErrorInfo("BadRequestError", str(exc))
+            error = ErrorInfo("BadRequestError", str(exc), ErrorCode.INVALID_REQUEST)
             await self._send(_Stream("", msg.reply), FrameKind.ERROR, [], error)
             return
         addr = frame.reply_addr if self.replies is not None else ""
@@ -193,7 +193,11 @@ class EndpointServer:
                 _Stream(frame.request_id, msg.reply, addr),
                 FrameKind.ERROR,
                 [],
-                ErrorInfo("WorkerShuttingDown", f"instance {self.instance_id:x} is draining"),
+                ErrorInfo(
+                    "WorkerShuttingDown",
+                    f"instance {self.instance_id:x} is draining",
+                    ErrorCode.SHUTTING_DOWN,
+                ),
             )
             return
         if frame.request_id in self._recently_cancelled:
@@ -232,7 +236,7 @@ class EndpointServer:
                 del self._recently_cancelled[oldest]
 
     async def _run(self, stream: _Stream, payload: msgspec.Raw) -> None:
-        set_request_context(self.endpoint, stream.request_id)
+        bind_request(self.endpoint, stream.request_id)
         agen: Any = None
         try:
             try:
@@ -264,11 +268,16 @@ class EndpointServer:
                 await self._flush(
                     stream,
                     FrameKind.ERROR,
-                    ErrorInfo("WorkerShuttingDown", "the worker shut down before the stream ended"),
+                    ErrorInfo(
+                        "WorkerShuttingDown",
+                        "the worker shut down before the stream ended",
+                        ErrorCode.SHUTTING_DOWN,
+                    ),
                 )
         except Exception as exc:
             log.debug("%s: handler raised", self.queue_subject, exc_info=True)
-            await self._flush(stream, FrameKind.ERROR, ErrorInfo(type(exc).__name__, str(exc)))
+            error = ErrorInfo(type(exc).__name__, str(exc), code_of(exc))
+            await self._flush(stream, FrameKind.ERROR, error)
         finally:
             if agen is not None:
                 try:

@@ -7,18 +7,12 @@ each see their own.
 
 from __future__ import annotations
 
-import contextvars
 from typing import TYPE_CHECKING, Any
+
+from dynamo_sdk.runtime.context import bind_request, current_endpoint, current_request_id
 
 if TYPE_CHECKING:
     from dynamo_sdk.runtime.runtime import DistributedRuntime
-
-_endpoint: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "dynamo_endpoint", default=None
-)
-_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "dynamo_request_id", default=None
-)
 
 
 class NoRuntimeError(RuntimeError):
@@ -40,11 +34,11 @@ class DynamoContext:
 
     @property
     def endpoint(self) -> str | None:
-        return _endpoint.get()
+        return current_endpoint.get()
 
     @property
     def request_id(self) -> str | None:
-        return _request_id.get()
+        return current_request_id.get()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,9 +58,9 @@ dynamo_context = DynamoContext()
 
 
 def set_request_context(endpoint: str, request_id: str) -> None:
-    """Bind the endpoint name and request id for the current task."""
-    _endpoint.set(endpoint)
-    _request_id.set(request_id)
+    """Bind the endpoint name and request id for the current task (the runtime's endpoint
+    server does this for every request it serves)."""
+    bind_request(endpoint, request_id)
 
 
 def current_runtime() -> DistributedRuntime:

@@ -17,7 +17,7 @@ from dynamo_sdk.sdk.endpoint import API_ATTR, ENDPOINT_ATTR, ApiSpec, EndpointSp
 from dynamo_sdk.sdk.lifecycle import HOOK_ATTR
 
 if TYPE_CHECKING:
-    from dynamo_sdk.runtime.client import ServiceClient
+    from dynamo_sdk.sdk.client import ServiceClient
 
 T = TypeVar("T")
 
@@ -197,10 +197,10 @@ class Dependency(Generic[T]):
     def __get__(self, instance: object | None, owner: type) -> Any:
         if instance is None:
             return self
+        from dynamo_sdk.sdk.client import client_of
         from dynamo_sdk.sdk.context import current_runtime
 
-        runtime = current_runtime()
-        return runtime.service_client(self.target)
+        return client_of(current_runtime(), self.target)
 
     def __repr__(self) -> str:
         return f"depends({self.target.name})"

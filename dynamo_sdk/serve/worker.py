@@ -23,13 +23,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from dynamo_sdk.http.server import listen_socket, make_server
 from dynamo_sdk.runtime import DistributedRuntime, DynamoError, RuntimeSettings
 from dynamo_sdk.runtime.server import EndpointServer
 from dynamo_sdk.sdk.config import ServiceConfig
 from dynamo_sdk.sdk.context import dynamo_context
 from dynamo_sdk.sdk.service import DynamoService
+from dynamo_sdk.serve.api_routes import add_health_routes, bind_api_methods
 from dynamo_sdk.serve.graph import GraphError, find_service, load_entry, resolve_graph
-from dynamo_sdk.serve.http import add_health_routes, bind_api_methods, listen_socket, make_server
 
 log = logging.getLogger("dynamo.worker")
 

@@ -19,10 +19,10 @@ from dynamo_sdk import (
     dynamo_context,
     service,
 )
+from dynamo_sdk.http.server import listen_socket, make_server
 from dynamo_sdk.llm.frontend import OpenAIServer
 from dynamo_sdk.llm.model_registry import ModelWatcher
 from dynamo_sdk.llm.protocol import ProcessorRequest, TextDelta
-from dynamo_sdk.serve.http import listen_socket, make_server
 from examples.llm.components.processor import Processor
 
 

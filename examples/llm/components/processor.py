@@ -20,6 +20,7 @@ from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.processor import OpenAIProcessor
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, ProcessorRequest, TextDelta
 from dynamo_sdk.llm.tokenizer import Tokenizer
+from dynamo_sdk.sdk.client import client_of
 from examples.llm.components.kv_router import Router, RouteRequest
 from examples.llm.components.worker import Worker
 
@@ -44,7 +45,7 @@ class Processor:
         self.logic = OpenAIProcessor(tokenizer, served, fallback)
         if self.config.get("use_router", False):
             # graphs/agg_router.py links Processor -> Router: ask it which worker, then go direct.
-            self.router = dynamo_context.runtime.service_client(Router)  # type: ignore[union-attr]
+            self.router = client_of(dynamo_context.runtime, Router)  # type: ignore[arg-type]
         assert dynamo_context.runtime is not None
         self.models = ModelWatcher(dynamo_context.runtime)
         await self.models.wait_ready()
