@@ -54,7 +54,8 @@ def test_batch_writes_outputs_with_timings(tmp_path: Path) -> None:
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert rows[0]["completion_tokens"] == 4 and rows[0]["finish_reason"] == "length"
     assert rows[0]["text"] and rows[0]["ttft_s"] <= rows[0]["total_s"]
-    assert rows[1]["completion_tokens"] == 3
+    # a chat turn is echoed once: its latest message, then a stop
+    assert rows[1]["text"] == "hi" and rows[1]["finish_reason"] == "stop"
     assert "maximum context length" in rows[2]["error"]
 
 

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from dynamo_sdk.http.server import listen_socket, make_server
 from dynamo_sdk.llm.engines.echo import EchoEngine
 from dynamo_sdk.llm.frontend import OpenAIServer
 from dynamo_sdk.llm.local import LocalBackend
 from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.serve.embedded import free_port
-from dynamo_sdk.serve.http import listen_socket, make_server
 
 MODEL = "tiny"
 
@@ -61,19 +61,23 @@ async def test_completion_echoes_exact_usage(
 async def test_chat_stops_on_eos_with_finish_stop(
     client: httpx.AsyncClient, tokenizer: Tokenizer
 ) -> None:
-    messages = [{"role": "user", "content": "hello 東京 🙂"}]
-    ids = tokenizer.apply_chat_template(messages)
+    messages = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "hello 東京 🙂"},
+    ]
+    prompt = tokenizer.render_chat(messages)
+    start, end = prompt.latest_message or (0, 0)
     r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
     assert r.status_code == 200, r.text
     body = r.json()
     choice = body["choices"][0]
-    # the echo reaches the template's <|im_end|> (an EOS id): a natural stop
+    # the echo answers with the latest message, then an EOS id: a natural stop
     assert choice["finish_reason"] == "stop"
     assert choice["message"]["role"] == "assistant"
-    assert choice["message"]["content"] == "user\nhello 東京 🙂"
-    eos_at = next(i for i, t in enumerate(ids) if t in tokenizer.eos_token_ids)
-    assert body["usage"]["completion_tokens"] == eos_at + 1
-    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert choice["message"]["content"] == "hello 東京 🙂"
+    assert body["usage"]["completion_tokens"] == end - start + 1
+    assert body["usage"]["prompt_tokens"] == len(prompt.token_ids)
 
 
 async def test_chat_ignore_eos_and_min_tokens(client: httpx.AsyncClient) -> None:

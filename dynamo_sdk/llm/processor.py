@@ -32,7 +32,7 @@ from dynamo_sdk.llm.protocol import (
     TopLogprob,
     Usage,
 )
-from dynamo_sdk.llm.tokenizer import Tokenizer, TokenizerError
+from dynamo_sdk.llm.tokenizer import ChatPrompt, Tokenizer, TokenizerError
 
 EngineCall = Callable[[PreprocessedRequest], AsyncIterator[EngineOutput]]
 
@@ -63,26 +63,30 @@ class OpenAIProcessor:
             raise InvalidRequestError(str(exc)) from exc
 
     def prompt_ids(self, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
+        return self.prompt(body).token_ids
+
+    def prompt(self, body: ChatCompletionRequest | CompletionRequest) -> ChatPrompt:
+        """The prompt's token ids (and, for a chat, where its latest message is in them)."""
         try:
             if isinstance(body, ChatCompletionRequest):
                 messages = [m.model_dump(exclude_none=True) for m in body.messages]
-                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                return self.tokenizer.render_chat(messages, add_generation_prompt=True)
             prompt = body.prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                return self.tokenizer.encode(prompt, add_special_tokens=True)
+                return ChatPrompt(self.tokenizer.encode(prompt, add_special_tokens=True))
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         except TokenizerError as exc:
             raise InvalidRequestError(str(exc)) from exc
         bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt token ids out of the vocabulary: {bad[:5]}")
-        return ids
+        return ChatPrompt(ids)
 
     def prepare(self, request: ProcessorRequest) -> Prepared:
         body = self.parse(request)
-        ids = self.prompt_ids(body)
+        ids, latest = self.prompt(body)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         max_tokens = self._max_tokens(body, len(ids))
@@ -107,6 +111,7 @@ class OpenAIProcessor:
             ),
             sampling=_sampling(body),
             output=OutputOptions(logprobs=logprobs),
+            latest_message=latest,
         )
         return Prepared(engine_request, body.stop_list())
 

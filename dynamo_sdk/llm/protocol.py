@@ -45,6 +45,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
     stop: StopConditions
     sampling: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
     output: OutputOptions = msgspec.field(default_factory=OutputOptions)
+    # [start, end) of the latest chat message's content in token_ids, when known (what the
+    # echo engine repeats); engines that compute are free to ignore it
+    latest_message: list[int] | None = None
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

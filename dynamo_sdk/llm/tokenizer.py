@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class TokenizerError(ValueError):
@@ -77,11 +77,22 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Render OpenAI-style messages with the model's template and return the prompt ids.
+        """Render OpenAI-style messages with the model's template and return the prompt ids."""
+        return self.render_chat(messages, add_generation_prompt, tools).token_ids
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatPrompt:
+        """The prompt ids of a chat, and where its latest message's content sits in them.
 
         Rendered as text and then encoded without special tokens: the template already writes
         BOS and role markers, and this sidesteps transformers' changing `tokenize=True` return
-        type.
+        type. The latest message's span costs two lookups in the encoding the prompt needed
+        anyway (templates write message content verbatim; a template that does not leaves the
+        span unknown).
         """
         if not getattr(self._tok, "chat_template", None):
             raise TokenizerError(
@@ -101,7 +112,14 @@ class Tokenizer:
             )
         except Exception as exc:  # jinja errors, e.g. a template's raise_exception()
             raise TokenizerError(f"cannot apply chat template: {exc}") from exc
-        return self.encode(str(text), add_special_tokens=False)
+        text = str(text)
+        backend = self._backend
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return ChatPrompt(self.encode(text, add_special_tokens=False))
+        encoding = backend.encode(text, add_special_tokens=False)
+        ids = list(encoding.ids)
+        content = normalized[-1].get("content") if normalized else None
+        return ChatPrompt(ids, _span_of(encoding, text, content))
 
     # -- vocabulary ------------------------------------------------------------------------
 
@@ -127,6 +145,26 @@ class Tokenizer:
     def id_to_token_text(self, token_id: int) -> str:
         """Display text of one token for logprobs; special tokens are shown, not skipped."""
         return self.decode([token_id], skip_special_tokens=False)
+
+
+class ChatPrompt(NamedTuple):
+    token_ids: list[int]
+    # [start, end) of the latest message's content in token_ids; None when not found
+    latest_message: list[int] | None = None
+
+
+def _span_of(encoding: Any, text: str, content: object) -> list[int] | None:
+    """Token positions covering the last occurrence of ``content`` in the rendered ``text``."""
+    if not isinstance(content, str) or not content:
+        return None
+    start = text.rfind(content)
+    if start < 0:
+        return None
+    first = encoding.char_to_token(start)
+    last = encoding.char_to_token(start + len(content) - 1)
+    if first is None or last is None:
+        return None
+    return [int(first), int(last) + 1]
 
 
 def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """An engine with no model: it streams the prompt's own token ids back.
 
 Serving, routing, cancellation and metrics are exercised end to end by tests and benchmarks
-without loading weights, and the output is predictable (the prompt, cycled), so a test can
-check that every token crossed every hop in order. `token_delay` stands in for decode time so
-concurrency and streaming behave like a real engine's.
+without loading weights, and the output is predictable (the latest chat message, or the whole
+prompt of a completion, cycled), so a test can check that every token crossed every hop in
+order. `token_delay` stands in for decode time so concurrency and streaming behave like a real
+engine's.
 """
 
 from __future__ import annotations
@@ -50,19 +51,25 @@ class EchoEngine:
         )
 
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        """Yield the prompt's ids cyclically until max_tokens or a stop id (after min_tokens).
+        """Yield the latest chat message's ids and then a stop id (a completion: the prompt's
+        ids, cyclically) until max_tokens or a stop id (after min_tokens); with ``ignore_eos``
+        the message repeats until max_tokens.
 
         `running` is decremented in `finally`, so a consumer that closes the stream early (a
         cancelled client) leaves the counters right, as a real engine's abort would.
         """
-        prompt = request.token_ids
-        stop = request.stop
         check_prompt(request, self.context_length)
+        prompt, once = _echoed(request)
+        stop = request.stop
         stop_ids = set() if stop.ignore_eos else set(stop.stop_token_ids)
+        # A chat turn is answered with its latest message, then the first stop id, as a model
+        # that is done would (so a reply is the message once, not the message repeated).
+        if once and stop_ids:
+            prompt = [*prompt, stop.stop_token_ids[0]]
         want_logprobs = request.output.logprobs is not None
         self._running += 1
         self._max_running = max(self._max_running, self._running)
-        self._prompt_tokens += len(prompt)
+        self._prompt_tokens += len(request.token_ids)
         try:
             if stop.max_tokens <= 0:
                 # nothing to generate, but the stream must still end with a finish reason
@@ -94,3 +101,13 @@ class EchoEngine:
                     return
         finally:
             self._running -= 1
+
+
+def _echoed(request: PreprocessedRequest) -> tuple[list[int], bool]:
+    """What to echo, and whether it is a chat message (answered once): the latest message
+    when the request says where it is, else the whole prompt (a chat turn answered with the
+    first message of its history would be no echo)."""
+    span = request.latest_message
+    if span is not None and len(span) == 2 and 0 <= span[0] < span[1] <= len(request.token_ids):
+        return request.token_ids[span[0] : span[1]], True
+    return request.token_ids, False

@@ -39,11 +39,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt, engine_kwargs
@@ -62,6 +64,28 @@ log = logging.getLogger(__name__)
 
 _U64 = (1 << 64) - 1
 _TTFT_HISTORY = 4096  # simulated TTFTs kept for `simulated_ttft_ms` (oldest dropped first)
+
+
+def vocab_size_of(model_dir: str | Path) -> int | None:
+    """The ids a model's tokenizer can decode: the smaller of its ``tokenizer.json``
+    vocabulary (added tokens included) and ``config.json``'s ``vocab_size`` (embedding tables
+    are often padded past the tokenizer); None when the folder says neither."""
+    folder = Path(model_dir)
+    sizes: list[int] = []
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if isinstance(config.get("vocab_size"), int):
+            sizes.append(config["vocab_size"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (folder / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            sizes.append(Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size())
+        except Exception:  # an unreadable tokenizer: fall back to config.json alone
+            log.debug("cannot read %s/tokenizer.json", folder, exc_info=True)
+    return min(sizes) if sizes else None
 
 
 def _mix64(x: int) -> int:
@@ -90,7 +114,8 @@ class MockerEngine:
     tokens computed per step, `context_length` (8192; must fit the cache). Timing, in simulated
     ms (see the module docstring): `prefill_ms_per_token` (0.05), `prefill_ms_quadratic` (1e-6),
     `decode_ms_base` (5.0), `decode_ms_per_seq` (0.1), `decode_ms_per_ctx_token` (1e-4), and
-    `speedup` (1.0) dividing every real sleep. Output: `seed` (0) and `vocab_size` (32000).
+    `speedup` (1.0) dividing every real sleep. Output: `seed` (0) and `vocab_size` (32000, or
+    the served model's tokenizer's when a model folder is given).
     `on_events` receives the block manager's KV events (also settable via `on_kv_events`).
     """
 
@@ -184,9 +209,17 @@ class MockerEngine:
         """Prompt (and re-prefill) tokens actually computed: prefix-cache hits excluded."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MockerEngine:
-        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``)."""
+    def from_config(cls, config: Mapping[str, Any], model: str | None = None) -> MockerEngine:
+        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``).
+
+        With a model folder and no ``vocab_size`` given, token ids are drawn from that model's
+        tokenizer, so the served text is visible rather than ids no tokenizer can decode.
+        """
         kwargs = engine_kwargs(cls.__init__, config, "mocker", skip=("on_events",))
+        if model and "vocab_size" not in kwargs:
+            vocab = vocab_size_of(model)
+            if vocab is not None:
+                kwargs["vocab_size"] = vocab
         return cls(**kwargs)
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _build_mocker(model: str | None, config: Mapping[str, Any]) -> Engine:
     """The mocker simulates vLLM without a model; every knob is optional (see its docstring)."""
     from dynamo_sdk.llm.engines.mocker import MockerEngine
 
-    return MockerEngine.from_config(config)
+    return MockerEngine.from_config(config, model)
 
 
 def _build_torch(model: str | None, config: Mapping[str, Any]) -> Engine:
