@@ -1,0 +1,57 @@
+"""Serving a graph for a benchmark: `tests.serving.ServeProcess`, the launcher the tests use.
+
+`serve_graph()` runs ``dynamo serve GRAPH -f CONFIG --Frontend.port=PORT OVERRIDES...`` from
+the repository root with the benchmark defaults: it dies with this process, sits in a process
+group of its own (Ctrl-C reaches the benchmark, which then drains the graph), joins the servers
+named in `env` (``NATS_SERVER``/``ETCD_ENDPOINTS``; without them `dynamo serve` starts its own
+embedded ones) and can profile every served process. `stop_graph()` drains it with SIGINT and
+kills what is left after `STOP_TIMEOUT` seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dynamo_sdk.serve.embedded import free_port
+from harness import REPO_ROOT
+from tests.serving import ServeProcess
+
+STOP_TIMEOUT = 30.0  # seconds for `dynamo serve` to drain and exit before it is killed
+
+__all__ = ["REPO_ROOT", "STOP_TIMEOUT", "ServeProcess", "free_port", "serve_graph", "stop_graph"]
+
+
+def serve_graph(
+    graph: str,
+    config: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    port: int,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    profile_dir: Path | None = None,
+    port_key: str = "Frontend.port",
+) -> ServeProcess:
+    """Start `dynamo serve` for `graph` (e.g. ``graphs.agg:Frontend``); its HTTP on `port`."""
+    args = [graph]
+    if config:
+        args += ["-f", str(config)]
+    args += [f"--{port_key}={port}", *overrides]
+    serve = ServeProcess(
+        args,
+        cwd=REPO_ROOT,
+        env=dict(env or {}),
+        log_path=log_path,
+        die_with_parent=True,
+        new_session=True,
+        profile_dir=profile_dir,
+    )
+    serve.base = f"http://127.0.0.1:{port}"
+    return serve
+
+
+def stop_graph(serve: ServeProcess, timeout: float = STOP_TIMEOUT) -> None:
+    """Drain (SIGINT), then SIGKILL whatever is left after `timeout` seconds. Idempotent."""
+    serve.stop(signal.SIGINT, timeout)
