@@ -4,8 +4,10 @@ What is measured
 ----------------
 * ``frontend`` cells: OpenAI ``POST /v1/completions`` with ``stream=true`` through the whole
   served graph (HTTP -> Frontend -> Processor -> Worker and back), for the echo engine
-  (``configs/agg_echo.yaml``: no model compute, so it is the framework's own cost) and the vLLM
-  CPU engine (``configs/agg.yaml``). Every request asks for exactly ``--osl`` tokens
+  (``--echo-config``, default ``configs/agg_echo.yaml``: no model compute, so it is the
+  framework's own cost) and the vLLM CPU engine (``--vllm-config``, default
+  ``configs/agg_vllm.yaml``, or ``configs/agg.yaml`` where that does not exist), both on
+  ``--graph`` (default ``graphs.agg:Frontend``). Every request asks for exactly ``--osl`` tokens
   (``ignore_eos: true``, ``temperature: 0``) after a prompt of about ``--isl`` tokens (repeated
   words, trimmed with the served model's tokenizer to ``--isl`` tokens exactly).
 * ``direct`` cells (echo only): the same workload sent straight to the Worker endpoint
@@ -17,23 +19,25 @@ What is measured
   the runtime as the Frontend sends them (a ``ProcessorRequest``), which splits what the
   pipeline adds into the Processor hop and the HTTP edge plus Frontend.
 
-Per request: TTFT is the time from sending the request to the first chunk with non-empty text
-(direct: the first output with token ids); ITL are the gaps between later content chunks (all
-requests' gaps pooled for the percentiles); the output token count is the ``completion_tokens``
-of the usage chunk (``stream_options.include_usage``), direct: the number of ids received.
-The HTTP client is aiohttp (``--http-client``; what ``vllm bench serve`` uses), one keep-alive
-connection per sending task; httpx, the ``openai`` package's client, costs ~0.4-1.3 ms more per
-request in the client itself. A cell is a closed loop: C tasks send ``--requests`` requests back
-to back (at least 2*C, so every task sends two); tokens/s and req/s are over the cell's wall
-time, from its first request to its last answer. Each engine gets unmeasured warm-up requests
-first.
+Per request (the shared client, ``benchmarks/harness/client.py``): TTFT is the time from
+sending the request to the first chunk with non-empty text (direct: the first output with token
+ids); ITL are the gaps between later content chunks (all requests' gaps pooled for the
+percentiles); the output token count is the ``completion_tokens`` of the usage chunk
+(``stream_options.include_usage``), direct: the number of ids received. The HTTP client is
+aiohttp (``--http-client``; what ``vllm bench serve`` uses), one keep-alive connection per
+sending task (``--connection fresh``: a new connection per request); httpx, the ``openai``
+package's client, costs ~0.4-1.3 ms more per request in the client itself. A cell is a closed
+loop: C tasks send ``--requests`` requests back to back (at least 2*C, so every task sends two);
+tokens/s and req/s are over the cell's wall time, from its first request to its last answer.
+Each engine gets unmeasured warm-up requests first.
 
 How
 ---
 This process starts a real ``nats-server`` and ``etcd`` (``start_embedded``) and serves each
-graph with ``dynamo serve`` as a subprocess that joins them (``NATS_SERVER``/``ETCD_ENDPOINTS``),
-one graph at a time, so that it can also reach the Worker over the runtime. Every wait is
-bounded; graphs and servers are stopped on exit, errors, Ctrl-C and SIGTERM.
+graph with ``dynamo serve`` as a subprocess that joins them (``NATS_SERVER``/``ETCD_ENDPOINTS``;
+the launcher is the tests' ``tests/serving.py:ServeProcess``), one graph at a time, so that it
+can also reach the Worker over the runtime. Every wait is bounded; graphs and servers are
+stopped on exit, errors, Ctrl-C and SIGTERM.
 
 ``--profile DIR`` profiles every served Python process with cProfile (a ``sitecustomize`` put on
 the graph's ``PYTHONPATH`` dumps ``DIR/<Service>-<pid>.prof`` at exit) plus this client
@@ -43,7 +47,8 @@ Usage::
 
     python benchmarks/serve_bench.py [--engines echo,vllm] [--concurrency 1,8,32]
         [--requests N] [--isl 64] [--osl N] [--echo-extra 64:256] [--json out.json]
-        [--http-client aiohttp|httpx] [--profile DIR] [--vllm-bench]
+        [--http-client aiohttp|httpx] [--connection kept|fresh] [--profile DIR] [--vllm-bench]
+        [--graph graphs.agg:Frontend] [--echo-config PATH] [--vllm-config PATH]
 """
 
 from __future__ import annotations
@@ -56,25 +61,38 @@ import json
 import math
 import os
 import platform
-import pstats
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import msgspec
-import psutil
+import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import uvloop
-from _common import interrupt_on_sigterm, json_safe, percentile, profiled
+from _common import interrupt_on_sigterm, json_safe, profiled
+from harness.client import (
+    CONNECTION_MODES,
+    DEFAULT_CLIENT,
+    ClientPool,
+    LoadStats,
+    RequestResult,
+    Send,
+    closed_loop,
+    completion_body,
+    stream_request,
+    summarize,
+    wait_until_answers,
+)
+from harness.launch import REPO_ROOT, ServeProcess, free_port, serve_graph, stop_graph
+from harness.plot import Panel, Series, plot_panels
+from harness.profiling import format_profile
+from harness.report import Target, check, fmt, format_targets, table
 
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
@@ -86,9 +104,7 @@ from dynamo_sdk.llm.protocol import (
     Usage,
 )
 from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, RuntimeSettings
-from dynamo_sdk.serve.embedded import EmbeddedServers, free_port, start_embedded
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dynamo_sdk.serve.embedded import EmbeddedServers, start_embedded
 
 # Targets (echo engine): what the pipeline adds to TTFT p50 at c=1, and streamed tokens/s.
 TARGET_TTFT_ADDED_MS = 2.0
@@ -98,10 +114,18 @@ WORKER_TARGET = ("dynamo", "Worker", "generate")  # the Worker endpoint of graph
 PROCESSOR_TARGET = ("dynamo", "Processor", "generate")
 
 
+def _first_existing(*paths: str) -> str:
+    return next((p for p in paths if (REPO_ROOT / p).exists()), paths[-1])
+
+
+DEFAULT_GRAPH = "graphs.agg:Frontend"
+DEFAULT_ECHO_CONFIG = "configs/agg_echo.yaml"
+DEFAULT_VLLM_CONFIG = _first_existing("configs/agg_vllm.yaml", "configs/agg.yaml")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
-    config: str
     model: str  # the served model name
     default_requests: int
     default_osl: int
@@ -110,65 +134,12 @@ class EngineSpec:
 
 
 ENGINES: dict[str, EngineSpec] = {
-    "echo": EngineSpec("echo", "configs/agg_echo.yaml", "echo", 64, 64, 90.0),
-    "vllm": EngineSpec(
-        "vllm",
-        "configs/agg.yaml",
-        "dynamo-tiny",
-        32,
-        32,
-        240.0,
-        ("--Worker.max_num_seqs=32",),
-    ),
+    "echo": EngineSpec("echo", "echo", 64, 64, 90.0),
+    "vllm": EngineSpec("vllm", "dynamo-tiny", 32, 32, 240.0, ("--Worker.max_num_seqs=32",)),
 }
-
-# `python -c LAUNCHER serve ...`: die with this process (prctl survives exec), then become
-# `dynamo serve ...`.
-LAUNCHER = (
-    "import os, sys; from dynamo_sdk.serve.procutil import die_with_parent; die_with_parent(); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'dynamo_sdk.cli.main', *sys.argv[1:]])"
-)
-STOP_TIMEOUT = 30.0  # seconds for `dynamo serve` to drain and exit before it is killed
-REQUEST_TIMEOUT = 120.0  # seconds for one streamed request
-_TLS = ssl.create_default_context()  # loaded once, not once per client (plain HTTP anyway)
-HttpClient = Any  # an httpx.AsyncClient or an aiohttp.ClientSession (see `http_client`)
-PROFILE_ENV = "DYNAMO_BENCH_PROFILE_DIR"
-
-SITECUSTOMIZE = f'''\
-"""Written by benchmarks/serve_bench.py --profile: cProfile this process, dump at exit."""
-import atexit
-import cProfile
-import os
-import sys
-
-_dir = os.environ.get("{PROFILE_ENV}")
-if _dir:
-    _profiler = cProfile.Profile()
-
-    def _dump() -> None:
-        _profiler.disable()
-        argv = sys.argv
-        name = "supervisor"
-        if "--service" in argv:
-            name = argv[argv.index("--service") + 1]
-        _profiler.dump_stats(os.path.join(_dir, f"{{name}}-{{os.getpid()}}.prof"))
-
-    atexit.register(_dump)
-    _profiler.enable()
-'''
 
 
 # ---- results ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RequestResult:
-    ok: bool
-    ttft: float = math.nan  # seconds
-    e2e: float = math.nan
-    tokens: int = 0
-    itls: list[float] = field(default_factory=list)
-    error: str = ""
 
 
 @dataclass
@@ -193,15 +164,6 @@ class Cell:
 
 
 @dataclass
-class Target:
-    name: str
-    value: float | None
-    unit: str
-    passed: bool | None  # None: a cell it needs was not run
-    detail: str = ""
-
-
-@dataclass
 class Results:
     cells: list[Cell] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
@@ -210,108 +172,9 @@ class Results:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def summarize(
-    engine: str, path: str, conc: int, isl: int, osl: int, runs: list[RequestResult], wall: float
-) -> Cell:
-    good = [r for r in runs if r.ok]
-    ttfts = [r.ttft for r in good]
-    itls = [gap for r in good for gap in r.itls]
-    tokens = sum(r.tokens for r in good)
-    wall = max(wall, 1e-9)
-    errors = [r for r in runs if not r.ok]
-    return Cell(
-        engine=engine,
-        path=path,
-        concurrency=conc,
-        isl=isl,
-        osl=osl,
-        requests=len(good),
-        errors=len(errors),
-        short=sum(r.tokens != osl for r in good),
-        seconds=round(wall, 3),
-        ttft_p50_ms=percentile(ttfts, 50) * 1e3,
-        ttft_p99_ms=percentile(ttfts, 99) * 1e3,
-        itl_p50_ms=percentile(itls, 50) * 1e3,
-        itl_p99_ms=percentile(itls, 99) * 1e3,
-        e2e_p50_ms=percentile([r.e2e for r in good], 50) * 1e3,
-        tokens_per_s=tokens / wall,
-        req_per_s=len(good) / wall,
-        first_error=errors[0].error if errors else "",
-    )
-
-
-# ---- the served graph ------------------------------------------------------------------------
-
-
-class Graph:
-    """`dynamo serve graphs.agg:Frontend -f <config>` joining our servers; output to a log."""
-
-    def __init__(
-        self, spec: EngineSpec, env: dict[str, str], log_dir: Path, profile_dir: Path | None
-    ) -> None:
-        self.spec = spec
-        self.port = free_port()
-        self.log_path = log_dir / f"serve-{spec.name}.log"
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        if profile_dir is not None:
-            site_dir = log_dir / "sitecustomize"
-            site_dir.mkdir(exist_ok=True)
-            (site_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
-            old = full_env.get("PYTHONPATH", "")
-            full_env["PYTHONPATH"] = str(site_dir) + (os.pathsep + old if old else "")
-            full_env[PROFILE_ENV] = str(profile_dir.resolve())
-        cmd = [sys.executable, "-c", LAUNCHER, "serve", "graphs.agg:Frontend"]
-        cmd += ["-f", spec.config, f"--Frontend.port={self.port}", *spec.extra_args]
-        self._log = open(self.log_path, "wb")  # closed in stop()
-        # A session of its own: Ctrl-C reaches this process only, which then drains the graph.
-        # No preexec_fn: this process has gRPC (etcd) threads by now, and Python code between
-        # fork and exec (die_with_parent loads libc with ctypes) can crash the child; LAUNCHER
-        # sets the parent-death signal after exec instead.
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"dynamo serve ({self.spec.name}) exited with code {self.proc.returncode}:\n"
-                + self.log_tail()
-            )
-
-    def stop(self) -> None:
-        """SIGINT (drain), then SIGKILL of whatever is left after STOP_TIMEOUT."""
-        if self.proc.poll() is None:
-            try:
-                descendants = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                descendants = []
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                for child in descendants:
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+def make_cell(engine: str, path: str, conc: int, isl: int, osl: int, stats: LoadStats) -> Cell:
+    fields = {k: v for k, v in asdict(stats).items() if k in Cell.__dataclass_fields__}
+    return Cell(engine=engine, path=path, concurrency=conc, isl=isl, osl=osl, **fields)
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -355,107 +218,7 @@ class Prompts:
         return text, ids
 
 
-# ---- clients ---------------------------------------------------------------------------------
-
-
-class _SseTimer:
-    """Times one streamed completion from its SSE bytes: TTFT, ITLs, usage, [DONE]."""
-
-    def __init__(self, result: RequestResult, t0: float) -> None:
-        self.result = result
-        self.t0 = t0
-        self.last = math.nan
-        self.buffer = b""
-        self.completion_tokens: int | None = None
-        self.done = False
-
-    def feed(self, data: bytes, now: float) -> bool:
-        """Consume received bytes; False once an error chunk ended the request."""
-        self.buffer += data
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        for event in events:
-            if not event.startswith(b"data: "):
-                continue
-            payload = event[6:]
-            if payload == b"[DONE]":
-                self.done = True
-                continue
-            chunk = msgspec.json.decode(payload)
-            if "error" in chunk:
-                self.result.error = str(chunk["error"].get("message", chunk["error"]))[:200]
-                return False
-            usage = chunk.get("usage")
-            if usage:
-                self.completion_tokens = int(usage["completion_tokens"])
-            choices = chunk.get("choices") or ()
-            if choices and choices[0].get("text"):
-                if math.isnan(self.last):
-                    self.result.ttft = now - self.t0
-                else:
-                    self.result.itls.append(now - self.last)
-                self.last = now
-        return True
-
-    def finish(self, now: float) -> RequestResult:
-        result = self.result
-        result.e2e = now - self.t0
-        if not self.done or self.completion_tokens is None:
-            result.error = "stream ended without [DONE] or without a usage chunk"
-            return result
-        result.tokens = self.completion_tokens
-        result.ok = not math.isnan(result.ttft)
-        if not result.ok:
-            result.error = "no text in the stream"
-        return result
-
-
-async def http_request(client: HttpClient, url: str, body: dict[str, Any]) -> RequestResult:
-    """One streamed completion: TTFT, ITLs and usage from the SSE chunks."""
-    if isinstance(client, httpx.AsyncClient):
-        return await _httpx_request(client, url, body)
-    return await _aiohttp_request(client, url, body)
-
-
-async def _httpx_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any]
-) -> RequestResult:
-    clock = time.perf_counter
-    result = RequestResult(ok=False)
-    timer = _SseTimer(result, clock())
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                result.error = f"HTTP {response.status_code}: {response.text[:200]}"
-                return result
-            async for data in response.aiter_bytes():
-                if not timer.feed(data, clock()):
-                    return result
-    except (httpx.HTTPError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    return timer.finish(clock())
-
-
-async def _aiohttp_request(client: Any, url: str, body: dict[str, Any]) -> RequestResult:
-    import aiohttp
-
-    clock = time.perf_counter
-    result = RequestResult(ok=False)
-    timer = _SseTimer(result, clock())
-    try:
-        async with client.post(url, json=body) as response:
-            if response.status != 200:
-                text = await response.text()
-                result.error = f"HTTP {response.status}: {text[:200]}"
-                return result
-            async for data in response.content.iter_any():
-                if not timer.feed(data, clock()):
-                    return result
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    return timer.finish(clock())
+# ---- requests over the runtime (past the HTTP edge) ------------------------------------------
 
 
 async def direct_request(client: EndpointClient, request: PreprocessedRequest) -> RequestResult:
@@ -487,9 +250,6 @@ async def direct_request(client: EndpointClient, request: PreprocessedRequest) -
     return result
 
 
-Send = Callable[[int, int], Awaitable[RequestResult]]
-
-
 async def processor_request(client: EndpointClient, request: ProcessorRequest) -> RequestResult:
     """One request straight to the Processor endpoint (what the Frontend sends it)."""
     clock = time.perf_counter
@@ -519,53 +279,6 @@ async def processor_request(client: EndpointClient, request: ProcessorRequest) -
     return result
 
 
-async def closed_loop(
-    send: Send, requests: int, concurrency: int, timeout: float
-) -> tuple[list[RequestResult], float]:
-    """`concurrency` tasks send `requests` requests back to back; returns results, wall time.
-
-    `send(index, task)` gets the request's index and the number of the task sending it.
-    """
-    results: list[RequestResult] = []
-    next_index = 0
-
-    async def worker(task: int) -> None:
-        nonlocal next_index
-        while next_index < requests:
-            index = next_index
-            next_index += 1
-            results.append(await send(index, task))
-
-    t0 = time.perf_counter()
-    tasks = [asyncio.ensure_future(worker(t)) for t in range(concurrency)]
-    try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        if pending:
-            raise TimeoutError(f"cell did not finish within {timeout:.0f} s")
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return results, time.perf_counter() - t0
-
-
-# ---- measurement -----------------------------------------------------------------------------
-
-
-def completion_body(model: str, prompt: str, osl: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": osl,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
 def engine_request(model: str, ids: list[int], osl: int) -> PreprocessedRequest:
     return PreprocessedRequest(
         request_id=f"bench-{uuid.uuid4().hex}",
@@ -576,24 +289,7 @@ def engine_request(model: str, ids: list[int], osl: int) -> PreprocessedRequest:
     )
 
 
-async def wait_until_serving(graph: Graph, client: HttpClient, body: dict[str, Any]) -> None:
-    """Retry one request until the whole graph answers it (bounded by the engine's timeout)."""
-    deadline = time.monotonic() + graph.spec.ready_timeout
-    last_error = ""
-    while time.monotonic() < deadline:
-        graph.check()
-        result = await http_request(client, f"{graph.base}/v1/completions", body)
-        if result.ok:
-            return
-        last_error = result.error
-        await asyncio.sleep(0.5)
-    raise TimeoutError(
-        f"{graph.spec.name} graph did not answer within {graph.spec.ready_timeout:.0f} s "
-        f"(last error: {last_error}):\n{graph.log_tail()}"
-    )
-
-
-async def wait_for_worker(client: EndpointClient, graph: Graph, timeout: float) -> None:
+async def wait_for_worker(client: EndpointClient, graph: ServeProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not client.instance_ids():
         graph.check()
@@ -611,6 +307,9 @@ async def wait_for_no_worker(client: EndpointClient, timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
+# ---- measurement -----------------------------------------------------------------------------
+
+
 def cells_for(spec: EngineSpec, args: argparse.Namespace) -> list[tuple[int, int]]:
     """(concurrency, osl) of the engine's frontend cells."""
     osl = args.osl or spec.default_osl
@@ -624,31 +323,10 @@ def n_requests(spec: EngineSpec, args: argparse.Namespace, conc: int) -> int:
     return max(args.requests or spec.default_requests, 2 * conc)
 
 
-def http_client(kind: str) -> Any:
-    """One HTTP client (one keep-alive connection), as an async context manager.
-
-    aiohttp is what `vllm bench serve` and most serving benchmarks use; httpx (what the
-    `openai` package uses) costs ~1 ms more per request on a small host, which is the client's
-    time, not the server's.
-    """
-    if kind == "aiohttp":
-        import aiohttp
-
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=2.0),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, connect=10.0),
-        )
-    # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes
-    # them from its side (reusing one the server is closing fails with a ReadError).
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
-    return httpx.AsyncClient(limits=limits, timeout=timeout, verify=_TLS)
-
-
 async def measure_engine(
     spec: EngineSpec,
     args: argparse.Namespace,
-    graph: Graph,
+    graph: ServeProcess,
     runtime: DistributedRuntime,
     prompts: Prompts,
     results: Results,
@@ -657,13 +335,16 @@ async def measure_engine(
     url = f"{graph.base}/v1/completions"
     cells = cells_for(spec, args)
     max_conc = max(c for c, _ in cells)
-    # One client (one keep-alive connection) per sending task: a shared pool scans all of its
-    # connections on every request, which at c=64 costs the client more CPU than the parsing.
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(http_client(args.http_client)) for _ in range(max_conc)
-        ]
-        await wait_until_serving(graph, clients[0], completion_body(spec.model, "hello", 4))
+    async with ClientPool(max_conc, args.http_client, fresh=args.connection == "fresh") as pool:
+        await wait_until_answers(
+            url,
+            completion_body(spec.model, "hello", 4),
+            timeout=spec.ready_timeout,
+            alive=graph.check,
+            kind=args.http_client,
+            interval=0.5,
+            what=f"the {spec.name} graph",
+        )
         worker = runtime.endpoint_client(*WORKER_TARGET, response_type=EngineOutput)
         await wait_for_worker(worker, graph, 30.0)
         print(f"  ... {spec.name}: serving on {graph.base}", file=sys.stderr)
@@ -671,7 +352,7 @@ async def measure_engine(
         def http_send(osl: int) -> Send:
             def send(i: int, task: int) -> Awaitable[RequestResult]:
                 body = completion_body(spec.model, prompts.get(i)[0], osl)
-                return http_request(clients[task], url, body)
+                return stream_request(pool[task], url, body)
 
             return send
 
@@ -706,7 +387,7 @@ async def measure_engine(
                 send = senders[path](osl)
                 n = n_requests(spec, args, conc)
                 runs, wall = await closed_loop(send, n, conc, args.cell_timeout)
-                cell = summarize(spec.name, path, conc, isl, osl, runs, wall)
+                cell = make_cell(spec.name, path, conc, isl, osl, summarize(runs, wall, osl))
                 results.cells.append(cell)
                 print(
                     f"  ... {spec.name} {path} c={conc} osl={osl}: "
@@ -717,7 +398,7 @@ async def measure_engine(
 
 
 def run_vllm_bench(
-    spec: EngineSpec, args: argparse.Namespace, graph: Graph, prompts: Prompts
+    spec: EngineSpec, args: argparse.Namespace, graph: ServeProcess, prompts: Prompts
 ) -> list[dict[str, Any]]:
     """`vllm bench serve` against the running graph, one run per concurrency (bounded)."""
     exe = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
@@ -752,7 +433,6 @@ def run_vllm_bench(
 
 def evaluate_targets(results: Results) -> list[Target]:
     by_key = {(c.engine, c.path, c.concurrency, c.osl): c for c in results.cells}
-    targets: list[Target] = []
     front = next(
         (
             c
@@ -764,44 +444,35 @@ def evaluate_targets(results: Results) -> list[Target]:
     direct = by_key.get(("echo", "direct", 1, front.osl)) if front else None
     proc = by_key.get(("echo", "processor", 1, front.osl)) if front else None
     added = front.ttft_p50_ms - direct.ttft_p50_ms if front and direct else None
-    targets.append(
-        Target(
+    detail = ""
+    if front and direct:
+        detail = f"frontend {front.ttft_p50_ms:.3f} ms - direct {direct.ttft_p50_ms:.3f} ms"
+        if proc:
+            detail += (
+                f"; Processor hop {proc.ttft_p50_ms - direct.ttft_p50_ms:.3f} ms, "
+                f"HTTP+Frontend {front.ttft_p50_ms - proc.ttft_p50_ms:.3f} ms"
+            )
+    echo_front = [c for c in results.cells if c.engine == "echo" and c.path == "frontend"]
+    best = max(echo_front, key=lambda c: c.tokens_per_s, default=None)
+    return [
+        check(
             f"echo: pipeline adds < {TARGET_TTFT_ADDED_MS:g} ms to TTFT p50 at c=1",
             added,
             "ms",
-            None if added is None else added < TARGET_TTFT_ADDED_MS,
-            (
-                f"frontend {front.ttft_p50_ms:.3f} ms - direct {direct.ttft_p50_ms:.3f} ms"
-                + (
-                    f"; Processor hop {proc.ttft_p50_ms - direct.ttft_p50_ms:.3f} ms, "
-                    f"HTTP+Frontend {front.ttft_p50_ms - proc.ttft_p50_ms:.3f} ms"
-                    if proc
-                    else ""
-                )
-                if front and direct
-                else ""
-            ),
-        )
-    )
-    echo_front = [c for c in results.cells if c.engine == "echo" and c.path == "frontend"]
-    best = max(echo_front, key=lambda c: c.tokens_per_s, default=None)
-    targets.append(
-        Target(
+            lambda v: v < TARGET_TTFT_ADDED_MS,
+            detail,
+        ),
+        check(
             f"echo: >= {TARGET_ECHO_TOKENS_PER_S:,.0f} output tok/s through the frontend",
             best.tokens_per_s if best else None,
             "tok/s",
-            None if best is None else best.tokens_per_s >= TARGET_ECHO_TOKENS_PER_S,
+            lambda v: v >= TARGET_ECHO_TOKENS_PER_S,
             f"best cell c={best.concurrency} osl={best.osl}" if best else "",
-        )
-    )
-    return targets
+        ),
+    ]
 
 
 # ---- report ----------------------------------------------------------------------------------
-
-
-def _fmt(value: float, digits: int) -> str:
-    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def format_report(results: Results) -> str:
@@ -818,35 +489,20 @@ def format_report(results: Results) -> str:
             str(c.osl),
             str(c.requests),
             str(c.errors) + (f"/{c.short}!" if c.short else ""),
-            _fmt(c.ttft_p50_ms, 2),
-            _fmt(c.ttft_p99_ms, 2),
-            _fmt(c.itl_p50_ms, 3),
-            _fmt(c.itl_p99_ms, 3),
-            _fmt(c.e2e_p50_ms, 1),
-            _fmt(c.tokens_per_s, 0),
-            _fmt(c.req_per_s, 1),
+            fmt(c.ttft_p50_ms, 2),
+            fmt(c.ttft_p99_ms, 2),
+            fmt(c.itl_p50_ms, 3),
+            fmt(c.itl_p99_ms, 3),
+            fmt(c.e2e_p50_ms, 1),
+            fmt(c.tokens_per_s, 0),
+            fmt(c.req_per_s, 1),
         )
         for c in results.cells
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        left = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        rest = (cell.rjust(w) for cell, w in zip(row[2:], widths[2:], strict=True))
-        return "  ".join([*left, *rest])
-
-    out = ["(times in ms; err/N! = N answers without exactly osl tokens)", line(header)]
-    out += [line(r) for r in rows]
+    out = ["(times in ms; err/N! = N answers without exactly osl tokens)"]
+    out += table(header, rows, left=2)
     out.append("")
-    if results.targets:
-        out.append("targets:")
-        name_width = max(len(t.name) for t in results.targets)
-        for t in results.targets:
-            value = "not run" if t.value is None else f"{t.value:,.{3 if t.unit == 'ms' else 0}f}"
-            verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t.passed]
-            unit = "" if t.value is None else t.unit
-            detail = f"  ({t.detail})" if t.detail else ""
-            out.append(f"  {t.name.ljust(name_width)}  {value:>10} {unit:<5}  {verdict}{detail}")
+    out += format_targets(results.targets)
     for note in results.notes:
         out.append(f"note: {note}")
     for run in results.vllm_bench:
@@ -855,91 +511,23 @@ def format_report(results: Results) -> str:
     return "\n".join(out)
 
 
-def format_profile(profile_dir: Path, top: int = 15) -> str:
-    """Each process's busy time by package and its top functions by own time (tottime).
-
-    Under an event loop written in C (uvloop), time spent waiting in epoll is charged to the
-    outermost Python frame still on the stack (the coroutine that called ``uvloop.run``, a
-    task group, a watcher): entries with over IDLE_PER_CALL seconds of own time per call are
-    that wait, not work, and are left out of the busy total and the ranking.
-    """
-    out: list[str] = []
-    for path in sorted(profile_dir.glob("*.prof")):
-        if path.name.startswith("supervisor"):
-            continue
-        try:
-            stats = pstats.Stats(str(path))
-        except Exception as exc:
-            out.append(f"{path.name}: unreadable ({exc})")
-            continue
-        entries: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
-        busy = {k: v for k, v in entries.items() if v[2] / max(v[0], 1) <= IDLE_PER_CALL}
-        idle = sum(v[2] for k, v in entries.items() if k not in busy)
-        total = sum(v[2] for v in busy.values()) or 1e-9
-        out.append(f"== {path.name}: {total:.2f} s busy ({idle:.2f} s event-loop wait left out)")
-        groups: dict[str, float] = {}
-        for (file, _line, _func), v in busy.items():
-            groups[_package(file)] = groups.get(_package(file), 0.0) + v[2]
-        ranked_groups = sorted(groups.items(), key=lambda kv: kv[1], reverse=True)[:10]
-        out.append(
-            "   by package: "
-            + ", ".join(f"{name} {100 * tt / total:.0f}%" for name, tt in ranked_groups)
-        )
-        ranked = sorted(busy.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-        for (file, lineno, func), (_cc, calls, tt, ct, _callers) in ranked:
-            out.append(
-                f"  {100 * tt / total:5.1f}%  tt {tt:6.3f}s  cum {ct:6.3f}s  {calls:>9,}x  "
-                f"{_short(file)}:{lineno}({func})"
-            )
-    return "\n".join(out)
-
-
-IDLE_PER_CALL = 0.25  # seconds of own time per call above which an entry is event-loop wait
-
-
-def _short(file: str) -> str:
-    for marker in ("site-packages/", f"{REPO_ROOT}/", "/lib/python3.11/", "/lib/python3"):
-        if marker in file:
-            return file.split(marker, 1)[1]
-    return file
-
-
-def _package(file: str) -> str:
-    """`dynamo_sdk/llm/frontend.py` -> `dynamo_sdk.llm.frontend`; `.../nats/aio/x.py` -> nats."""
-    if file.startswith("~") or file.startswith("<"):
-        return "builtins"
-    short = _short(file)
-    if short.startswith(("dynamo_sdk/", "benchmarks/", "examples/")):
-        return short.removesuffix(".py").replace("/", ".")
-    return short.split("/", 1)[0].removesuffix(".py")
-
-
 def maybe_plot(results: Results, path: Path) -> str | None:
     """A PNG of tokens/s and TTFT p50 per concurrency, when matplotlib is installed."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple[str, str, int], list[Cell]] = {}
     for c in results.cells:
         series.setdefault((c.engine, c.path, c.osl), []).append(c)
+    tokens, ttft = [], []
     for (engine, route, osl), cells in series.items():
         cells.sort(key=lambda c: c.concurrency)
         label = f"{engine} {route} osl={osl}"
         xs = [c.concurrency for c in cells]
-        ax1.plot(xs, [c.tokens_per_s for c in cells], marker="o", label=label)
-        ax2.plot(xs, [c.ttft_p50_ms for c in cells], marker="o", label=label)
-    ax1.set(xscale="log", xlabel="concurrency", ylabel="output tok/s")
-    ax2.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="TTFT p50 (ms)")
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+        tokens.append(Series(label, xs, [c.tokens_per_s for c in cells]))
+        ttft.append(Series(label, xs, [c.ttft_p50_ms for c in cells]))
+    panels = [
+        Panel(tokens, "concurrency", "output tok/s", xscale="log", legend_size=7),
+        Panel(ttft, "concurrency", "TTFT p50 (ms)", xscale="log", yscale="log", legend_size=7),
+    ]
+    return plot_panels(path, panels, size=(11, 4), dpi=100)
 
 
 # ---- orchestration -----------------------------------------------------------------------------
@@ -948,25 +536,34 @@ def maybe_plot(results: Results, path: Path) -> str | None:
 class Session:
     """Servers and the graph now being served; `close()` stops them (bounded, idempotent)."""
 
-    def __init__(self, log_dir: Path, profile_dir: Path | None) -> None:
+    def __init__(self, args: argparse.Namespace, log_dir: Path) -> None:
+        self.args = args
         self.log_dir = log_dir
-        self.profile_dir = profile_dir
         self.servers: EmbeddedServers | None = None
-        self.graph: Graph | None = None
+        self.graph: ServeProcess | None = None
 
     def start_servers(self) -> dict[str, str]:
         self.servers = start_embedded()
         return self.servers.env()
 
-    def serve(self, spec: EngineSpec) -> Graph:
+    def serve(self, spec: EngineSpec) -> ServeProcess:
         assert self.servers is not None
-        self.graph = Graph(spec, self.servers.env(), self.log_dir, self.profile_dir)
+        config = self.args.echo_config if spec.name == "echo" else self.args.vllm_config
+        self.graph = serve_graph(
+            self.args.graph,
+            config,
+            spec.extra_args,
+            port=free_port(),
+            log_path=self.log_dir / f"serve-{spec.name}.log",
+            env=self.servers.env(),
+            profile_dir=self.args.profile,
+        )
         return self.graph
 
     def stop_graph(self) -> None:
         graph, self.graph = self.graph, None
         if graph is not None:
-            graph.stop()
+            stop_graph(graph)
 
     def close(self) -> None:
         self.stop_graph()
@@ -993,7 +590,8 @@ async def run_benchmark(args: argparse.Namespace, session: Session, results: Res
             if name == "vllm" and importlib.util.find_spec("vllm") is None:
                 results.notes.append("vllm skipped: the vllm package is not importable")
                 continue
-            print(f"  ... {name}: starting dynamo serve ({spec.config})", file=sys.stderr)
+            config = args.echo_config if name == "echo" else args.vllm_config
+            print(f"  ... {name}: dynamo serve {args.graph} -f {config}", file=sys.stderr)
             graph = session.serve(spec)
             try:
                 await measure_engine(spec, args, graph, runtime, prompts, results)
@@ -1060,11 +658,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[(64, 256)],
         help="extra echo frontend/direct cells CONC:OSL for the throughput target ('' for none)",
     )
+    parser.add_argument("--graph", default=DEFAULT_GRAPH, help=f"default {DEFAULT_GRAPH}")
+    parser.add_argument(
+        "--echo-config", default=DEFAULT_ECHO_CONFIG, help=f"default {DEFAULT_ECHO_CONFIG}"
+    )
+    parser.add_argument(
+        "--vllm-config", default=DEFAULT_VLLM_CONFIG, help=f"default {DEFAULT_VLLM_CONFIG}"
+    )
     parser.add_argument(
         "--http-client",
         choices=("aiohttp", "httpx"),
-        default="aiohttp" if importlib.util.find_spec("aiohttp") else "httpx",
+        default=DEFAULT_CLIENT,
         help="HTTP client library (default aiohttp, as `vllm bench serve`)",
+    )
+    parser.add_argument(
+        "--connection",
+        choices=CONNECTION_MODES,
+        default="kept",
+        help="kept: one keep-alive connection per sending task; fresh: one per request",
     )
     parser.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
     parser.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve`")
@@ -1090,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = args.keep_logs
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
-    session = Session(log_dir, args.profile)
+    session = Session(args, log_dir)
     results = Results()
     started = time.monotonic()
     try:
@@ -1120,7 +731,11 @@ def main(argv: list[str] | None = None) -> int:
         "isl": args.isl,
         "osl": args.osl,
         "echo_extra": args.echo_extra,
+        "graph": args.graph,
+        "echo_config": args.echo_config,
+        "vllm_config": args.vllm_config,
         "http_client": args.http_client,
+        "connection": args.connection,
         "response_transport": os.environ.get("DYN_RESPONSE_TRANSPORT", "tcp"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
