@@ -79,9 +79,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
 import uvloop
 from _common import json_safe
+from harness.plot import Panel, Series, plot_panels
+from harness.report import Target, check, format_targets, table
 
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.mocker import MockerEngine
@@ -559,14 +562,6 @@ def measure_decisions(args: argparse.Namespace) -> DecisionResult:
 
 
 @dataclass
-class Target:
-    name: str
-    value: float | None
-    unit: str
-    passed: bool | None
-
-
-@dataclass
 class Results:
     settings: dict[str, Any] = field(default_factory=dict)
     modes: list[ModeResult] = field(default_factory=list)
@@ -577,51 +572,34 @@ class Results:
 def evaluate_targets(results: Results) -> list[Target]:
     by_mode = {m.mode: m for m in results.modes}
     rr, kv = by_mode.get("round_robin"), by_mode.get("kv")
-    targets = []
     ttft_ratio = hit_ratio = None
     if rr is not None and kv is not None:
         if kv.ttft_p50_ms > 0:
             ttft_ratio = rr.ttft_p50_ms / kv.ttft_p50_ms
         if rr.hit_rate > 0:
             hit_ratio = kv.hit_rate / rr.hit_rate
-    targets.append(
-        Target(
+    d = results.decision
+    worst = max((row.p99_ms for row in d.rows), default=None) if d is not None else None
+    return [
+        check(
             f"kv TTFT p50 >= {TARGET_TTFT_RATIO:g}x lower than round_robin (rr/kv)",
             ttft_ratio,
             "x",
-            None if ttft_ratio is None else ttft_ratio >= TARGET_TTFT_RATIO,
-        )
-    )
-    targets.append(
-        Target(
+            lambda v: v >= TARGET_TTFT_RATIO,
+        ),
+        check(
             f"kv prefix hit rate >= {TARGET_HIT_RATIO:g}x round_robin (kv/rr)",
             hit_ratio,
             "x",
-            None if hit_ratio is None else hit_ratio >= TARGET_HIT_RATIO,
-        )
-    )
-    d = results.decision
-    worst = max((row.p99_ms for row in d.rows), default=None) if d is not None else None
-    targets.append(
-        Target(
+            lambda v: v >= TARGET_HIT_RATIO,
+        ),
+        check(
             f"decision p99 < {TARGET_DECISION_P99_MS:g} ms (4096 tokens, all mixes)",
             worst,
             "ms",
-            None if worst is None else worst < TARGET_DECISION_P99_MS,
-        )
-    )
-    return targets
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        first = row[0].ljust(widths[0])
-        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
-
-    return [line(header), *(line(r) for r in rows)]
+            lambda v: v < TARGET_DECISION_P99_MS,
+        ),
+    ]
 
 
 def format_report(results: Results) -> str:
@@ -669,7 +647,7 @@ def format_report(results: Results) -> str:
             )
             for m in results.modes
         ]
-        out += _table(header, rows)
+        out += table(header, rows)
         out.append("")
         out.append("by turn (hit rate / simulated TTFT p50 ms):")
         turns = max(len(m.by_turn) for m in results.modes)
@@ -680,7 +658,7 @@ def format_report(results: Results) -> str:
             rows2.append((m.mode, *cells, *[""] * (turns - len(cells))))
         prompt_cells = [f"{b['mean_prompt_tokens']:,.0f} tok" for b in results.modes[0].by_turn]
         rows2.append(("mean prompt", *prompt_cells, *[""] * (turns - len(prompt_cells))))
-        out += _table(header2, rows2)
+        out += table(header2, rows2)
         for m in results.modes:
             out.append(f"{m.mode} requests per worker: {m.requests_per_worker}")
             if m.cpu_share > CPU_WARN:
@@ -722,7 +700,7 @@ def format_report(results: Results) -> str:
             )
             for r in d.rows
         ]
-        out += _table(header3, rows3)
+        out += table(header3, rows3)
         if d.rows:
             share = sum(r.hash_p50_ms for r in d.rows) / sum(r.p50_ms for r in d.rows)
             out.append(
@@ -730,13 +708,7 @@ def format_report(results: Results) -> str:
                 f"(sha256+cbor per {d.block_size}-token block) is {share:.0%} of a decision"
             )
         out.append("")
-    out.append("targets:")
-    width = max(len(t.name) for t in results.targets)
-    for t in results.targets:
-        value = "not run" if t.value is None else f"{t.value:,.{3 if t.unit == 'ms' else 2}f}"
-        verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t.passed]
-        unit = "" if t.value is None else t.unit
-        out.append(f"  {t.name.ljust(width)}  {value:>8} {unit:<3}  {verdict}")
+    out += format_targets(results.targets)
     by_mode = {m.mode: m for m in results.modes}
     rr, kv = by_mode.get("round_robin"), by_mode.get("kv")
     if rr is not None and kv is not None and rr.hit_rate > 0 and kv.reusable_rate > 0:
@@ -750,44 +722,37 @@ def format_report(results: Results) -> str:
 
 def write_png(results: Results, path: Path) -> bool:
     """TTFT CDFs of both modes (and p50 by turn); False if matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cdfs, by_turn = [], []
+    turns: list[int] = []
     for m in results.modes:
         xs = sorted(m.sim_ttfts_ms)
         if not xs:
             continue
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
         label = f"{m.mode} (p50 {m.ttft_p50_ms:.0f} ms, hit {m.hit_rate:.0%})"
-        ax1.step(xs, ys, where="post", label=label)
+        cdfs.append(Series(label, xs, ys))
         turns = [b["turn"] for b in m.by_turn]
-        ax2.plot(turns, [b["ttft_p50_ms"] for b in m.by_turn], marker="o", label=m.mode)
-        ax2.set_xticks(turns)
-    ax1.set_xscale("log")
-    ax1.set_xlabel("TTFT, simulated ms (log)")
-    ax1.set_ylabel("fraction of requests")
-    ax1.set_title("TTFT CDF")
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend()
-    ax2.set_xlabel("turn")
-    ax2.set_ylabel("TTFT p50, simulated ms")
-    ax2.set_title("TTFT p50 by turn")
-    ax2.grid(True, alpha=0.3)
-    ax2.legend()
+        by_turn.append(Series(m.mode, turns, [b["ttft_p50_ms"] for b in m.by_turn]))
     s = results.settings
-    fig.suptitle(
+    panels = [
+        Panel(
+            cdfs,
+            "TTFT, simulated ms (log)",
+            "fraction of requests",
+            "TTFT CDF",
+            kind="step",
+            xscale="log",
+            grid=True,
+        ),
+        Panel(
+            by_turn, "turn", "TTFT p50, simulated ms", "TTFT p50 by turn", grid=True, xticks=turns
+        ),
+    ]
+    suptitle = (
         f"{s.get('sessions')} sessions x {s.get('turns')} turns, {s.get('workers')} mocker "
         f"workers, {s.get('rate')} sessions/s"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return plot_panels(path, panels, suptitle, size=(12, 4.5), dpi=110) is not None
 
 
 # ---- entry point -----------------------------------------------------------------------------

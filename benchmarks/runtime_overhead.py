@@ -50,9 +50,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import msgspec
 import uvloop
 from _common import interrupt_on_sigterm, json_safe, percentile, profiled
+from harness.report import Target, check, fmt, format_targets, table
 
 from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, RuntimeSettings
 from dynamo_sdk.serve.embedded import EmbeddedServers, configured_servers, start_embedded
@@ -200,14 +202,6 @@ class StreamResult:
 
 
 @dataclass
-class Target:
-    name: str
-    value: float | None
-    unit: str
-    passed: bool | None  # None: the cell it needs was not run
-
-
-@dataclass
 class Results:
     cells: list[Cell] = field(default_factory=list)
     stream: StreamResult | None = None
@@ -305,23 +299,23 @@ def evaluate_targets(results: Results) -> list[Target]:
     rps_cell = by_key.get(("one-hop", TARGET_RPS_CONC))
     stream = results.stream
     return [
-        Target(
+        check(
             f"one-hop p50 < {TARGET_P50_MS:g} ms at c={TARGET_P50_CONC}",
             latency_cell.p50_ms if latency_cell else None,
             "ms",
-            (latency_cell.p50_ms < TARGET_P50_MS) if latency_cell else None,
+            lambda v: v < TARGET_P50_MS,
         ),
-        Target(
+        check(
             f"one-hop >= {TARGET_RPS:,.0f} req/s at c={TARGET_RPS_CONC}",
             rps_cell.req_per_s if rps_cell else None,
             "req/s",
-            (rps_cell.req_per_s >= TARGET_RPS) if rps_cell else None,
+            lambda v: v >= TARGET_RPS,
         ),
-        Target(
+        check(
             f"stream >= {TARGET_ITEMS_PER_S:,.0f} items/s",
             stream.items_per_s if stream else None,
             "items/s",
-            (stream.items_per_s >= TARGET_ITEMS_PER_S) if stream else None,
+            lambda v: v >= TARGET_ITEMS_PER_S,
         ),
     ]
 
@@ -374,32 +368,21 @@ async def _measure_main(args: argparse.Namespace, namespace: str, children: Chil
 # ---- report ----------------------------------------------------------------------------------
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
-
-
 def format_report(results: Results) -> str:
     header = ("case", "conc", "req/s", "p50 ms", "p99 ms", "requests", "errors")
     rows = [
         (
             c.case,
             str(c.concurrency),
-            _fmt(c.req_per_s, 0),
-            _fmt(c.p50_ms, 3),
-            _fmt(c.p99_ms, 3),
+            fmt(c.req_per_s, 0),
+            fmt(c.p50_ms, 3),
+            fmt(c.p99_ms, 3),
             str(c.requests),
             str(c.errors),
         )
         for c in results.cells
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        first = row[0].ljust(widths[0])
-        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
-
-    out = [line(header), *(line(r) for r in rows), ""]
+    out = [*table(header, rows), ""]
     if results.stream is not None:
         s = results.stream
         out.append(
@@ -407,13 +390,7 @@ def format_report(results: Results) -> str:
             f"(first item after {s.first_item_ms:.3f} ms)"
         )
         out.append("")
-    out.append("targets:")
-    name_width = max(len(t.name) for t in results.targets)
-    for t in results.targets:
-        value = "not run" if t.value is None else f"{t.value:,.{3 if t.unit == 'ms' else 0}f}"
-        verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t.passed]
-        unit = "" if t.value is None else t.unit
-        out.append(f"  {t.name.ljust(name_width)}  {value:>12} {unit:<7}  {verdict}")
+    out += format_targets(results.targets)
     return "\n".join(out)
 
 
