@@ -142,3 +142,15 @@ def test_registry_builds_echo_and_rejects_unknown() -> None:
     assert engine.context_length == 128 and engine.token_delay == 0.5
     with pytest.raises(EngineError, match=r"known engines: echo, mocker, torch, vllm"):
         create_engine("nope", None, {})
+
+
+async def test_a_chat_turn_is_answered_once_with_its_latest_message() -> None:
+    """`latest_message` names the span to echo; then the first stop id ends the reply."""
+    request = make_request([1, 2, 3, 4, 5, 6, 9], max_tokens=50, stop_token_ids=[9, 8])
+    request.latest_message = [3, 5]
+    assert tokens(await collect(EchoEngine(), request)) == [4, 5, 9]
+    request.stop.ignore_eos = True  # no stop: the message repeats up to max_tokens
+    request.stop.max_tokens = 5
+    assert tokens(await collect(EchoEngine(), request)) == [4, 5, 4, 5, 4]
+    request.latest_message = [6, 99]  # a span outside the prompt: the prompt is echoed
+    assert tokens(await collect(EchoEngine(), request)) == [1, 2, 3, 4, 5]

@@ -375,3 +375,19 @@ async def test_created_through_the_registry() -> None:
 def test_bad_config_is_rejected(config: dict[str, Any], match: str) -> None:
     with pytest.raises(EngineError, match=match):
         create_engine("mocker", None, config)
+
+
+async def test_draws_ids_from_the_served_models_tokenizer(model_dir: Any, tokenizer: Any) -> None:
+    """With a model folder, every id decodes (the tiny tokenizer has 2,048 of 32,000)."""
+    engine = create_engine("mocker", str(model_dir), {"speedup": 500})
+    assert isinstance(engine, MockerEngine) and engine.vocab_size == tokenizer.vocab_size
+    await engine.start()
+    try:
+        outs = await collect(engine, make_request([5, 6, 7], max_tokens=64, ignore_eos=True))
+        ids = tokens(outs)
+        assert len(ids) == 64 and max(ids) < tokenizer.vocab_size
+        assert tokenizer.decode(ids).strip()
+    finally:
+        await engine.shutdown()
+    explicit = create_engine("mocker", str(model_dir), {"vocab_size": 100})
+    assert isinstance(explicit, MockerEngine) and explicit.vocab_size == 100
