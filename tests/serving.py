@@ -64,7 +64,7 @@ class ServeProcess:
 
     `env` is laid over this process's environment minus `NATS_SERVER`/`ETCD_ENDPOINTS`: a graph
     joins external servers only when `env` names them. The keyword-only extras are off by
-    default: `die_with_parent` (the graph gets SIGKILL if this process dies), `new_session` (a
+    default: `die_with_parent` (the graph gets SIGTERM if this process dies), `new_session` (a
     process group of its own, out of reach of the terminal's Ctrl-C), `profile_dir` (every
     served Python process dumps `profile_dir/<Service>-<pid>.prof` at exit; the hook is a
     `sitecustomize.py` written beside the log and put first on `PYTHONPATH`).

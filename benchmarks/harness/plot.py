@@ -101,8 +101,15 @@ def _draw(ax: Any, panel: Panel) -> None:
                 ax.plot(s.xs, s.ys, label=s.label, **s.style)
         ax.set_xscale(panel.xscale)  # before the ticks: setting a scale resets them
         if panel.xticks is not None:
-            ax.set_xticks(list(panel.xticks))
+            ax.set_xticks(list(panel.xticks), [f"{x:g}" for x in panel.xticks])
+            ax.set_xticks([], minor=True)
     ax.set_yscale(panel.yscale)
+    if panel.yscale == "log":  # 20, 30, 50 rather than 2x10^1, 3x10^1, 5x10^1
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     if panel.title:
