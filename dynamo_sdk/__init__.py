@@ -8,12 +8,20 @@ Public API:
 from dynamo_sdk.sdk.config import ServiceConfig
 from dynamo_sdk.sdk.context import dynamo_context
 from dynamo_sdk.sdk.endpoint import api, endpoint
-from dynamo_sdk.sdk.lifecycle import async_on_shutdown, async_on_start, liveness, readiness
+from dynamo_sdk.sdk.errors import ConfigurationError
+from dynamo_sdk.sdk.lifecycle import (
+    async_on_shutdown,
+    async_on_start,
+    http_app,
+    liveness,
+    readiness,
+)
 from dynamo_sdk.sdk.service import DynamoService, depends, service
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigurationError",
     "DynamoService",
     "ServiceConfig",
     "__version__",
@@ -23,6 +31,7 @@ __all__ = [
     "depends",
     "dynamo_context",
     "endpoint",
+    "http_app",
     "liveness",
     "readiness",
     "service",

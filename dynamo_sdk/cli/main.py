@@ -9,12 +9,19 @@ import click
 
 from dynamo_sdk import __version__
 from dynamo_sdk.cli.env import env_report
+from dynamo_sdk.sdk.errors import ConfigurationError
 from dynamo_sdk.serve.config_loader import ConfigError
 from dynamo_sdk.serve.embedded import EmbeddedServerError
 from dynamo_sdk.serve.gpus import GPUAllocationError
 from dynamo_sdk.serve.graph import GraphError
 
-USER_ERRORS = (ConfigError, GraphError, GPUAllocationError, EmbeddedServerError)
+USER_ERRORS = (
+    ConfigurationError,
+    ConfigError,
+    GraphError,
+    GPUAllocationError,
+    EmbeddedServerError,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -44,6 +44,15 @@ class ModelWatcher:
     def model_names(self) -> list[str]:
         return sorted({e.name for e in self.entries()})
 
+    def summary(self) -> str:
+        """What is served, for the ready line: "model a, 2 workers; model b, 1 worker"."""
+        counts: dict[str, int] = {}
+        for entry in self.entries():
+            counts[entry.name] = counts.get(entry.name, 0) + 1
+        return "; ".join(
+            f"model {name}, {n} worker{'s' if n != 1 else ''}" for name, n in sorted(counts.items())
+        )
+
     def context_length(self, name: str) -> int | None:
         """The smallest context any live worker of `name` accepts (requests must fit all)."""
         lengths = [e.context_length for e in self.entries() if e.name == name]

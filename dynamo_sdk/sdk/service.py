@@ -1,18 +1,27 @@
 """`@service(...)` and `depends(...)`: the nodes and edges of a serving graph.
 
 `@service` wraps a plain class into a `DynamoService` that knows its namespace, resources,
-worker count, endpoints, HTTP routes and dependencies. `depends(Other)` declares an edge and, in
-a running worker, resolves to a typed client of `Other`. `A.link(B)` adds an edge explicitly and
-returns `B`, so a whole pipeline reads `Frontend.link(Processor).link(Worker)`.
+worker count, endpoints, HTTP routes, dependencies and the type of its YAML section.
+`depends(Other)` declares an edge and, in a running worker, resolves to a typed client of
+`Other`. `A.link(B)` adds an edge explicitly and returns `B`, so a whole pipeline reads
+`Frontend.link(Processor).link(Worker)`.
+
+An edge may depend on the service's config: `depends(Processor, when=lambda c: c.processor)`
+is only part of the graph when the service's (decoded) section says so, and a `link()` to
+such a target follows the same condition. `dynamo serve` starts only the services the entry
+reaches over active edges, so one graph module can describe several shapes of a pipeline
+(the Frontend doing the Processor's work itself, or a Processor service in between) and the
+YAML picks one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from dynamo_sdk.sdk.config import ConfigType, ServiceConfig, decode_section
 from dynamo_sdk.sdk.endpoint import API_ATTR, ENDPOINT_ATTR, ApiSpec, EndpointSpec
 from dynamo_sdk.sdk.lifecycle import HOOK_ATTR
 
@@ -23,6 +32,7 @@ T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 DEFAULT_NAMESPACE = "dynamo"
+_ALL: Any = object()  # `edges()` without a config: every edge there could be
 
 
 @dataclass
@@ -54,7 +64,9 @@ class ServiceOptions:
 class DynamoService(Generic[T]):
     """A user class marked with `@service`: metadata plus the class itself."""
 
-    def __init__(self, cls: type[T], options: ServiceOptions) -> None:
+    def __init__(
+        self, cls: type[T], options: ServiceOptions, config_type: ConfigType | None = None
+    ) -> None:
         if not _NAME_RE.match(cls.__name__):
             raise ValueError(f"service name {cls.__name__!r} is not a valid identifier")
         if not _NAME_RE.match(options.namespace):
@@ -70,9 +82,14 @@ class DynamoService(Generic[T]):
         self.hooks: dict[str, list[str]] = {}
         self.dependencies: dict[str, Dependency[Any]] = {}
         self.links: list[DynamoService[Any]] = []
+        self.config_type = config_type
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 self._collect(attr, value)
+        if self.apis and self.hooks.get("http_app"):
+            raise ValueError(f"{self.name}: a service has @api routes or an @http_app, not both")
+        if len(self.hooks.get("http_app", [])) > 1:
+            raise ValueError(f"{self.name}: more than one @http_app method")
         self.__doc__ = cls.__doc__
         self.__module__ = cls.__module__
         self.__qualname__ = cls.__qualname__
@@ -104,6 +121,23 @@ class DynamoService(Generic[T]):
     def resources(self) -> dict[str, Any]:
         return self.options.resources
 
+    @property
+    def serves_http(self) -> bool:
+        """Whether its workers listen on an HTTP port (`@api` routes or an `@http_app`)."""
+        return bool(self.apis or self.hooks.get("http_app"))
+
+    def decode_config(self, section: Mapping[str, Any]) -> Any:
+        """The service's settings from its merged YAML section (deployment keys removed):
+        an instance of its `config` type, or the plain dict when it declares none.
+
+        Raises `ConfigurationError` naming the service, the key and the valid keys.
+        """
+        return decode_section(self.name, self.config_type, section)
+
+    def load_config(self) -> Any:
+        """This worker's settings (`decode_config` of its section in `ServiceConfig`)."""
+        return self.decode_config(ServiceConfig.get_instance().get(self.name, {}))
+
     def link(self, other: DynamoService[Any]) -> DynamoService[Any]:
         """Add an edge self → other and return `other`, for chaining."""
         if not isinstance(other, DynamoService):
@@ -112,14 +146,22 @@ class DynamoService(Generic[T]):
             self.links.append(other)
         return other
 
-    def edges(self) -> list[DynamoService[Any]]:
-        """Services this one needs: its `depends()` targets, then its explicit links."""
+    def edges(self, config: Any = _ALL) -> list[DynamoService[Any]]:
+        """Services this one needs: its `depends()` targets, then its explicit links.
+
+        Given its decoded `config`, only the edges active under it: a dependency whose
+        `when` says no is left out, and so is a link to its target (unless another, active
+        dependency names it too). Without one, every edge there could be.
+        """
         out: list[DynamoService[Any]] = []
+        inactive: list[DynamoService[Any]] = []
         for dep in self.dependencies.values():
-            if dep.target not in out:
-                out.append(dep.target)
+            active = config is _ALL or dep.when is None or bool(dep.when(config))
+            bucket = out if active else inactive
+            if dep.target not in bucket:
+                bucket.append(dep.target)
         for other in self.links:
-            if other not in out:
+            if other not in out and (other not in inactive or config is _ALL):
                 out.append(other)
         return out
 
@@ -141,6 +183,7 @@ def service(
     dynamo: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
     workers: int = 1,
+    config: ConfigType | None = None,
     **extra: Any,
 ) -> Callable[[type[T]], DynamoService[T]]: ...
 def service(
@@ -150,6 +193,7 @@ def service(
     dynamo: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
     workers: int = 1,
+    config: ConfigType | None = None,
     **extra: Any,
 ) -> DynamoService[T] | Callable[[type[T]], DynamoService[T]]:
     """Mark a class as a Dynamo service.
@@ -157,6 +201,9 @@ def service(
     `dynamo={"namespace": ...}` names the namespace its endpoints live in; `resources={"gpu": N}`
     pins each worker to N GPUs; `workers` is how many processes serve it. `peer_gpus=True` lets
     its workers also see the graph's other GPUs, after their own (for CUDA IPC into them).
+    `config` types its YAML section: a msgspec Struct (decoded strictly, unknown keys refused)
+    or a function from the section to its settings; `dynamo serve` decodes every section
+    before any worker starts, and a worker reads its own with `MyService.load_config()`.
     """
 
     def decorate(klass: type[T]) -> DynamoService[T]:
@@ -171,7 +218,7 @@ def service(
             resources=dict(resources or {}),
             extra=dict(extra),
         )
-        return DynamoService(klass, options)
+        return DynamoService(klass, options, config)
 
     if cls is not None:
         return decorate(cls)
@@ -181,10 +228,11 @@ def service(
 class Dependency(Generic[T]):
     """`depends(Other)`: an edge in the graph and, inside a worker, a client of `Other`."""
 
-    def __init__(self, target: DynamoService[T]) -> None:
+    def __init__(self, target: DynamoService[T], when: Callable[[Any], bool] | None) -> None:
         if not isinstance(target, DynamoService):
             raise TypeError(f"depends() takes a class decorated with @service, got {target!r}")
         self.target = target
+        self.when = when
         self.attr_name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -206,6 +254,10 @@ class Dependency(Generic[T]):
         return f"depends({self.target.name})"
 
 
-def depends(target: DynamoService[T]) -> Any:
-    """Declare that this service calls `target`; resolves to a `ServiceClient` in a worker."""
-    return Dependency(target)
+def depends(target: DynamoService[T], *, when: Callable[[Any], bool] | None = None) -> Any:
+    """Declare that this service calls `target`; resolves to a `ServiceClient` in a worker.
+
+    `when` receives the service's decoded config: the edge (and `target`, unless something
+    else reaches it) is part of the served graph only when it returns true.
+    """
+    return Dependency(target, when)

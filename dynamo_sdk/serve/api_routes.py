@@ -20,6 +20,8 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from dynamo_sdk.http.errors import describe, error_body, error_response
 from dynamo_sdk.http.streaming import StreamResponse
@@ -45,21 +47,33 @@ def _error(exc: BaseException) -> JSONResponse:
     return error_response(status, message, kind)
 
 
-def add_health_routes(app: FastAPI, live: Probe, ready: Probe) -> None:
-    async def livez() -> Response:
+Readiness = tuple[bool, str]  # ready?, and what is ready ("model x, 2 workers") when it is
+ReadyProbe = Callable[[], Awaitable[Readiness]]
+
+
+def add_health_routes(
+    app: Starlette, live: Probe, ready: ReadyProbe, *, metrics: bool = True
+) -> None:
+    """`/livez`, `/readyz` (with what is ready, when it is) and, unless the app has its own,
+    `/metrics` (the process's default Prometheus registry)."""
+
+    async def livez(_: Request) -> Response:
         ok = await live()
         return JSONResponse({"status": "ok" if ok else "failing"}, 200 if ok else 503)
 
-    async def readyz() -> Response:
-        ok = await ready()
-        return JSONResponse({"status": "ready" if ok else "not ready"}, 200 if ok else 503)
+    async def readyz(_: Request) -> Response:
+        ok, detail = await ready()
+        body = {"status": "ready" if ok else "not ready", "detail": detail}
+        return JSONResponse(body, 200 if ok else 503)
 
-    app.add_api_route("/livez", livez, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/readyz", readyz, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/metrics", _prometheus, methods=["GET"], include_in_schema=False)
+    routes = [("/livez", livez), ("/readyz", readyz)]
+    if metrics:
+        routes.append(("/metrics", _prometheus))
+    for path, endpoint in routes:
+        app.router.routes.append(Route(path, endpoint, methods=["GET"], include_in_schema=False))
 
 
-async def _prometheus() -> Response:
+async def _prometheus(_: Request) -> Response:
     """The process's default Prometheus registry (what services register metrics in)."""
     try:
         from prometheus_client import REGISTRY, generate_latest

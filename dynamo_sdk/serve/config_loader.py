@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dynamo_sdk.sdk.errors import ConfigurationError
 from dynamo_sdk.sdk.service import DynamoService, ServiceOptions
 
 COMMON = "Common"
@@ -30,7 +31,7 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError, ValueError):
     """The YAML file or the command-line overrides do not describe a valid configuration."""
 
 

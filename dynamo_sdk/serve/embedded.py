@@ -125,9 +125,7 @@ def start_nats(workdir: Path, timeout: float = 15.0) -> ServerProcess:
         "-sd", str(workdir / "jetstream"),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+        proc = _spawn(cmd, log)
     _wait_for_port(port, proc, "nats-server", timeout)
     return ServerProcess("nats-server", f"nats://127.0.0.1:{port}", proc, log_path)
 
@@ -149,9 +147,7 @@ def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
         "--log-level", "error",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+        proc = _spawn(cmd, log)
     _wait_for_port(client_port, proc, "etcd", timeout)
     return ServerProcess("etcd", client_url, proc, log_path)
 

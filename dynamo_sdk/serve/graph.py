@@ -12,16 +12,17 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
+from dynamo_sdk.sdk.errors import ConfigurationError
 from dynamo_sdk.sdk.service import DynamoService
 
 _SPEC_FORM = "'module.path:ServiceClass' (for example 'graphs.hello:Frontend')"
 
 
-class GraphError(ValueError):
+class GraphError(ConfigurationError, ValueError):
     """The entry spec or the graph it names cannot be served as written."""
 
 
@@ -95,8 +96,13 @@ def _services_in(module: ModuleType) -> list[str]:
     return sorted(name for name, value in vars(module).items() if isinstance(value, DynamoService))
 
 
-def resolve_graph(entry: DynamoService[Any]) -> list[DynamoService[Any]]:
+def resolve_graph(
+    entry: DynamoService[Any], settings: Mapping[str, Any] | None = None
+) -> list[DynamoService[Any]]:
     """Every service reachable from `entry`, entry first, in depth-first discovery order.
+
+    With `settings` (each service's decoded config, by name) only the edges active under
+    them count; without, every edge that could be (what a worker needs to find its service).
 
     The order is deterministic (it follows `edges()`, which follows class definition order) so
     that logs, GPU assignment and startup are the same on every run. A cycle would make workers
@@ -105,7 +111,7 @@ def resolve_graph(entry: DynamoService[Any]) -> list[DynamoService[Any]]:
     """
     order: list[DynamoService[Any]] = []
     by_name: dict[str, DynamoService[Any]] = {}
-    _visit(entry, [], set(), order, by_name)
+    _visit(entry, [], set(), order, by_name, settings)
     return order
 
 
@@ -115,6 +121,7 @@ def _visit(
     done: set[int],
     order: list[DynamoService[Any]],
     by_name: dict[str, DynamoService[Any]],
+    settings: Mapping[str, Any] | None,
 ) -> None:
     """Depth-first step: `path` is the current chain (for cycle reports), `done` the finished."""
     if any(node is on_path for on_path in path):
@@ -124,8 +131,9 @@ def _visit(
     _register(node, by_name)
     order.append(node)
     path.append(node)
-    for child in node.edges():
-        _visit(child, path, done, order, by_name)
+    children = node.edges() if settings is None else node.edges(settings.get(node.name))
+    for child in children:
+        _visit(child, path, done, order, by_name, settings)
     path.pop()
     done.add(id(node))
 

@@ -1,11 +1,16 @@
-"""One worker process of one service: `python -m dynamo_sdk.serve.worker`.
+"""One worker process of one service: `python -m dynamo_sdk.serve.host`.
 
 The supervisor starts it with the graph, the service name and the worker index on the command
 line, and the merged config, server addresses and GPU pinning in the environment. Start-up
-order matters: connect, instantiate, run `@async_on_start`, subscribe the endpoints, and only
-when readiness passes register them in etcd — a worker is never routed to before it is ready.
-SIGTERM/SIGINT drains: leave discovery, finish (or after the grace period cancel) in-flight
-streams, stop the HTTP servers, run `@async_on_shutdown`, exit 0.
+order matters: connect, instantiate, run `@async_on_start`, subscribe the endpoints, start the
+HTTP server (its `@api` routes or its `@http_app`), and only when readiness passes register the
+endpoints in etcd: a worker is never routed to before it is ready. SIGTERM/SIGINT drains:
+leave discovery, finish (or after the grace period cancel) in-flight streams, stop the HTTP
+servers, run `@async_on_shutdown`, exit 0.
+
+A worker that cannot start as configured (a `ConfigurationError`: a bad setting, a missing
+model, a taken port) says so in one line and exits with `EXIT_CONFIG`, which tells the
+supervisor to stop the graph rather than restart it into the same failure.
 """
 
 from __future__ import annotations
@@ -22,24 +27,27 @@ import sys
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.applications import Starlette
 
-from dynamo_sdk.http.server import listen_socket, make_server
+from dynamo_sdk.http.server import PortInUseError, listen_socket, make_server
 from dynamo_sdk.runtime import DistributedRuntime, DynamoError, RuntimeSettings
 from dynamo_sdk.runtime.server import EndpointServer
 from dynamo_sdk.sdk.config import ServiceConfig
 from dynamo_sdk.sdk.context import dynamo_context
+from dynamo_sdk.sdk.errors import EXIT_CONFIG, ConfigurationError
 from dynamo_sdk.sdk.service import DynamoService
-from dynamo_sdk.serve.api_routes import add_health_routes, bind_api_methods
-from dynamo_sdk.serve.graph import GraphError, find_service, load_entry, resolve_graph
+from dynamo_sdk.serve.api_routes import Readiness, add_health_routes, bind_api_methods
+from dynamo_sdk.serve.graph import find_service, load_entry, resolve_graph
+from dynamo_sdk.serve.plan import http_address
 
 log = logging.getLogger("dynamo.worker")
 
 HEALTH_PORT_ENV = "DYN_HEALTH_PORT"
 DRAIN_GRACE_ENV = "DYN_DRAIN_GRACE"
-DEFAULT_HTTP_PORT = 8000
+SERVICE_WORKERS_ENV = "DYN_SERVICE_WORKERS"  # how many workers the service has (port sharing)
 
 
-class Worker:
+class ServiceHost:
     """Runs one instance of a service inside this process."""
 
     def __init__(self, service: DynamoService[Any], worker_index: int) -> None:
@@ -64,19 +72,26 @@ class Worker:
             results.append(result)
         return results
 
-    async def _probe(self, kind: str) -> bool:
-        """All hooks of `kind` pass (no hooks pass too); a hook that raises fails the probe."""
+    async def _probe(self, kind: str) -> Readiness:
+        """All hooks of `kind` pass (no hooks pass too); a hook that raises fails the probe.
+
+        A hook passes with a true value; a string that passes also says what is ready.
+        """
         try:
-            return all(bool(r) for r in await self._call_hooks(kind))
+            results = await self._call_hooks(kind)
         except Exception:
             log.exception("%s probe raised", kind)
-            return False
+            return False, ""
+        detail = "; ".join(r for r in results if isinstance(r, str) and r)
+        return all(bool(r) for r in results), detail
 
     async def live(self) -> bool:
-        return await self._probe("liveness")
+        return (await self._probe("liveness"))[0]
 
-    async def ready(self) -> bool:
-        return self.registered and await self._probe("readiness")
+    async def ready(self) -> Readiness:
+        if not self.registered:
+            return False, ""
+        return await self._probe("readiness")
 
     async def start(self) -> None:
         svc = self.service
@@ -100,36 +115,59 @@ class Worker:
             )
             self.servers.append(server)
         await self._start_http()
-        while not await self._probe("readiness"):
+        while not (await self._probe("readiness"))[0]:
             if self.stop.is_set():
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
         for server in self.servers:
             await self.runtime.register(server, {"worker_index": self.worker_index})
         self.registered = True
+        http = f", http port {http_address(self.section)[1]}" if svc.serves_http else ""
         log.info(
             "ready: instance %x, endpoints [%s]%s",
             self.runtime.instance_id,
             ", ".join(svc.endpoints) or "-",
-            f", http port {self._api_port()}" if svc.apis else "",
+            http,
         )
 
-    def _api_port(self) -> int:
-        return int(self.section.get("port", DEFAULT_HTTP_PORT))
-
-    async def _start_http(self) -> None:
-        apps: list[tuple[FastAPI, socket.socket]] = []
+    async def _service_app(self) -> Starlette | None:
+        """The service's HTTP app: its `@http_app`, or one made of its `@api` routes."""
         if self.service.apis:
             app = FastAPI(title=self.service.name)
             bind_api_methods(app, self.instance, self.service.apis)
             add_health_routes(app, self.live, self.ready)
-            host = str(self.section.get("host", "0.0.0.0"))
-            apps.append((app, listen_socket(host, self._api_port())))
+            return app
+        made = await self._call_hooks("http_app")
+        if not made:
+            return None
+        app = made[0]
+        if not isinstance(app, Starlette):
+            raise ConfigurationError(
+                f"{self.service.name}: @http_app must return a Starlette/FastAPI app, "
+                f"got {type(app).__name__}"
+            )
+        add_health_routes(app, self.live, self.ready, metrics=False)
+        return app
+
+    async def _start_http(self) -> None:
+        apps: list[tuple[Starlette, socket.socket]] = []
+        app = await self._service_app()
+        if app is not None:
+            host, port = http_address(self.section)
+            shared = int(os.environ.get(SERVICE_WORKERS_ENV, "1")) > 1
+            try:
+                sock = listen_socket(host, port, reuse_port=shared)
+            except PortInUseError:
+                raise ConfigurationError(
+                    f"port {port} ({self.service.name}) is already in use: stop what holds it "
+                    f"or choose another with --{self.service.name}.port=N"
+                ) from None
+            apps.append((app, sock))
         health_port = os.environ.get(HEALTH_PORT_ENV)
         if health_port:
-            app = FastAPI(title=f"{self.service.name} health")
-            add_health_routes(app, self.live, self.ready)
-            apps.append((app, listen_socket("127.0.0.1", int(health_port))))
+            health = FastAPI(title=f"{self.service.name} health")
+            add_health_routes(health, self.live, self.ready)
+            apps.append((health, listen_socket("127.0.0.1", int(health_port))))
         for app, sock in apps:
             server = make_server(app, sock.getsockname()[0], sock.getsockname()[1])
             self.http_servers.append(server)
@@ -161,26 +199,32 @@ class Worker:
 async def run_worker(graph: str, service_name: str, worker_index: int) -> int:
     entry = load_entry(graph)
     service = find_service(resolve_graph(entry), service_name)
-    worker = Worker(service, worker_index)
+    host = ServiceHost(service, worker_index)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop.set)
+        loop.add_signal_handler(sig, host.stop.set)
     grace = float(os.environ.get(DRAIN_GRACE_ENV, "10"))
-    start = asyncio.create_task(worker.start())
-    stopper = asyncio.create_task(worker.stop.wait())
+    start = asyncio.create_task(host.start())
+    stopper = asyncio.create_task(host.stop.wait())
     await asyncio.wait([start, stopper], return_when=asyncio.FIRST_COMPLETED)
     if start.done() and start.exception() is not None:
         stopper.cancel()
-        raise start.exception()  # type: ignore[misc]
-    await worker.stop.wait()
+        failure = start.exception()
+        if host.runtime is not None:
+            # leave discovery and stop the HTTP servers before reporting: a half-started
+            # worker must not stay registered (or hold its port) while it exits
+            with contextlib.suppress(Exception):
+                await host.drain(0.0)
+        raise failure  # type: ignore[misc]
+    await host.stop.wait()
     if not start.done():
         start.cancel()
         with contextlib.suppress(BaseException):
             await start
     log.info("draining (grace %.1f s)", grace)
-    if worker.runtime is not None:
-        await worker.drain(grace)
-    if worker.runtime is not None and worker.runtime.lease_lost.is_set():
+    if host.runtime is not None:
+        await host.drain(grace)
+    if host.runtime is not None and host.runtime.lease_lost.is_set():
         log.error("exiting: the etcd lease was lost")
         return 3
     log.info("stopped")
@@ -209,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         code = _run(run_worker(args.graph, args.service, args.worker_index))
-    except (DynamoError, GraphError, ValueError, OSError) as exc:
+    except ConfigurationError as exc:
+        log.error("cannot start: %s", exc)
+        code = EXIT_CONFIG
+    except (DynamoError, ValueError, OSError) as exc:
         log.error("worker failed: %s: %s", type(exc).__name__, exc)
         code = 1
     except Exception:

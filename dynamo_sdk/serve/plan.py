@@ -1,18 +1,24 @@
 """From `dynamo serve` arguments to a plan: which processes, with which config and GPUs.
 
 Everything here is pure (no servers, no processes), so `--dry-run` and the tests see exactly
-what the supervisor would start.
+what the supervisor would start. Every service's section is decoded into its config type
+here, so a bad key fails the command before any worker starts; the decoded settings also
+decide which of the graph's conditional edges are active, and only the services the entry
+reaches over those are planned.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from dynamo_sdk.sdk.service import DynamoService, ServiceOptions
 from dynamo_sdk.serve.config_loader import (
+    ConfigError,
     apply_service_args,
     load_yaml,
     merge_config,
@@ -21,6 +27,9 @@ from dynamo_sdk.serve.config_loader import (
 from dynamo_sdk.serve.gpus import allocate, cuda_visible_devices, detect_gpus
 from dynamo_sdk.serve.graph import load_entry, resolve_graph, services_defined_in
 from dynamo_sdk.serve.supervisor import WorkerPlan
+
+DEFAULT_HTTP_HOST = "0.0.0.0"
+DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass
@@ -32,9 +41,24 @@ class GraphPlan:
     config: dict[str, dict[str, Any]]
     workers: list[WorkerPlan]
     gpus_seen: list[int]
+    settings: dict[str, Any] = field(default_factory=dict)  # decoded sections, by service
 
     def config_json(self) -> str:
         return json.dumps(self.config)
+
+    def http_services(self) -> dict[str, tuple[str, int]]:
+        """(host, port) of every planned service that listens on HTTP."""
+        return {svc.name: http_address(self.config.get(svc.name, {}))
+                for svc in self.services if svc.serves_http}  # fmt: skip
+
+
+def http_address(section: dict[str, Any]) -> tuple[str, int]:
+    """Where a service's HTTP server listens: its `host` and `port` keys."""
+    host = section.get("host", DEFAULT_HTTP_HOST)
+    port = section.get("port", DEFAULT_HTTP_PORT)
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"bad HTTP address host={host!r} port={port!r}")
+    return host, port
 
 
 def build_plan(
@@ -48,11 +72,13 @@ def build_plan(
     """Import the graph, merge its config, size it, and pin its workers to GPUs."""
     cwd = os.path.abspath(cwd or os.getcwd())
     entry = load_entry(graph, cwd)
-    services = resolve_graph(entry)
+    every = resolve_graph(entry)  # over every edge that could be active
     raw = load_yaml(config_file) if config_file else {}
-    started = {svc.name for svc in services}
-    elsewhere = [name for name in services_defined_in(graph) if name not in started]
-    merged = merge_config(services, raw, parse_overrides(override_args), known_elsewhere=elsewhere)
+    reachable = {svc.name for svc in every}
+    elsewhere = [name for name in services_defined_in(graph) if name not in reachable]
+    merged = merge_config(every, raw, parse_overrides(override_args), known_elsewhere=elsewhere)
+    settings = {svc.name: svc.decode_config(merged.get(svc.name, {})) for svc in every}
+    services = resolve_graph(entry, settings)
     options = {svc.name: apply_service_args(svc, merged.get(svc.name, {})) for svc in services}
     gpus = detect_gpus(environ)
     # Leaves first: a service's dependencies are up (or coming up) before it takes traffic.
@@ -73,7 +99,9 @@ def build_plan(
         )
         for name, index, _ in requests
     ]
-    return GraphPlan(graph, cwd, services, options, merged, workers, gpus)
+    plan = GraphPlan(graph, cwd, services, options, merged, workers, gpus, settings)
+    plan.http_services()  # a bad host/port is a config error now, not a worker's later
+    return plan
 
 
 def _peers(allocation: dict[tuple[str, int], list[int]], me: tuple[str, int]) -> list[int]:
@@ -87,7 +115,7 @@ def render(plan: GraphPlan) -> str:
     lines.append(f"GPUs visible: {','.join(map(str, plan.gpus_seen)) or 'none'}")
     for svc in plan.services:
         opts = plan.options[svc.name]
-        deps = ", ".join(dep.name for dep in svc.edges()) or "-"
+        deps = ", ".join(dep.name for dep in svc.edges(plan.settings[svc.name])) or "-"
         lines.append(f"- {svc.name}  (namespace {opts.namespace})")
         lines.append(f"    workers: {opts.workers}   gpus per worker: {opts.gpus}")
         lines.append(f"    endpoints: {', '.join(svc.endpoints) or '-'}")
@@ -100,6 +128,9 @@ def render(plan: GraphPlan) -> str:
                 visible = cuda_visible_devices(worker.gpus, worker.peer_gpus)
                 own = f"   (own: {len(worker.gpus)})" if worker.peer_gpus else ""
                 lines.append(f"    worker {worker.index}: CUDA_VISIBLE_DEVICES={visible}{own}")
-        section = plan.config.get(svc.name, {})
-        lines.append(f"    config: {json.dumps(section, sort_keys=True)}")
+        settings = msgspec.to_builtins(plan.settings[svc.name])
+        lines.append(f"    config: {json.dumps(settings, sort_keys=True, default=str)}")
+    left_out = [name for name in plan.settings if name not in {s.name for s in plan.services}]
+    if left_out:
+        lines.append(f"not started (no active edge reaches them): {', '.join(left_out)}")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ import logging
 import os
 from typing import Any
 
+from dynamo_sdk.http.server import PortInUseError, check_port_free
 from dynamo_sdk.sdk.config import CONFIG_ENV
+from dynamo_sdk.serve.config_loader import ConfigError
 from dynamo_sdk.serve.embedded import configured_servers, start_embedded
 from dynamo_sdk.serve.plan import GraphPlan
 from dynamo_sdk.serve.supervisor import Supervisor
@@ -33,8 +35,22 @@ def worker_env(plan: GraphPlan, server_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def check_ports(plan: GraphPlan) -> None:
+    """Refuse to start when an HTTP service's port is taken, naming the port and the service
+    (a worker finding out later would only say so after the rest of the graph started)."""
+    for name, (host, port) in plan.http_services().items():
+        try:
+            check_port_free(host, port)
+        except PortInUseError:
+            raise ConfigError(
+                f"port {port} ({name}) is already in use: stop what holds it or choose "
+                f"another with --{name}.port=N"
+            ) from None
+
+
 def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
-    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    """Serve until SIGINT/SIGTERM (or a worker that cannot start); the process exit code."""
+    check_ports(plan)
     servers = configured_servers()
     embedded = None
     if servers is None:
@@ -50,7 +66,12 @@ def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
         log.info("joining NATS %s, etcd %s", servers["NATS_SERVER"], servers["ETCD_ENDPOINTS"])
     try:
         supervisor = Supervisor(
-            plan.graph, plan.workers, base_env=worker_env(plan, servers), cwd=plan.cwd, grace=grace
+            plan.graph,
+            plan.workers,
+            base_env=worker_env(plan, servers),
+            cwd=plan.cwd,
+            grace=grace,
+            http=plan.http_services(),
         )
         return _run_loop(supervisor.run())
     finally:

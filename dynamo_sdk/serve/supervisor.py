@@ -1,16 +1,22 @@
 """The supervisor behind `dynamo serve`: one OS process per worker, kept alive, drained on exit.
 
-Each worker runs `python -m dynamo_sdk.serve.worker` in its own session (so a terminal's Ctrl-C
+Each worker runs `python -m dynamo_sdk.serve.host` in its own session (so a terminal's Ctrl-C
 reaches the supervisor alone, which then drains the workers in order) with the parent-death
 signal set (so killing the supervisor leaves no orphans). Its output is relayed line by line
 with a `[Service:index]` prefix. A worker that exits while the graph is running is restarted
 with exponential backoff; one whose `/livez` probe fails repeatedly is killed and restarted.
+A worker that exits with `EXIT_CONFIG` cannot start as configured: the graph is stopped and
+`dynamo serve` exits non-zero with that worker's reason, instead of restarting it forever.
+
+Once every worker answers `/readyz`, one line says the graph can serve, and where:
+`ready: http://127.0.0.1:8000 (model dynamo-tiny, 1 worker)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -19,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from dynamo_sdk.sdk.errors import EXIT_CONFIG
 from dynamo_sdk.serve.embedded import free_port
 from dynamo_sdk.serve.gpus import cuda_visible_devices
 from dynamo_sdk.serve.procutil import die_with_parent
@@ -73,26 +80,47 @@ class WorkerState:
     restarts: int = 0
     health_port: int = 0
     pids: list[int] = field(default_factory=list)
+    last_line: str = ""  # the latest line it printed (a worker's reason for exiting)
 
 
-async def probe_livez(port: int, timeout: float) -> bool | None:
-    """GET /livez: True/False for an answer, None when nothing listens yet."""
+async def _get(port: int, path: str, timeout: float) -> tuple[int, bytes] | None:
+    """GET a worker's health route on loopback: (status, body), None when nothing listens."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     except (OSError, TimeoutError):
         return None
     try:
-        writer.write(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode())
         await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), timeout)
-        parts = status_line.split()
-        return len(parts) >= 2 and parts[1] == b"200"
+        raw = await asyncio.wait_for(reader.read(), timeout)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        parts = head.split(b"\r\n", 1)[0].split()
+        return (int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0), body
     except (OSError, TimeoutError):
-        return False
+        return 0, b""
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def probe_livez(port: int, timeout: float) -> bool | None:
+    """GET /livez: True/False for an answer, None when nothing listens yet."""
+    answer = await _get(port, "/livez", timeout)
+    return None if answer is None else answer[0] == 200
+
+
+async def probe_readyz(port: int, timeout: float) -> str | None:
+    """GET /readyz: what is ready ("" if it does not say) once ready, else None."""
+    answer = await _get(port, "/readyz", timeout) if port else None
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        detail = json.loads(answer[1]).get("detail", "")
+    except (ValueError, AttributeError):
+        detail = ""
+    return str(detail or "")
 
 
 class Supervisor:
@@ -109,9 +137,12 @@ class Supervisor:
         restart: RestartPolicy | None = None,
         health: HealthPolicy | None = None,
         out: TextIO | None = None,
+        http: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         self.graph = graph
         self.workers = [WorkerState(plan) for plan in plans]
+        self.http = http or {}  # services that serve HTTP: (host, port)
+        self.exit_code = 0
         self.base_env = base_env
         self.cwd = cwd
         self.grace = grace
@@ -130,11 +161,38 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         tasks = [asyncio.create_task(self._supervise(w)) for w in self.workers]
+        announcer = asyncio.create_task(self._announce_ready())
         await self.stopping.wait()
+        announcer.cancel()
         await self._stop_all()
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("all workers stopped")
-        return 0
+        return self.exit_code
+
+    async def _announce_ready(self) -> None:
+        """Print one line once every worker is ready: the graph can serve, and where."""
+        details: dict[str, str] = {}
+        while True:
+            for state in self.workers:
+                if state.plan.label in details:
+                    continue
+                answer = await probe_readyz(state.health_port, self.health.timeout)
+                if answer is not None:
+                    details[state.plan.label] = answer
+            if len(details) == len(self.workers):
+                break
+            await asyncio.sleep(0.1)
+        lines = []
+        for name, (host, port) in self.http.items():
+            shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            detail = details.get(f"{name}:0", "") or name
+            lines.append(f"ready: http://{shown}:{port} ({detail})")
+        if not lines:
+            services = {state.plan.service for state in self.workers}
+            lines.append(f"ready: {len(self.workers)} worker(s) of {len(services)} service(s)")
+        for line in lines:
+            self.out.write(line + "\n")
+        self.out.flush()
 
     async def _stop_all(self) -> None:
         live = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
@@ -163,6 +221,7 @@ class Supervisor:
         env["DYN_SERVICE_NAME"] = plan.service
         env["DYN_WORKER_INDEX"] = str(plan.index)
         env["DYN_HEALTH_PORT"] = str(state.health_port)
+        env["DYN_SERVICE_WORKERS"] = str(sum(w.plan.service == plan.service for w in self.workers))
         env["DYN_DRAIN_GRACE"] = str(self.grace)
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -173,7 +232,7 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "dynamo_sdk.serve.worker",
+            "dynamo_sdk.serve.host",
             "--graph",
             self.graph,
             "--service",
@@ -203,7 +262,10 @@ class Supervisor:
             line = await proc.stdout.readline()
             if not line:
                 return
-            self.out.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+            text = line.decode(errors="replace").rstrip("\n")
+            if text.strip():
+                state.last_line = text
+            self.out.write(prefix + text + "\n")
             self.out.flush()
 
     async def _watch_health(self, state: WorkerState, proc: asyncio.subprocess.Process) -> None:
@@ -245,6 +307,12 @@ class Supervisor:
                 await asyncio.wait_for(asyncio.gather(relay, return_exceptions=True), 5.0)
             if self.stopping.is_set():
                 log.info("%s exited with code %d", state.plan.label, code)
+                return
+            if code == EXIT_CONFIG:
+                reason = state.last_line.split("cannot start: ", 1)[-1]
+                log.error("%s cannot start as configured: %s", state.plan.label, reason)
+                self.exit_code = 1
+                self.request_stop()
                 return
             if time.monotonic() - started >= self.restart.stable_after:
                 backoff = self.restart.initial_backoff

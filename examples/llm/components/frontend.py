@@ -6,20 +6,18 @@ The HTTP port is `port` in its YAML section (default 8000).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 from dynamo_sdk import (
     ServiceConfig,
-    async_on_shutdown,
     async_on_start,
     depends,
     dynamo_context,
+    http_app,
+    readiness,
     service,
 )
-from dynamo_sdk.http.server import listen_socket, make_server
 from dynamo_sdk.llm.frontend import OpenAIServer
 from dynamo_sdk.llm.model_registry import ModelWatcher
 from dynamo_sdk.llm.protocol import ProcessorRequest, TextDelta
@@ -46,27 +44,21 @@ class Frontend:
 
     def __init__(self) -> None:
         self.config: dict[str, Any] = ServiceConfig.get_instance().for_service("Frontend")
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self.models: ModelWatcher | None = None
 
     @async_on_start
     async def start(self) -> None:
         assert dynamo_context.runtime is not None
-        models = ModelWatcher(dynamo_context.runtime)
-        await models.wait_ready()
-        app = OpenAIServer(_GraphBackend(models, self.processor)).app
-        host = str(self.config.get("host", "0.0.0.0"))
-        sock = listen_socket(host, int(self.config.get("port", 8000)))
-        self._server = make_server(app, host, sock.getsockname()[1])
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.01)
+        self.models = ModelWatcher(dynamo_context.runtime)
+        await self.models.wait_ready()
 
-    @async_on_shutdown
-    async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._task, 10)
+    @http_app
+    def app(self) -> Any:
+        assert self.models is not None
+        return OpenAIServer(_GraphBackend(self.models, self.processor)).app
+
+    @readiness
+    def serving(self) -> str:
+        """Ready once a model is listed: e.g. "model dynamo-tiny, 1 worker"."""
+        assert self.models is not None
+        return self.models.summary()
