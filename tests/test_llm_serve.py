@@ -48,7 +48,7 @@ def served(
         [
             "graphs.agg:Frontend",
             "-f",
-            "configs/agg.yaml",
+            "configs/agg_vllm.yaml",
             f"--Frontend.port={port}",
             "--Worker.max_num_seqs=32",
         ],

@@ -1,6 +1,6 @@
 """The project's own engine behind the real pipeline: `dynamo serve` with `engine: torch`.
 
-The agg graph (configs/agg_torch.yaml) answers the official openai client with the same tokens
+The agg graph (configs/agg.yaml) answers the official openai client with the same tokens
 transformers computes, batches concurrent streams and frees a departed client's blocks.
 (`test_torch_routing_serve.py` runs two torch workers behind the KV router.)
 """
@@ -66,7 +66,7 @@ def serve_graph(
 def agg(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     serve = serve_graph(
         servers, tmp_path_factory.mktemp("agg_torch"), "graphs.agg:Frontend",
-        "configs/agg_torch.yaml", 1,
+        "configs/agg.yaml", 1,
     )  # fmt: skip
     try:
         yield serve.base
