@@ -36,11 +36,12 @@ the supervisor's log) and after unmeasured warm-up requests.
 ``--workload single`` (default): streamed chat completions (``/v1/chat/completions``, one
 short distinct user message each, ``max_tokens`` = ``--osl`` = 16 with ``ignore_eos`` so both
 sides produce exactly 16 tokens; any other count is flagged), closed loops at each
-``--concurrency`` (1, 8, 32, 64) for ``--requests`` requests (at least 4 per sending task), with
-the client keeping one keep-alive connection per sending task (``kept``) and opening a fresh
-connection per request (``fresh``; Dynamo 1.6.1's frontend is much slower on reused
-connections). Per cell: req/s, TTFT p50/p99, output tokens/s of each side and project/peer
-ratios (medians over the repeats; *spread* is (max - min) / median over the repeats).
+``--concurrency`` (1, 8, 32, 64), with the client keeping one keep-alive connection per sending
+task (``kept``) and opening a fresh connection per request (``fresh``; Dynamo 1.6.1's frontend
+is much slower on reused connections). A cell runs for ``--duration`` seconds (3; at least
+``--min-requests``, 200, and 4 per sending task; at most ``--requests``; ``--duration 0``:
+exactly ``--requests``). Per cell: req/s, TTFT p50/p99, output tokens/s of each side and
+project/peer ratios (medians over the repeats; *spread* is (max - min) / median over them).
 
 ``--workload multiturn``: ``--sessions`` conversations (32) of ``--turns`` turns (4) at
 ``--concurrency`` sessions at a time (8), on ``--workers`` workers per side (4) with equal KV
@@ -63,7 +64,7 @@ Every wait is bounded.
 Usage::
 
     python benchmarks/peer_bench.py [--workload single|multiturn] [--repeats 2]
-        [--concurrency 1,8,32,64] [--connections kept,fresh] [--requests 200] [--osl 16]
+        [--concurrency 1,8,32,64] [--connections kept,fresh] [--duration 3] [--osl 16]
         [--sides peer,project] [--speedup S] [--workers W] [--num-blocks 2048]
         [--project-graph G --project-config C --project-args '...'] [--peer-venv DIR]
         [--json out.json] [--png out.png] [--keep-logs DIR]
@@ -94,6 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
+import psutil
 import uvloop
 from _common import interrupt_on_sigterm, json_safe, percentile
 from harness.client import (
@@ -193,6 +195,9 @@ class PeerArm:
                     f"Dynamo's {name} exited with code {proc.returncode}:\n{self.log_tail()}"
                 )
 
+    def pids(self) -> list[int]:
+        return _tree([p.pid for p in self.procs.values()])
+
     def registered(self) -> int:
         instances = self.kv_dir / "v1" / "instances"
         if not instances.is_dir():
@@ -265,6 +270,9 @@ class ProjectArm:
     def alive(self) -> None:
         self.serve.check()
 
+    def pids(self) -> list[int]:
+        return _tree([self.serve.proc.pid])
+
     def registered(self) -> int:
         try:
             text = self.serve.output()
@@ -277,6 +285,44 @@ class ProjectArm:
 
     def stop(self) -> None:
         stop_graph(self.serve)
+
+
+def _tree(roots: list[int]) -> list[int]:
+    """`roots` and all their descendants that are alive."""
+    pids = []
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(root)
+            pids += [proc.pid, *(c.pid for c in proc.children(recursive=True))]
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds (user + system) a side's processes spend between `start()` and `stop()`.
+
+    Unlike wall-clock rates it barely moves when other processes load the host, so on a noisy
+    machine it is the steadier measure of what a request costs each side.
+    """
+
+    def __init__(self, arm: Arm) -> None:
+        self.arm = arm
+        self.before: dict[int, float] = {}
+
+    @staticmethod
+    def _times(pids: list[int]) -> dict[int, float]:
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system + t.children_user + t.children_system
+        return out
+
+    def start(self) -> None:
+        self.before = self._times(self.arm.pids())
+
+    def stop(self) -> float:
+        after = self._times(self.arm.pids())
+        return sum(t - self.before.get(pid, 0.0) for pid, t in after.items())
 
 
 _WORKER_READY = re.compile(r"^\[Worker:(\d+)\].*ready: instance", re.M)
@@ -336,6 +382,11 @@ class CellRun:
     connection: str
     concurrency: int
     stats: LoadStats
+    server_cpu_s: float = math.nan  # the side's processes, during the cell
+
+    @property
+    def cpu_ms_per_req(self) -> float:
+        return self.server_cpu_s * 1e3 / self.stats.requests if self.stats.requests else math.nan
 
 
 async def measure_single(arm: Arm, args: argparse.Namespace, repeat: int) -> list[CellRun]:
@@ -356,13 +407,24 @@ async def measure_single(arm: Arm, args: argparse.Namespace, repeat: int) -> lis
             await closed_loop(sender(pool, 10**6), 2 * warm, warm, args.cell_timeout)
             for conc in args.concurrency:
                 arm.alive()
-                n = max(args.requests, 4 * conc)
-                runs, wall = await closed_loop(sender(pool, 0), n, conc, args.cell_timeout)
+                meter = CpuMeter(arm)
+                meter.start()
+                runs, wall = await closed_loop(
+                    sender(pool, 0),
+                    args.requests,
+                    conc,
+                    args.cell_timeout,
+                    duration=args.duration,
+                    min_requests=max(args.min_requests, 4 * conc),
+                )
+                cpu = meter.stop()
                 stats = summarize(runs, wall, args.osl)
-                out.append(CellRun(arm.side, repeat, connection, conc, stats))
+                cell = CellRun(arm.side, repeat, connection, conc, stats, cpu)
+                out.append(cell)
                 print(
                     f"  ... {arm.side} #{repeat} {connection} c={conc}: {stats.req_per_s:,.0f} "
-                    f"req/s, TTFT p50 {stats.ttft_p50_ms:.1f} ms p99 {stats.ttft_p99_ms:.1f} ms"
+                    f"req/s, TTFT p50 {stats.ttft_p50_ms:.1f} ms p99 {stats.ttft_p99_ms:.1f} ms, "
+                    f"server CPU {cell.cpu_ms_per_req:.2f} ms/req"
                     + (f", {stats.errors} errors ({stats.first_error})" if stats.errors else "")
                     + (f", {stats.short} not {args.osl} tokens" if stats.short else ""),
                     file=sys.stderr,
@@ -581,7 +643,7 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s")
+METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "cpu_ms_per_req")
 
 
 def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -591,16 +653,19 @@ def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str
         for conc in args.concurrency:
             row: dict[str, Any] = {"connection": connection, "concurrency": conc}
             for side in SIDES:
-                runs = [
-                    c.stats
+                cells = [
+                    c
                     for c in results.cells
                     if c.side == side and c.connection == connection and c.concurrency == conc
                 ]
-                row[f"{side}_runs"] = len(runs)
-                row[f"{side}_errors"] = sum(s.errors for s in runs)
-                row[f"{side}_short"] = sum(s.short for s in runs)
+                row[f"{side}_runs"] = len(cells)
+                row[f"{side}_errors"] = sum(c.stats.errors for c in cells)
+                row[f"{side}_short"] = sum(c.stats.short for c in cells)
                 for metric in METRICS:
-                    values = [getattr(s, metric) for s in runs]
+                    values = [
+                        c.cpu_ms_per_req if metric == "cpu_ms_per_req" else getattr(c.stats, metric)
+                        for c in cells
+                    ]
                     row[f"{side}_{metric}"] = _median(values)
                     row[f"{side}_{metric}_spread"] = _spread(values)
             for metric in METRICS:
@@ -685,13 +750,14 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
     out.append("")
     if args.workload == "single" and results.summary:
         out.append(
-            "per cell (medians over the runs; ratio = project/peer; spread = (max-min)/median "
+            "per cell (medians over the runs; ratio = project/peer; CPU ms/req = CPU time of "
+            "the side's processes per request, the client's excluded; spread = (max-min)/median "
             "over the runs, peer/project):"
         )
         header = (
             "conn", "conc", "peer req/s", "proj req/s", "ratio", "peer TTFT p50", "proj p50",
             "ratio", "peer TTFT p99", "proj p99", "ratio", "peer tok/s", "proj tok/s", "ratio",
-            "spread req/s", "spread p50", "err peer/proj",
+            "CPU ms/req peer", "proj", "ratio", "spread req/s", "spread p50", "err peer/proj",
         )  # fmt: skip
         rows = []
         for r in results.summary:
@@ -714,6 +780,9 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
                     fmt(r["peer_tokens_per_s"], 0),
                     fmt(r["project_tokens_per_s"], 0),
                     _x(r["ratio_tokens_per_s"]),
+                    fmt(r["peer_cpu_ms_per_req"], 2),
+                    fmt(r["project_cpu_ms_per_req"], 2),
+                    _x(r["ratio_cpu_ms_per_req"]),
                     f"{_pct(r['peer_req_per_s_spread'])}/{_pct(r['project_req_per_s_spread'])}",
                     f"{_pct(r['peer_ttft_p50_ms_spread'])}/{_pct(r['project_ttft_p50_ms_spread'])}",
                     errors,
@@ -873,7 +942,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--connections", type=_names(CONNECTION_MODES), default=list(CONNECTION_MODES),
         help="kept,fresh: keep-alive connections and/or a fresh connection per request",
     )  # fmt: skip
-    p.add_argument("--requests", type=int, default=200, help="per cell (>= 4 per task)")
+    p.add_argument(
+        "--duration", type=float, default=3.0, help="seconds per cell (0: --requests each)"
+    )
+    p.add_argument("--requests", type=int, default=20_000, help="per cell, at most")
+    p.add_argument(
+        "--min-requests", type=int, default=200, help="per cell, at least (and >= 4 per task)"
+    )
     p.add_argument("--osl", type=int, default=16, help="output tokens per request")
     p.add_argument(
         "--speedup", type=float, default=None, help="both mockers (single 1000, multiturn 1)"
@@ -921,6 +996,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.router_mode = "kv"
     if args.repeats < 1 or args.requests < 1 or args.osl < 1 or args.workers < 1:
         p.error("--repeats, --requests, --osl and --workers must be >= 1")
+    if args.duration <= 0:
+        args.duration = None
+        args.min_requests = args.requests
+    args.min_requests = min(args.min_requests, args.requests)
     if min(args.peer_speedup, args.project_speedup) <= 0:
         p.error("speedups must be > 0")
     python = args.peer_venv / "bin" / "python"

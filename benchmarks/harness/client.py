@@ -17,7 +17,8 @@ connection modes: ``kept`` (one keep-alive connection per task, reused request a
 and ``fresh`` (a new TCP connection for every request: aiohttp ``TCPConnector(force_close=
 True)``, httpx without keep-alive).
 
-`closed_loop` is the concurrency runner: C tasks send N requests back to back; `summarize`
+`closed_loop` is the concurrency runner: C tasks send N requests back to back (or for a
+duration, at least a minimum number); `summarize`
 turns its results into one cell (percentiles over successful requests, ITLs pooled; req/s and
 tokens/s over the cell's wall time, from its first request to its last answer).
 `wait_until_answers` retries one request until the server answers it, bounded.
@@ -272,24 +273,38 @@ Send = Callable[[int, int], Awaitable[RequestResult]]
 
 
 async def closed_loop(
-    send: Send, requests: int, concurrency: int, timeout: float
+    send: Send,
+    requests: int,
+    concurrency: int,
+    timeout: float,
+    *,
+    duration: float | None = None,
+    min_requests: int = 0,
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` tasks send `requests` requests back to back; returns results, wall time.
 
-    `send(index, task)` gets the request's index and the number of the task sending it.
-    Raises TimeoutError if the cell is not done within `timeout` seconds (tasks cancelled).
+    `send(index, task)` gets the request's index and the number of the task sending it. With
+    `duration` (seconds), no request starts after that much time once `min_requests` have
+    started: `requests` is then a cap. The wall time runs to the last answer. Raises
+    TimeoutError if the cell is not done within `timeout` seconds (tasks cancelled).
     """
     results: list[RequestResult] = []
     next_index = 0
+    t0 = time.perf_counter()
+    stop_at = math.inf if duration is None else t0 + duration
+
+    def more() -> bool:
+        if next_index >= requests:
+            return False
+        return next_index < min_requests or time.perf_counter() < stop_at
 
     async def worker(task: int) -> None:
         nonlocal next_index
-        while next_index < requests:
+        while more():
             index = next_index
             next_index += 1
             results.append(await send(index, task))
 
-    t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(worker(t)) for t in range(concurrency)]
     try:
         done, pending = await asyncio.wait(tasks, timeout=timeout)
