@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -79,8 +80,13 @@ def load_model(
         raise UnsupportedModelError("load_format auto needs a model folder")
     from safetensors import safe_open
 
+    from tqdm import tqdm
+
     files = _checkpoint_index(Path(folder))
     handles: dict[Path, object] = {}
+    # what vLLM shows too: how far loading is (a large checkpoint takes minutes)
+    progress = tqdm(total=len(files), desc="Loading weights", unit="tensor", mininterval=1.0,
+                    file=sys.stderr)  # fmt: skip
 
     def get(name: str) -> torch.Tensor:
         path = files.get(name)
@@ -88,8 +94,9 @@ def load_model(
             raise UnsupportedModelError(f"checkpoint in {folder} lacks tensor {name!r}")
         if path not in handles:
             handles[path] = safe_open(str(path), framework="pt")
+        progress.update()
         return handles[path].get_tensor(name)  # type: ignore[attr-defined]
 
-    with torch.no_grad():
+    with torch.no_grad(), progress:
         load_weights(model, get)
     return model
