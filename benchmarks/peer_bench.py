@@ -16,7 +16,8 @@ batching, a timing model divided by a speedup factor):
   ``graphs.agg_router:Frontend -f configs/agg_router.yaml``) with ``--Worker.speedup=S
   --Worker.block_size=B --Worker.num_blocks=N --Worker.max_num_seqs=M
   --Worker.ServiceArgs.workers=W`` (``--project-args`` appends more overrides); ``dynamo serve``
-  starts its own embedded NATS and etcd, as a user's would.
+  starts its own embedded NATS and etcd, as a user's would. ``--project-root`` serves another
+  checkout (e.g. a ``git archive`` of a commit, when this tree is being edited under the run).
 
 The two mockers' timing models are different code (the same shape: a fixed step cost plus
 per-token prefill and per-sequence decode costs); ``--speedup`` (both sides, or
@@ -130,11 +131,11 @@ WORDS = (
 ).split()
 
 
-def default_project_graph() -> tuple[str, str, list[str]]:
-    """(graph, config, overrides) of the project's default mocker graph."""
-    if (REPO_ROOT / "configs" / "agg_mocker.yaml").exists():
-        return "graphs.agg:Frontend", "configs/agg_mocker.yaml", []
-    return "graphs.agg_router:Frontend", "configs/agg_router.yaml", []
+def default_project_graph(root: Path) -> tuple[str, str]:
+    """(graph, config) of the project's default mocker graph in the checkout at `root`."""
+    if (root / "configs" / "agg_mocker.yaml").exists():
+        return "graphs.agg:Frontend", "configs/agg_mocker.yaml"
+    return "graphs.agg_router:Frontend", "configs/agg_router.yaml"
 
 
 # ---- the two sides -------------------------------------------------------------------------
@@ -262,6 +263,7 @@ class ProjectArm:
             overrides,
             port=self.port,
             log_path=log_dir / f"project-{run}.log",
+            cwd=args.project_root,
         )
         self.base = self.serve.base
         self.started = self.serve.started
@@ -738,7 +740,8 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
         f"{args.project_speedup:g}, {args.osl} output tokens, block size {args.block_size}, "
         f"{args.num_blocks} KV blocks per worker; {args.repeats} alternating run(s) per side; "
         f"client {args.http_client}; {s.get('cpus')} CPUs",
-        f"project: {s.get('project_graph')} -f {s.get('project_config')}",
+        f"project: {s.get('project_graph')} -f {s.get('project_config')} in "
+        f"{s.get('project_root')}",
         "",
     ]
     header = ("side", "run", "start to serving s", "load avg before")
@@ -931,7 +934,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    graph, config, _ = default_project_graph()
     p.add_argument("--workload", choices=("single", "multiturn"), default="single")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
     p.add_argument("--sides", type=_names(SIDES), default=list(SIDES), help="peer,project")
@@ -970,8 +972,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: tiny model)")
     p.add_argument("--model-name", default="tiny", help="served model name, both sides")
-    p.add_argument("--project-graph", default=graph, help=f"default {graph}")
-    p.add_argument("--project-config", default=config, help=f"default {config}")
+    p.add_argument(
+        "--project-root",
+        type=Path,
+        default=REPO_ROOT,
+        help="the checkout to serve (graphs, configs, dynamo_sdk); default this one",
+    )
+    p.add_argument(
+        "--project-graph",
+        default=None,
+        help="default graphs.agg:Frontend with configs/agg_mocker.yaml where that exists, "
+        "else graphs.agg_router:Frontend",
+    )
+    p.add_argument("--project-config", default=None, help="see --project-graph")
     p.add_argument("--project-args", default="", help="more --Service.key=value overrides")
     p.add_argument("--peer-venv", type=Path, default=Path.home() / "dynamo-peer")
     p.add_argument("--peer-mocker-args", default="", help="more dynamo.mocker arguments")
@@ -984,6 +997,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-logs", type=Path, default=None, help="keep both sides' logs here")
     args = p.parse_args(argv)
     multiturn = args.workload == "multiturn"
+    args.project_root = args.project_root.resolve()
+    graph, config = default_project_graph(args.project_root)
+    if args.project_graph is None:
+        args.project_graph = graph
+        args.project_config = args.project_config or config
     if args.concurrency is None:
         args.concurrency = [8] if multiturn else [1, 8, 32, 64]
     if args.workers is None:

@@ -33,15 +33,20 @@ def serve_graph(
     env: Mapping[str, str] | None = None,
     profile_dir: Path | None = None,
     port_key: str = "Frontend.port",
+    cwd: Path = REPO_ROOT,
 ) -> ServeProcess:
-    """Start `dynamo serve` for `graph` (e.g. ``graphs.agg:Frontend``); its HTTP on `port`."""
+    """Start `dynamo serve` for `graph` (e.g. ``graphs.agg:Frontend``); its HTTP on `port`.
+
+    `cwd` (default: this checkout) is where the graph, its configs and, ahead of the installed
+    package, `dynamo_sdk` itself are imported from: another checkout serves that tree.
+    """
     args = [graph]
     if config:
         args += ["-f", str(config)]
     args += [f"--{port_key}={port}", *overrides]
     serve = ServeProcess(
         args,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=dict(env or {}),
         log_path=log_path,
         die_with_parent=True,
