@@ -89,6 +89,7 @@ class ServeProcess:
         full_env.update(env)
         full_env["PYTHONUNBUFFERED"] = "1"
         if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
             site_dir = log_path.parent / f"{log_path.stem}-sitecustomize"
             site_dir.mkdir(parents=True, exist_ok=True)
             (site_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
