@@ -897,8 +897,10 @@ def write_png(results: Results, args: argparse.Namespace, path: Path) -> str | N
                 ys.append(_median(values))
             name = "Dynamo 1.6.1" if side == "peer" else "project"
             series.append(Series(name, xs, ys, {}))
-        panels.append(Panel(series, "connection: " + ", ".join(args.connections), label,
-                            kind="bar", grid=True))  # fmt: skip
+        panels.append(
+            Panel(series, "client connections", label, kind="bar", grid=True,
+                  xtick_labels=args.connections, legend_loc="lower center")
+        )  # fmt: skip
     title = (
         f"multi-turn: {args.sessions} sessions x {args.turns} turns, {args.workers} workers, "
         f"router {args.router_mode}"

@@ -45,7 +45,9 @@ class Panel:
     yscale: str = "linear"
     grid: bool = False
     xticks: Sequence[float] | None = None
+    xtick_labels: Sequence[str] | None = None  # with xticks, or one per bar position
     legend_size: float | None = None
+    legend_loc: str = "best"
 
 
 def save(fig: Any, path: Path, dpi: int = 110) -> str:
@@ -92,7 +94,8 @@ def _draw(ax: Any, panel: Panel) -> None:
                 label=s.label,
                 **{k: v for k, v in s.style.items() if k != "marker"},
             )
-        ax.set_xticks(range(len(positions)), [f"{x:g}" for x in positions])
+        labels = panel.xtick_labels or [f"{x:g}" for x in positions]
+        ax.set_xticks(range(len(positions)), list(labels))
     else:
         for s in panel.series:
             if panel.kind == "step":
@@ -101,15 +104,16 @@ def _draw(ax: Any, panel: Panel) -> None:
                 ax.plot(s.xs, s.ys, label=s.label, **s.style)
         ax.set_xscale(panel.xscale)  # before the ticks: setting a scale resets them
         if panel.xticks is not None:
-            ax.set_xticks(list(panel.xticks), [f"{x:g}" for x in panel.xticks])
+            labels = panel.xtick_labels or [f"{x:g}" for x in panel.xticks]
+            ax.set_xticks(list(panel.xticks), list(labels))
             ax.set_xticks([], minor=True)
     ax.set_yscale(panel.yscale)
-    if panel.yscale == "log":  # 20, 30, 50 rather than 2x10^1, 3x10^1, 5x10^1
-        from matplotlib.ticker import FuncFormatter
+    if panel.yscale == "log":  # 1, 2, 5, 10, 20, 50 rather than 2x10^0, 5x10^0, 10^1
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     if panel.title:
@@ -117,4 +121,4 @@ def _draw(ax: Any, panel: Panel) -> None:
     if panel.grid:
         ax.grid(True, which="both", alpha=0.3)
     if any(s.label for s in panel.series):
-        ax.legend(fontsize=panel.legend_size)
+        ax.legend(fontsize=panel.legend_size, loc=panel.legend_loc)
