@@ -8,6 +8,10 @@ is asked for token ids only.
 
 vLLM is imported lazily: the rest of the package (and the echo engine) must work on machines
 where importing vLLM is slow or impossible.
+
+On vLLM's CPU build the KV cache gets an explicit size (`kv_cache_memory_bytes`) unless the
+user chose one: see `cpu_memory_args`. Without it vLLM 0.32 wants 92% of the memory to be
+free, and refuses to start on any machine that runs anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +48,65 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 # Defaults that differ from vLLM's own: vLLM's periodic stats log line is noise for a worker
 # that exports the same numbers itself (our stat logger still receives the stats).
 _DEFAULT_ENGINE_ARGS: dict[str, Any] = {"disable_log_stats": True}
+
+
+# vLLM's CPU build sizes the KV cache from `kv_cache_memory_bytes`, which its legacy env
+# VLLM_CPU_KVCACHE_SPACE (GiB) sets (vllm/platforms/cpu.py, check_and_update_config). Without
+# either it treats `gpu_memory_utilization` (default 0.92) as a fraction of the NUMA node's
+# total memory and refuses to start unless that much is free (vllm/v1/worker/cpu_worker.py,
+# CPUWorker.__init__): never true on a machine running anything else. So when the user chose
+# none of the three, the KV cache gets vLLM's documented VLLM_CPU_KVCACHE_SPACE default
+# (vllm/envs.py), capped at a share of the memory free at start (weights and activations come
+# out of the rest).
+CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+CPU_KV_CACHE_GIB = 4
+CPU_KV_CACHE_MAX_SHARE = 0.5
+_GIB = 1 << 30
+_MIB = 1 << 20
+
+
+def cpu_memory_args(
+    engine_args: Mapping[str, Any], environ: Mapping[str, str], available_bytes: int
+) -> dict[str, Any]:
+    """The engine args to add on vLLM's CPU platform so that the KV cache has a set size.
+
+    Nothing when the user chose how vLLM sizes it: `kv_cache_memory_bytes`, the
+    VLLM_CPU_KVCACHE_SPACE env (which vLLM applies itself, over the engine arg), or
+    `gpu_memory_utilization` (vLLM's fraction of all memory; on CPU its check then applies).
+    Otherwise `kv_cache_memory_bytes`: CPU_KV_CACHE_GIB, or CPU_KV_CACHE_MAX_SHARE of
+    `available_bytes` (the memory free now) when that is less, in whole MiB.
+    """
+    if environ.get(CPU_KVCACHE_ENV, "") != "":  # vLLM ignores it when empty, so do we
+        return {}
+    if any(
+        engine_args.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")
+    ):
+        return {}
+    size = min(CPU_KV_CACHE_GIB * _GIB, int(available_bytes * CPU_KV_CACHE_MAX_SHARE))
+    return {"kv_cache_memory_bytes": max(size // _MIB, 1) * _MIB}
+
+
+def _on_cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform here (imports vLLM's platform detection)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _cpu_available_memory() -> int:
+    """Free memory in bytes as vLLM's CPU worker counts it: its NUMA node's, within cgroup limits.
+
+    Those helpers are vLLM internals; where they are missing, the machine's free memory.
+    """
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        node = get_allowed_cpu_list()[0].numa_node
+        return int(get_memory_node_info(node).available_memory)
+    except Exception:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
 
 
 def engine_arg_names() -> frozenset[str]:
@@ -143,6 +207,23 @@ class VllmEngine:
         self._stats = _StatsState()
         self._inflight = 0
 
+    def effective_engine_args(self) -> dict[str, Any]:
+        """The engine args `start()` gives vLLM: the configured ones plus this adapter's
+        platform defaults (on CPU, a KV cache size; see `cpu_memory_args`). Imports vLLM.
+        """
+        args = dict(self._engine_args)
+        if _on_cpu_platform():
+            added = cpu_memory_args(args, os.environ, _cpu_available_memory())
+            if added:
+                log.info(
+                    "vLLM on CPU: KV cache %.2f GiB (set kv_cache_memory_bytes, "
+                    "%s or gpu_memory_utilization to change it)",
+                    added["kv_cache_memory_bytes"] / _GIB,
+                    CPU_KVCACHE_ENV,
+                )
+            args.update(added)
+        return args
+
     async def start(self) -> None:
         """Build the engine in a thread: loading weights and profiling memory takes tens of
         seconds, and the worker's event loop must keep its etcd lease and NATS alive meanwhile.
@@ -157,7 +238,7 @@ class VllmEngine:
         factory = _make_stat_logger_factory(self._stats)
 
         def build() -> AsyncLLM:
-            engine_args = dict(self._engine_args)
+            engine_args = self.effective_engine_args()
             kv_transfer = engine_args.get("kv_transfer_config")
             if isinstance(kv_transfer, Mapping):  # from YAML: vLLM wants its config object
                 from vllm.config import KVTransferConfig
