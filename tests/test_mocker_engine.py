@@ -282,7 +282,7 @@ async def test_kv_events_stored_and_removed() -> None:
     late_events: list[KvEvent] = []
     engine = MockerEngine(**FAST, num_blocks=8, block_size=4, context_length=32,
                           on_events=ctor_events.extend)  # fmt: skip
-    engine.on_kv_events(late_events.extend)
+    engine.kv_events().subscribe(late_events.extend)
     await engine.start()
     try:
         await collect(engine, make_request(list(range(12)), max_tokens=1))
@@ -364,11 +364,11 @@ async def test_created_through_the_registry() -> None:
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ({"num_blokcs": 10}, "unknown mocker engine config key"),
-        ({"enable_prefix_caching": "false"}, "true or false"),
-        ({"num_blocks": "many"}, "must be of type int"),
-        ({"num_blocks": 0}, "must be positive"),
-        ({"decode_ms_base": -1}, "must be >= 0"),
+        ({"num_blokcs": 10}, r"unknown key 'num_blokcs' \(valid keys: block_size"),
+        ({"enable_prefix_caching": "false"}, r"enable_prefix_caching: expected `bool`"),
+        ({"num_blocks": "many"}, r"num_blocks: expected `int`, got `str`"),
+        ({"num_blocks": 0}, r"num_blocks: expected `int` >= 1"),
+        ({"decode_ms_base": -1}, r"decode_ms_base: expected `float` >= 0"),
         ({"num_blocks": 4, "block_size": 16, "context_length": 128}, "exceeds the KV cache"),
     ],
 )

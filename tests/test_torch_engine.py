@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamo_sdk.llm.engines.base import EngineError, PrefillSlots, RemotePrefill
+from dynamo_sdk.llm.engines.base import EngineError, GenerateOptions, PrefillSlots, RemotePrefill
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import BlockStored, KvEvent
 from dynamo_sdk.llm.kv.hashing import block_hashes_int
@@ -121,7 +121,7 @@ async def test_kv_export_import_round_trips_and_decode_continues(
         covered, kv = source.export_prefix(prompt)
         assert covered == 64 and kv.shape[2] == 4 and kv.is_contiguous()
         stored: list[KvEvent] = []
-        target.on_kv_events(stored.extend)
+        target.kv_events().subscribe(stored.extend)
         assert target.import_prefix(prompt, kv.clone()) == 64
         assert [h for e in stored if isinstance(e, BlockStored) for h in e.block_hashes] == (
             block_hashes_int(prompt, BS)
@@ -257,7 +257,7 @@ def test_registry_builds_torch_engine_and_rejects_unknown_keys(model_dir: Path) 
     assert isinstance(eng, TorchEngine) and eng.device.type == "cpu"
     with pytest.raises(EngineError, match="max_num_seq"):
         create_engine("torch", str(model_dir), {"max_num_seq": 4})
-    with pytest.raises(EngineError, match="true or false"):
+    with pytest.raises(EngineError, match="enforce_eager: expected `bool`"):
         create_engine("torch", str(model_dir), {"enforce_eager": "yes"})
     with pytest.raises(EngineError, match="needs a model"):
         create_engine("torch", None, {})
@@ -274,7 +274,7 @@ async def test_decode_steps_launched_ahead_keep_outputs_exact(
     eng = TorchEngine(str(model_dir), num_blocks=128, block_size=BS)
     eng.launch_ahead_on_cpu = True
     events: list[KvEvent] = []
-    eng.on_kv_events(events.extend)
+    eng.kv_events().subscribe(events.extend)
     await eng.start()
     try:
         batch = prompts(5, seed=15, lo=10, hi=60)
@@ -329,7 +329,7 @@ async def test_remote_prefill_fills_the_decode_engines_blocks(
             return covered
 
         req = make_request(prompt, 12, ignore_eos=True, sampling=GREEDY)
-        outs = [o async for o in decode.generate(req, remote_prefill=remote)]
+        outs = [o async for o in decode.generate(req, GenerateOptions(remote_prefill=remote))]
         assert tokens(outs) == hf_greedy(hf_model, prompt, 12)
         assert decode.computed_prompt_tokens == 1  # the last token alone: its logits
         assert prefill.computed_prompt_tokens == len(prompt)
@@ -339,7 +339,7 @@ async def test_remote_prefill_fills_the_decode_engines_blocks(
 
         decode.reset_prefix_cache()
         before = decode.computed_prompt_tokens
-        outs = [o async for o in decode.generate(req, remote_prefill=broken)]
+        outs = [o async for o in decode.generate(req, GenerateOptions(remote_prefill=broken))]
         assert tokens(outs) == hf_greedy(hf_model, prompt, 12)  # fell back to a local prefill
         assert decode.computed_prompt_tokens - before == len(prompt)
 
@@ -366,5 +366,5 @@ async def test_remote_prefill_fills_the_decode_engines_blocks(
 
 
 async def _drain(engine: TorchEngine, req: PreprocessedRequest, remote: RemotePrefill) -> None:
-    async for _ in engine.generate(req, remote_prefill=remote):
+    async for _ in engine.generate(req, GenerateOptions(remote_prefill=remote)):
         pass

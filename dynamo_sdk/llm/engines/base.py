@@ -1,15 +1,41 @@
-"""The interface every engine implements; see `dynamo_sdk.llm.protocol` for the data."""
+"""The engine contract: what every engine does, and what an engine may also offer.
+
+An engine takes `PreprocessedRequest`s (token ids, sampling, stop rules; see
+`dynamo_sdk.llm.protocol`) and streams `EngineOutput` deltas; closing the stream aborts the
+request. That is the whole required surface: `start`, `generate`, `stats`, `shutdown`.
+
+Everything else the LLM worker can use is an optional capability, declared here as a method
+whose default says "not supported"; an engine overrides the ones it has:
+
+* `kv_events()`: its KV cache events (blocks stored / removed), for the KV-aware router, and
+  `kv_block_size()`: the tokens per block those events hash (the router hashes prompts alike);
+* `load_metrics()`: the load snapshot the router weighs (default: made from `stats()`);
+* `cached_prefix_tokens()`: how many leading prompt tokens are cached (the disaggregation
+  rule counts only the rest; default: none known);
+* `kv_port()`: direct access to its paged KV blocks (layout, export / import of prefixes,
+  writes into given blocks, prefill-and-export), what block transfers between workers are
+  built on;
+* `kv_connector()`: KV the engine moves itself through a connector (vLLM's), for engines whose
+  blocks cannot be reached from outside.
+
+The worker asks an engine what it has; nothing outside the engines probes with `hasattr` or
+checks engine classes.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import abc
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import msgspec
 
+from dynamo_sdk.llm.kv.events import KvEventCallback, LoadMetrics
+from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_sdk.runtime.errors import CodedError, ErrorCode
+from dynamo_sdk.sdk.errors import ConfigurationError
 
 
 class EngineStats(msgspec.Struct):
@@ -24,77 +50,20 @@ class EngineStats(msgspec.Struct):
     max_batch_running: int = 0  # the most requests seen running in one step
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """An LLM engine: token ids in, token id deltas out, cancellable."""
-
-    context_length: int
-
-    async def start(self) -> None:
-        """Load weights, allocate caches. Called once before the first request."""
-
-    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        """Stream deltas. Closing the iterator early aborts the request (frees its KV)."""
-        ...
-
-    def stats(self) -> EngineStats:
-        """Current load and totals (cheap; called several times a second)."""
-        ...
-
-    async def shutdown(self) -> None:
-        """Release the engine."""
-
-
-class EngineError(Exception):
+class EngineError(CodedError):
     """An engine failed to start or to serve a request."""
 
 
-def engine_kwargs(
-    init: Callable[..., Any], config: Mapping[str, Any], engine: str, skip: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """An engine's keyword arguments from a YAML mapping, checked against ``init``'s signature.
+class EngineConfigError(EngineError, ConfigurationError):
+    """An engine's settings are invalid (an unknown key, a wrong type, an impossible size)."""
 
-    Unknown keys are errors, so a typo cannot fall back silently to a default. Values are
-    coerced to the default's type (YAML may give ``1`` for ``1.0``); booleans must be real
-    booleans, since ``bool("false")`` is True; parameters defaulting to None take any value.
-    """
-    params = inspect.signature(init).parameters
-    defaults = {n: p.default for n, p in params.items() if n not in ("self", *skip)}
-    defaults = {n: d for n, d in defaults.items() if d is not inspect.Parameter.empty}
-    unknown = sorted(set(config) - set(defaults))
-    if unknown:
-        raise EngineError(
-            f"unknown {engine} engine config key(s): {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(defaults))})"
-        )
-    kwargs: dict[str, Any] = {}
-    for key, value in config.items():
-        default = defaults[key]
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise EngineError(f"{engine}: {key} must be true or false, got {value!r}")
-            kwargs[key] = value
-        elif default is None or isinstance(value, list):
-            kwargs[key] = value
-        else:
-            try:
-                kwargs[key] = type(default)(value)
-            except (TypeError, ValueError) as exc:
-                raise EngineError(
-                    f"{engine}: {key} must be of type {type(default).__name__}, got {value!r}"
-                ) from exc
-    return kwargs
+    code = ErrorCode.INVALID_REQUEST
 
 
-def check_prompt(request: PreprocessedRequest, context_length: int) -> None:
-    """The checks every engine makes before admitting a request (a clear error, not a hang)."""
-    if not request.token_ids:
-        raise EngineError(f"request {request.request_id}: empty prompt")
-    if len(request.token_ids) >= context_length:
-        raise EngineError(
-            f"request {request.request_id}: prompt of {len(request.token_ids)} tokens does not "
-            f"fit the context length {context_length}"
-        )
+class InvalidPromptError(EngineError):
+    """A request the engine cannot take as it is (empty, too long, ids outside the vocabulary)."""
+
+    code = ErrorCode.INVALID_REQUEST
 
 
 @dataclass
@@ -109,3 +78,131 @@ class PrefillSlots:
 RemotePrefill = Callable[[PrefillSlots], Awaitable[int]]
 """Gets a prompt's KV written into ``PrefillSlots``; returns how many leading tokens' KV is
 there now (0 if the prefill failed: the engine then computes the prompt itself)."""
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What a request may carry besides itself: how its prefill is done elsewhere.
+
+    `remote_prefill` is for engines with a `kv_port()`: the engine allocates the prompt's
+    blocks and has them filled by a prefill worker first. `kv_transfer_params` go to the KV
+    connector of an engine with a `kv_connector()` (vLLM's per-request channel to it), and
+    `on_kv_transfer` gets what the connector reports back when the request finishes.
+    """
+
+    remote_prefill: RemotePrefill | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    on_kv_transfer: Callable[[dict[str, Any]], None] | None = None
+
+
+NO_OPTIONS = GenerateOptions()
+
+
+class KvEventSource(Protocol):
+    """Where an engine's KV events can be followed."""
+
+    def subscribe(self, callback: KvEventCallback | None) -> None: ...
+
+
+class KvPort(Protocol):
+    """Direct access to an engine's paged KV cache (tensors are PyTorch tensors)."""
+
+    def kv_layout(self) -> KvLayout:
+        """What a block of this cache looks like (peers check it before sending)."""
+        ...
+
+    def kv_cache_tensor(self) -> Any:
+        """The whole cache, ``[layers, 2, blocks + 1, block_size, kv_heads, head_dim]``."""
+        ...
+
+    def write_kv(self, block_ids: list[int], kv: Any) -> None:
+        """Write transferred KV (``export`` layout) into ``block_ids``."""
+        ...
+
+    def export_prefix(self, token_ids: list[int]) -> tuple[int, Any]:
+        """The cached KV of the longest full-block prefix: (tokens covered, buffer)."""
+        ...
+
+    def import_prefix(self, token_ids: list[int], kv: Any) -> int:
+        """Put exported KV for a prefix in the prefix cache; the tokens now cached."""
+        ...
+
+    async def prefill_and_export(
+        self, request: PreprocessedRequest, first_block: int = 0
+    ) -> tuple[int, Any]:
+        """Compute a prompt's KV here and read it out: (tokens covered, KV of its blocks
+        ``first_block``.. , every prompt token but the last)."""
+        ...
+
+
+class KvConnector(Protocol):
+    """KV an engine moves itself, through a connector that stores it in shared storage."""
+
+    @property
+    def storage_root(self) -> str:
+        """The folder every worker of the graph reads and writes KV in."""
+        ...
+
+    def kv_layout(self) -> KvLayout: ...
+
+
+class Engine(abc.ABC):
+    """An LLM engine: token ids in, token id deltas out, cancellable (see module docstring)."""
+
+    context_length: int
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights, allocate caches. Called once before the first request."""
+
+    @abc.abstractmethod
+    def generate(
+        self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream deltas. Closing the iterator early aborts the request (frees its KV)."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current load and totals (cheap; called several times a second)."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Release the engine."""
+
+    # -- optional capabilities -----------------------------------------------------------
+
+    def kv_events(self) -> KvEventSource | None:
+        """Its KV cache events, if it can report them."""
+        return None
+
+    def kv_block_size(self) -> int:
+        """Tokens per KV block (what its KV events hash); 0 when it has no paged cache."""
+        return 0
+
+    def load_metrics(self, worker_id: int) -> LoadMetrics:
+        """The load snapshot a worker publishes for the router."""
+        stats = self.stats()
+        return LoadMetrics(worker_id, stats.kv_usage, 0, 0, stats.running, stats.waiting)
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading prompt tokens whose KV is cached here (0 when the engine cannot tell)."""
+        return 0
+
+    def kv_port(self) -> KvPort | None:
+        """Direct access to its KV blocks, if it has them."""
+        return None
+
+    def kv_connector(self) -> KvConnector | None:
+        """Its KV connector, if it moves KV itself."""
+        return None
+
+
+def check_prompt(request: PreprocessedRequest, context_length: int) -> None:
+    """The checks every engine makes before admitting a request (a clear error, not a hang)."""
+    if not request.token_ids:
+        raise InvalidPromptError(f"request {request.request_id}: empty prompt")
+    if len(request.token_ids) >= context_length:
+        raise InvalidPromptError(
+            f"request {request.request_id}: prompt of {len(request.token_ids)} tokens does not "
+            f"fit the context length {context_length}"
+        )

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt
+from dynamo_sdk.llm.engines.base import (
+    NO_OPTIONS,
+    Engine,
+    EngineStats,
+    GenerateOptions,
+    check_prompt,
+)
+from dynamo_sdk.llm.engines.configs import EchoConfig, settings
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
     FinishReason,
@@ -21,16 +29,13 @@ from dynamo_sdk.llm.protocol import (
 )
 
 
-class EchoEngine:
+class EchoEngine(Engine):
     """Echoes prompt token ids, one per output, honouring the request's stop conditions."""
 
-    def __init__(self, context_length: int = 8192, token_delay: float = 0.0) -> None:
-        if context_length <= 0:
-            raise EngineError(f"context_length must be positive, got {context_length}")
-        if token_delay < 0:
-            raise EngineError(f"token_delay must be >= 0, got {token_delay}")
-        self.context_length = context_length
-        self.token_delay = token_delay
+    def __init__(self, config: EchoConfig | None = None, **knobs: Any) -> None:
+        config = config or settings(EchoConfig, knobs)
+        self.context_length = config.context_length
+        self.token_delay = config.token_delay
         self._running = 0
         self._max_running = 0
         self._prompt_tokens = 0
@@ -50,7 +55,9 @@ class EchoEngine:
             max_batch_running=self._max_running,
         )
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
+    ) -> AsyncIterator[EngineOutput]:
         """Yield the latest chat message's ids and then a stop id (a completion: the prompt's
         ids, cyclically) until max_tokens or a stop id (after min_tokens); with ``ignore_eos``
         the message repeats until max_tokens.

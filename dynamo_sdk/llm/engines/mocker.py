@@ -43,12 +43,20 @@ import json
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats, check_prompt, engine_kwargs
+from dynamo_sdk.llm.engines.base import (
+    NO_OPTIONS,
+    Engine,
+    EngineError,
+    EngineStats,
+    GenerateOptions,
+    check_prompt,
+)
+from dynamo_sdk.llm.engines.configs import MockerConfig, settings
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
     Scheduler,
@@ -104,93 +112,51 @@ class _Seq(Sequence):
     arrival_ms: float = 0.0  # on the simulated clock
 
 
-class MockerEngine:
+class MockerEngine(Engine):
     """A model-free engine with vLLM's scheduling, paged KV cache and timing shape.
 
-    All knobs are keyword arguments (the registry passes a worker's YAML `engine_config`):
-
-    KV cache: `num_blocks` (4096) blocks of `block_size` (16) tokens; `enable_prefix_caching`
-    (True). Scheduler: `max_num_seqs` (256) running sequences, `max_num_batched_tokens` (8192)
-    tokens computed per step, `context_length` (8192; must fit the cache). Timing, in simulated
-    ms (see the module docstring): `prefill_ms_per_token` (0.05), `prefill_ms_quadratic` (1e-6),
-    `decode_ms_base` (5.0), `decode_ms_per_seq` (0.1), `decode_ms_per_ctx_token` (1e-4), and
-    `speedup` (1.0) dividing every real sleep. Output: `seed` (0) and `vocab_size` (32000, or
-    the served model's tokenizer's when a model folder is given).
-    `on_events` receives the block manager's KV events (also settable via `on_kv_events`).
+    Its knobs are `MockerConfig`'s (KV cache size, scheduler limits, the timing model,
+    `speedup`, the output's `seed` and `vocab_size`), given as the config object or as keyword
+    arguments. `vocab_size` 0 means the served model's tokenizer's when a model folder is
+    given (32,000 without one). `on_events` receives the block manager's KV events (also
+    reachable through `kv_events()`).
     """
 
     def __init__(
         self,
+        config: MockerConfig | None = None,
         *,
-        num_blocks: int = 4096,
-        block_size: int = 16,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        context_length: int = 8192,
-        prefill_ms_per_token: float = 0.05,
-        prefill_ms_quadratic: float = 1e-6,
-        decode_ms_base: float = 5.0,
-        decode_ms_per_seq: float = 0.1,
-        decode_ms_per_ctx_token: float = 1e-4,
-        speedup: float = 1.0,
-        seed: int = 0,
-        vocab_size: int = 32000,
+        model: str | None = None,
         on_events: KvEventCallback | None = None,
+        **knobs: Any,
     ) -> None:
-        for name, value in (
-            ("num_blocks", num_blocks),
-            ("block_size", block_size),
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("context_length", context_length),
-            ("vocab_size", vocab_size),
-            ("speedup", speedup),
-        ):
-            if value <= 0:
-                raise EngineError(f"mocker: {name} must be positive, got {value}")
-        for name, fvalue in (
-            ("prefill_ms_per_token", prefill_ms_per_token),
-            ("prefill_ms_quadratic", prefill_ms_quadratic),
-            ("decode_ms_base", decode_ms_base),
-            ("decode_ms_per_seq", decode_ms_per_seq),
-            ("decode_ms_per_ctx_token", decode_ms_per_ctx_token),
-        ):
-            if fvalue < 0:
-                raise EngineError(f"mocker: {name} must be >= 0, got {fvalue}")
-        # As vLLM refuses a max_model_len its KV cache cannot hold: otherwise one long sequence
-        # could need more blocks than exist and preempt itself forever.
-        if context_length > num_blocks * block_size:
-            raise EngineError(
-                f"mocker: context_length {context_length} exceeds the KV cache "
-                f"({num_blocks} blocks x {block_size} tokens); raise num_blocks or lower "
-                "context_length"
-            )
-        self.context_length = context_length
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.prefill_ms_per_token = prefill_ms_per_token
-        self.prefill_ms_quadratic = prefill_ms_quadratic
-        self.decode_ms_base = decode_ms_base
-        self.decode_ms_per_seq = decode_ms_per_seq
-        self.decode_ms_per_ctx_token = decode_ms_per_ctx_token
-        self.speedup = speedup
-        self.seed = seed
-        self.vocab_size = vocab_size
+        config = config or settings(MockerConfig, knobs)
+        self.config = config
+        self.context_length = config.context_length
+        self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.prefill_ms_per_token = config.prefill_ms_per_token
+        self.prefill_ms_quadratic = config.prefill_ms_quadratic
+        self.decode_ms_base = config.decode_ms_base
+        self.decode_ms_per_seq = config.decode_ms_per_seq
+        self.decode_ms_per_ctx_token = config.decode_ms_per_ctx_token
+        self.speedup = config.speedup
+        self.seed = config.seed
+        self.vocab_size = config.vocab_size or (vocab_size_of(model) if model else None) or 32000
         self._kv_events = KvEventFanout("mocker")
         self._kv_events.subscribe(on_events)
         self.block_manager = BlockManager(
-            num_blocks,
-            block_size,
-            enable_prefix_caching=enable_prefix_caching,
+            config.num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
             on_events=self._kv_events.publish,
         )
         self.scheduler = Scheduler(
             self.block_manager,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            context_length=context_length,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            context_length=config.context_length,
         )
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -207,20 +173,6 @@ class MockerEngine:
         """Forward passes simulated so far."""
         self.computed_prompt_tokens = 0
         """Prompt (and re-prefill) tokens actually computed: prefix-cache hits excluded."""
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], model: str | None = None) -> MockerEngine:
-        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``).
-
-        With a model folder and no ``vocab_size`` given, token ids are drawn from that model's
-        tokenizer, so the served text is visible rather than ids no tokenizer can decode.
-        """
-        kwargs = engine_kwargs(cls.__init__, config, "mocker", skip=("on_events",))
-        if model and "vocab_size" not in kwargs:
-            vocab = vocab_size_of(model)
-            if vocab is not None:
-                kwargs["vocab_size"] = vocab
-        return cls(**kwargs)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -241,9 +193,15 @@ class MockerEngine:
 
     # -- KV events and metrics ----------------------------------------------------------------
 
-    def on_kv_events(self, callback: KvEventCallback) -> None:
-        """Also send KV events to `callback` (e.g. a Worker publishing them on NATS)."""
-        self._kv_events.subscribe(callback)
+    def kv_block_size(self) -> int:
+        return self.block_size
+
+    def kv_events(self) -> KvEventFanout:
+        """Its block manager's KV events (a worker publishes them for the router)."""
+        return self._kv_events
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        return len(self.block_manager.cached_prefix(token_ids)) * self.block_size
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block no request uses (emits `AllBlocksCleared`/`BlockRemoved`)."""
@@ -272,7 +230,9 @@ class MockerEngine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
+    ) -> AsyncIterator[EngineOutput]:
         """Queue the request and stream its deltas; closing the stream aborts it at once.
 
         Outputs the consumer has not picked up yet are merged into one delta, so a slow consumer

@@ -1,101 +1,99 @@
-"""Engines by name, so a worker's config picks one (`engine: vllm`) without code changes.
+"""Engines by name, so a worker's config picks one (`engine: torch`) without code changes.
 
-Each builder imports its engine lazily: choosing "echo" must never import vLLM or torch. To add
-an engine, write a builder and add one line to `_BUILDERS`.
+Each builder imports its engine lazily: choosing "echo" must never import vLLM or torch. An
+engine's knobs are its config type in `configs.py`; `create_engine` decodes a YAML mapping
+into it (a bad key is an `EngineConfigError` naming it) before the engine is built. To add an
+engine: a config type there, a builder here, one line in `_ENGINES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from dynamo_sdk.llm.engines.base import Engine, EngineError
+from dynamo_sdk.llm.engines.base import Engine, EngineConfigError
+from dynamo_sdk.llm.engines.configs import (
+    CONFIG_TYPES,
+    EchoConfig,
+    EngineSettings,
+    MockerConfig,
+    TorchConfig,
+    VllmConfig,
+    decode_engine_config,
+)
 
-EngineBuilder = Callable[[str | None, Mapping[str, Any]], Engine]
 
-
-def _build_echo(model: str | None, config: Mapping[str, Any]) -> Engine:
-    """The echo engine needs no model; it only reads its two knobs."""
+def _build_echo(model: str | None, config: EngineSettings) -> Engine:
     from dynamo_sdk.llm.engines.echo import EchoEngine
 
-    return EchoEngine(
-        context_length=int(config.get("context_length", 8192)),
-        token_delay=float(config.get("token_delay", 0.0)),
-    )
+    assert isinstance(config, EchoConfig)
+    return EchoEngine(config)
 
 
-def _build_vllm(model: str | None, config: Mapping[str, Any]) -> Engine:
-    """vLLM args come from `engine_args`, or, for short configs, from top-level keys.
-
-    A top-level key that is neither `engine_args` nor an `AsyncEngineArgs` field is an error
-    rather than ignored, so a misspelt option (`max_modle_len`) cannot silently fall back to
-    vLLM's default. Nothing is started here: bad keys fail before any weights load.
-    """
-    from dynamo_sdk.llm.engines.vllm_engine import (
-        VllmEngine,
-        engine_arg_names,
-        normalize_engine_args,
-    )
-
-    if not model:
-        raise EngineError("the vllm engine needs a model (a local path or a model name)")
-    nested = config.get("engine_args") or {}
-    if not isinstance(nested, Mapping):
-        raise EngineError(f"engine_args must be a mapping, got {type(nested).__name__}")
-    known = engine_arg_names()
-    top_level: dict[str, Any] = {}
-    unknown: list[str] = []
-    for key, value in config.items():
-        if key == "engine_args":
-            continue
-        if key.replace("-", "_") in known:
-            top_level[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise EngineError(
-            f"unknown vllm engine config key(s): {', '.join(sorted(unknown))} "
-            "(use AsyncEngineArgs field names, at top level or under engine_args)"
-        )
-    top = normalize_engine_args(top_level)
-    inner = normalize_engine_args(nested)
-    both = sorted(set(top) & set(inner))
-    if both:
-        raise EngineError(f"vllm engine arg(s) given both at top level and in engine_args: {both}")
-    return VllmEngine(model, {**top, **inner})
-
-
-def _build_mocker(model: str | None, config: Mapping[str, Any]) -> Engine:
-    """The mocker simulates vLLM without a model; every knob is optional (see its docstring)."""
+def _build_mocker(model: str | None, config: EngineSettings) -> Engine:
     from dynamo_sdk.llm.engines.mocker import MockerEngine
 
-    return MockerEngine.from_config(config, model)
+    assert isinstance(config, MockerConfig)
+    return MockerEngine(config, model=model)
 
 
-def _build_torch(model: str | None, config: Mapping[str, Any]) -> Engine:
-    """The project's own PyTorch engine; its knobs are documented in its module docstring."""
+def _build_torch(model: str | None, config: EngineSettings) -> Engine:
     from dynamo_sdk.llm.torch_engine.engine import TorchEngine
 
-    if not model:
-        raise EngineError("the torch engine needs a model (a local path or a model name)")
-    return TorchEngine.from_config(model, config)
+    assert isinstance(config, TorchConfig)
+    return TorchEngine(model, config)
 
 
-_BUILDERS: dict[str, EngineBuilder] = {
-    "echo": _build_echo,
-    "vllm": _build_vllm,
-    "mocker": _build_mocker,
-    "torch": _build_torch,
+def _build_vllm(model: str | None, config: EngineSettings) -> Engine:
+    """Nothing is started here: a bad argument fails before any weights load."""
+    from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
+
+    assert isinstance(config, VllmConfig) and model is not None
+    return VllmEngine(model, config)
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    build: Callable[[str | None, EngineSettings], Engine]
+    needs_model: bool  # a model folder to load (the mocker takes one for its vocabulary only)
+    summary: str
+
+
+_ENGINES: dict[str, EngineKind] = {
+    "torch": EngineKind(_build_torch, True, "the project's own PyTorch engine"),
+    "vllm": EngineKind(_build_vllm, True, "vLLM's AsyncLLM"),
+    "mocker": EngineKind(_build_mocker, False, "simulated vLLM: real scheduling, no model"),
+    "echo": EngineKind(_build_echo, False, "no model: echoes the latest message"),
 }
+assert set(_ENGINES) == set(CONFIG_TYPES)
 
 
 def known_engines() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(_ENGINES)
 
 
-def create_engine(name: str, model: str | None, config: Mapping[str, Any]) -> Engine:
-    """Construct (not start) the engine called `name`; config errors raise `EngineError`."""
-    builder = _BUILDERS.get(name)
-    if builder is None:
-        raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(known_engines())}")
-    return builder(model, config)
+def engine_kind(name: str) -> EngineKind:
+    kind = _ENGINES.get(name)
+    if kind is None:
+        raise EngineConfigError(
+            f"unknown engine {name!r}; known engines: {', '.join(known_engines())}"
+        )
+    return kind
+
+
+def engine_config(name: str, section: Mapping[str, Any], owner: str = "") -> EngineSettings:
+    """An engine's settings from a mapping of its keys (`EngineConfigError` if bad)."""
+    engine_kind(name)
+    return decode_engine_config(name, section, owner)
+
+
+def create_engine(
+    name: str, model: str | None, config: Mapping[str, Any] | EngineSettings
+) -> Engine:
+    """Construct (not start) the engine called `name`; config errors raise `EngineConfigError`."""
+    kind = engine_kind(name)
+    settings = config if isinstance(config, EngineSettings) else engine_config(name, config)
+    if kind.needs_model and not model:
+        raise EngineConfigError(f"the {name} engine needs a model (a local path or a model name)")
+    return kind.build(model, settings)

@@ -16,13 +16,8 @@ device computes. A request cancelled mid-step is dropped when the step returns; 
 are freed at once (the running step may still write their KV, which is harmless: nothing is
 allocated until the next step is scheduled, on this same loop).
 
-Config keys (a worker's YAML section or ``dynamo run`` flags), all optional: ``device``
-(auto: cuda if available, else cpu), ``dtype`` (auto: the checkpoint's on GPU, float32 on CPU),
-``load_format`` (auto | dummy), ``block_size`` (16), ``num_blocks`` (auto: from
-``gpu_memory_utilization`` 0.9 on GPU, ``kv_cache_gb`` 0.25 on CPU), ``max_model_len``
-(config's), ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192),
-``enable_prefix_caching`` (true), ``enforce_eager`` (false: CUDA graphs on GPU),
-``cuda_graph_sizes`` (up to 256), ``seed`` (0, for dummy weights).
+Its knobs (a worker's YAML section or ``dynamo run`` flags) are `TorchConfig`'s
+(``dynamo_sdk/llm/engines/configs.py``: device, dtype, KV cache size, batch limits, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +37,17 @@ import msgspec
 import torch
 
 from dynamo_sdk.llm.engines.base import (
+    NO_OPTIONS,
+    Engine,
+    EngineConfigError,
     EngineError,
     EngineStats,
+    GenerateOptions,
+    InvalidPromptError,
     PrefillSlots,
-    RemotePrefill,
     check_prompt,
-    engine_kwargs,
 )
+from dynamo_sdk.llm.engines.configs import TorchConfig, settings
 from dynamo_sdk.llm.engines.scheduler import (
     ScheduledChunk,
     Scheduler,
@@ -58,6 +57,7 @@ from dynamo_sdk.llm.engines.scheduler import (
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
 from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
@@ -88,70 +88,62 @@ class _Seq(Sequence):
     plain_row: SampleRow | None = None  # reused every step when nothing in it changes
 
 
-class TorchEngine:
-    """Paged-KV, continuously batching engine for Llama-family models (see module docstring)."""
+class TorchEngine(Engine):
+    """Paged-KV, continuously batching engine for Llama-family models (see module docstring).
+
+    Its knobs are `TorchConfig`'s, given as the config object or as keyword arguments; it is
+    its own `kv_port()` (block export / import / writes for disaggregation and offload).
+    """
 
     def __init__(
         self,
         model: str | None,
+        config: TorchConfig | None = None,
         *,
-        device: str = "auto",
-        dtype: str = "auto",
-        load_format: str = "auto",
-        block_size: int = 16,
-        num_blocks: int = 0,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_gb: float = 0.25,
-        max_model_len: int = 0,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        enforce_eager: bool = False,
-        cuda_graph_sizes: list[int] | None = None,
-        seed: int = 0,
         model_config: ModelConfig | None = None,
         on_events: KvEventCallback | None = None,
+        **knobs: Any,
     ) -> None:
+        config = config or settings(TorchConfig, knobs)
+        self.settings = config
         if model is None and model_config is None:
-            raise EngineError("the torch engine needs a model folder (or load_format dummy)")
-        for name, value in (
-            ("block_size", block_size),
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-        ):
-            if value <= 0:
-                raise EngineError(f"torch engine: {name} must be positive, got {value}")
+            raise EngineConfigError("the torch engine needs a model folder (or load_format dummy)")
+        device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError("torch engine: device cuda asked for, but CUDA is not available")
+            raise EngineConfigError(
+                "torch engine: device cuda asked for, but CUDA is not available"
+            )
         self.model_path = model
         self.config = model_config or ModelConfig.from_folder(model)  # type: ignore[arg-type]
         config_json = Path(model) / "config.json" if model else None
         try:
-            self.dtype = resolve_dtype(dtype, self.device, config_json)
+            self.dtype = resolve_dtype(config.dtype, self.device, config_json)
         except ValueError as exc:
-            raise EngineError(f"torch engine: {exc}") from exc
-        self.load_format = load_format
-        self.block_size = block_size
-        self._num_blocks_wanted = num_blocks
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.kv_cache_gb = kv_cache_gb
-        if max_model_len > self.config.max_position_embeddings:
+            raise EngineConfigError(f"torch engine: {exc}") from exc
+        self.load_format = config.load_format
+        self.block_size = config.block_size
+        self._num_blocks_wanted = config.num_blocks
+        self.gpu_memory_utilization = config.gpu_memory_utilization
+        self.kv_cache_gb = config.kv_cache_gb
+        if config.max_model_len > self.config.max_position_embeddings:
             # Positions past the model's rotary table would index out of it mid-step.
-            raise EngineError(
-                f"torch engine: max_model_len {max_model_len} exceeds the model's "
+            raise EngineConfigError(
+                f"torch engine: max_model_len {config.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.config.max_position_embeddings}"
             )
-        self._max_model_len_wanted = max_model_len or self.config.max_position_embeddings
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.enable_prefix_caching = enable_prefix_caching
-        graph_sizes = cuda_graph_sizes or [s for s in DEFAULT_CUDA_GRAPH_SIZES if s <= max_num_seqs]
-        eager = enforce_eager or self.device.type != "cuda"
+        self._max_model_len_wanted = config.max_model_len or self.config.max_position_embeddings
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.enable_prefix_caching = config.enable_prefix_caching
+        graph_sizes = config.cuda_graph_sizes or [
+            s for s in DEFAULT_CUDA_GRAPH_SIZES if s <= config.max_num_seqs
+        ]
+        eager = config.enforce_eager or self.device.type != "cuda"
         self.cuda_graph_sizes: tuple[int, ...] = () if eager else tuple(graph_sizes)
-        self.seed = seed
+        self.seed = config.seed
         self.context_length = self._max_model_len_wanted
         self._kv_events = KvEventFanout("torch engine")
         self._kv_events.subscribe(on_events)
@@ -171,13 +163,6 @@ class TorchEngine:
         """Decode steps launched ahead, before the previous step's tokens were known."""
         self.launch_ahead_on_cpu = False
         """Pipeline decode steps on CPU too (no gain there; lets CPU tests cover the path)."""
-
-    @classmethod
-    def from_config(cls, model: str | None, config: Mapping[str, Any]) -> TorchEngine:
-        """Build from a YAML mapping (checked and coerced by ``engine_kwargs``)."""
-        skip = ("model", "on_events", "model_config")
-        kwargs = engine_kwargs(cls.__init__, config, "torch", skip=skip)
-        return cls(model, **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -289,8 +274,15 @@ class TorchEngine:
 
     # -- KV events, metrics, KV import/export --------------------------------------------------
 
-    def on_kv_events(self, callback: KvEventCallback) -> None:
-        self._kv_events.subscribe(callback)
+    def kv_block_size(self) -> int:
+        return self.block_size
+
+    def kv_events(self) -> KvEventFanout:
+        return self._kv_events
+
+    def kv_port(self) -> TorchEngine:
+        """The engine itself: it implements every `KvPort` operation."""
+        return self
 
     def stats(self) -> EngineStats:
         if self._scheduler is None:
@@ -361,15 +353,16 @@ class TorchEngine:
         return self._next_id
 
     async def generate(
-        self, request: PreprocessedRequest, remote_prefill: RemotePrefill | None = None
+        self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
     ) -> AsyncIterator[EngineOutput]:
         """Queue the request and stream its deltas; closing the stream aborts it at once.
 
-        With ``remote_prefill`` the prompt's blocks are allocated first and handed to it to be
-        filled elsewhere (a prefill worker); the request then computes only what was not
-        written (at least its last prompt token, whose logits give the first token). If no
+        With ``options.remote_prefill`` the prompt's blocks are allocated first and handed to
+        it to be filled elsewhere (a prefill worker); the request then computes only what was
+        not written (at least its last prompt token, whose logits give the first token). If no
         blocks are free, or the prefill fails, the prompt is computed here.
         """
+        remote_prefill = options.remote_prefill
         sched = self._accepting("generate")
         seq = self._new_seq(request)
         if request.stop.max_tokens <= 0:
@@ -407,7 +400,9 @@ class TorchEngine:
         check_prompt(request, self.context_length)
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in request.token_ids):
-            raise EngineError(f"request {request.request_id}: token id outside the vocabulary")
+            raise InvalidPromptError(
+                f"request {request.request_id}: token id outside the vocabulary"
+            )
         self._prompt_tokens += len(request.token_ids)
         return _Seq(
             seq_id=f"{request.request_id}#{self._new_id()}",
@@ -464,16 +459,16 @@ class TorchEngine:
         (block ids index dimension 2): what a GPU-to-GPU transfer writes into."""
         return self._ready()[1].kv
 
-    def kv_layout(self) -> dict[str, Any]:
+    def kv_layout(self) -> KvLayout:
         """What a KV buffer of this engine looks like, for peers to check before sending."""
         cfg = self.config
-        return {
-            "num_layers": cfg.num_layers,
-            "block_size": self.block_size,
-            "num_kv_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_dim,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        return KvLayout(
+            num_layers=cfg.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading prompt tokens whose KV is cached here (for the disaggregation rule)."""
