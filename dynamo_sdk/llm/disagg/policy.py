@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 Decision = Literal["remote", "local_short", "local_queue_full"]
 
 
 @dataclass(frozen=True)
 class DisaggConfig:
-    """A decode worker's disaggregation knobs (its YAML section's keys of the same names).
+    """A decode worker's disaggregation knobs (its YAML section's keys of the same names,
+    `worker/config.py`).
 
     Prefill remotely only when the prompt's tokens not already cached here exceed
     ``max_local_prefill_length`` (short prefills cost less than a transfer) and fewer than
@@ -24,18 +24,6 @@ class DisaggConfig:
     max_local_prefill_length: int = 512
     max_prefill_queue_size: int = 4
     prefill_timeout: float = 30.0
-
-    KEYS = ("remote_prefill", "max_local_prefill_length", "max_prefill_queue_size",
-            "prefill_timeout")  # fmt: skip
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> DisaggConfig:
-        return cls(
-            remote_prefill=bool(section.get("remote_prefill", False)),
-            max_local_prefill_length=int(section.get("max_local_prefill_length", 512)),
-            max_prefill_queue_size=int(section.get("max_prefill_queue_size", 4)),
-            prefill_timeout=float(section.get("prefill_timeout", 30.0)),
-        )
 
     def decide(self, uncached_tokens: int, queue_depth: int) -> Decision:
         if uncached_tokens <= self.max_local_prefill_length:

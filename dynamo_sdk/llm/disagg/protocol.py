@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
+from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.protocol import PreprocessedRequest
 
+__all__ = [
+    "KvLayout",
+    "RemotePrefillRequest",
+    "TransferEndpoint",
+    "TransferHeader",
+    "TransportKind",
+    "transfer_key",
+]
 
-class KvLayout(msgspec.Struct, frozen=True):
-    """The shape of a worker's KV blocks; sender and receiver must agree exactly."""
 
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
+class TransportKind(enum.StrEnum):
+    """How KV moves between workers (`disagg/transport.py`); both sides must use one."""
 
-    def mismatch(self, other: KvLayout) -> str | None:
-        """A readable list of differences, or None when the layouts are the same."""
-        diffs = [
-            f"{f}: {getattr(self, f)} vs {getattr(other, f)}"
-            for f in self.__struct_fields__
-            if getattr(self, f) != getattr(other, f)
-        ]
-        return "; ".join(diffs) or None
+    BLOCKS = "blocks"  # written into the decode engine's blocks (engines with a kv_port)
+    CONNECTOR = "connector"  # through the engines' own KV connector (vLLM)
 
 
 class TransferEndpoint(msgspec.Struct):
@@ -49,10 +49,9 @@ class RemotePrefillRequest(msgspec.Struct):
     block_ids: list[int]  # the decode worker's blocks for the whole prompt
     first_block: int  # blocks before it are cached on the decode side: not sent
     transfer_id: str  # names this transfer on the decode worker's receiver
-    # how the KV travels: "blocks" = written into ``block_ids`` (the torch engine); "connector"
-    # = saved through vLLM's KV connector for the decode engine to load (no blocks offered;
-    # the prefill worker only sends a notice, see vllm_connector.py)
-    kv_via: str = "blocks"
+    # how the KV travels: into ``block_ids``, or through the engines' KV connector (then no
+    # blocks are offered and the prefill worker only sends a notice)
+    kind: TransportKind = TransportKind.BLOCKS
 
 
 class TransferHeader(msgspec.Struct, omit_defaults=True):

@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import torch
@@ -491,7 +491,7 @@ def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
-def transport_for(endpoint: TransferEndpoint, kv: torch.Tensor) -> str:
+def transport_for(endpoint: TransferEndpoint, kv: torch.Tensor) -> Literal["cuda_ipc", "tcp"]:
     """Which transport ``send_kv`` uses for ``kv`` to ``endpoint``: "cuda_ipc" or "tcp"."""
     return "cuda_ipc" if kv.is_cuda and _peer_cache(endpoint) is not None else "tcp"
 

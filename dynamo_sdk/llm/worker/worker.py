@@ -1,0 +1,102 @@
+"""`LLMWorker`: one engine behind the runtime's `generate` endpoint.
+
+Start-up: resolve the model, build and start the engine the config names, turn on
+disaggregated prefill if asked (`DecodeRole`), publish the engine's KV events and load when it
+has KV events (so the KV-aware router can follow it), announce the model in etcd (the
+Frontend lists it and learns its tokenizer, context length and KV block size), and report
+stats every `stats_interval` seconds while busy. Everything engine-specific is asked of the
+engine's declared capabilities; this class is the same for every engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from dynamo_sdk.llm.engines.base import Engine, EngineStats
+from dynamo_sdk.llm.engines.registry import create_engine
+from dynamo_sdk.llm.kv.events import LoadMetrics
+from dynamo_sdk.llm.kv.publisher import KvPublisher
+from dynamo_sdk.llm.model_registry import register_model
+from dynamo_sdk.llm.model_resolver import resolve_model, served_name
+from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest
+from dynamo_sdk.llm.worker.config import WorkerConfig
+from dynamo_sdk.llm.worker.decode import DecodeRole
+from dynamo_sdk.llm.worker.stats import StatsReporter
+from dynamo_sdk.runtime import DistributedRuntime
+
+log = logging.getLogger("dynamo.llm.worker")
+
+
+class LLMWorker:
+    """Serves one engine (see module docstring)."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.decode: DecodeRole | None = None
+        self.publisher: KvPublisher | None = None
+        self.reporter: StatsReporter | None = None
+
+    async def start(
+        self, runtime: DistributedRuntime, namespace: str, component: str, endpoint: str
+    ) -> None:
+        keys = self.config.keys
+        path = None
+        if keys.engine != "echo":  # the mocker reads its vocabulary from the model's tokenizer
+            path = str(await asyncio.to_thread(resolve_model, keys.model))
+        served = served_name(keys.model, path, keys.served_model_name)
+        engine = create_engine(keys.engine, path, self.config.engine)
+        await engine.start()
+        self.engine = engine
+        if keys.remote_prefill:
+            self.decode = DecodeRole(engine, keys.disagg())
+            await self.decode.start(runtime, namespace)
+        events = engine.kv_events()
+        if events is not None:
+            self.publisher = KvPublisher(runtime, namespace, component, self._load)
+            events.subscribe(self.publisher.on_events)
+            await self.publisher.start()
+        await register_model(
+            runtime,
+            ModelEntry(
+                name=served,
+                namespace=namespace,
+                component=component,
+                endpoint=endpoint,
+                context_length=engine.context_length,
+                path=path or "",
+                kv_block_size=engine.kv_block_size(),
+                kv_events=events is not None,
+            ),
+        )
+        self.reporter = StatsReporter(engine, served, keys.stats_interval)
+        self.reporter.start()
+        log.info("serving %s with the %s engine (context %d)", served, keys.engine,
+                 engine.context_length)  # fmt: skip
+
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        assert self.engine is not None
+        if self.decode is not None:
+            return self.decode.generate(request)
+        return self.engine.generate(request)
+
+    def stats(self) -> EngineStats:
+        assert self.engine is not None
+        return self.engine.stats()
+
+    def disagg_stats(self) -> dict[str, int]:
+        """Conditional-disaggregation decisions and transfers so far (empty when off)."""
+        return self.decode.stats() if self.decode is not None else {}
+
+    def _load(self, worker_id: int) -> LoadMetrics:
+        assert self.engine is not None
+        return self.engine.load_metrics(worker_id)
+
+    async def stop(self) -> None:
+        for part in (self.reporter, self.decode, self.publisher):
+            if part is not None:
+                await part.stop()
+        if self.engine is not None:
+            await self.engine.shutdown()
