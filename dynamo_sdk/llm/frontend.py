@@ -1,43 +1,53 @@
 """The OpenAI-compatible HTTP edge: validation, errors, SSE, aggregation, metrics.
 
 It knows no tokenizer and no engine. A `Backend` gives it the served models and a stream of
-`TextDelta`s per request; behind it is a Processor over NATS (served graph) or in the same
-process (`dynamo run`). Every failure is an OpenAI error body with a fitting status code; a
-client that disconnects mid-stream closes the backend stream, which cancels the request all
-the way into the engine.
+`TextDelta`s per request: the live models' pipelines in this process (`serving.py`: the
+Frontend tokenizes and routes itself), a Processor service, or an in-process engine
+(`dynamo run`). The body is validated here, once (`openai_protocol.py`). Every failure is an
+OpenAI error body with a fitting status code; a client that disconnects mid-stream closes the
+backend stream, which cancels the request all the way into the engine.
+
+Ready means ready: a model is listed in `/v1/models` only while a request for it can be
+served end to end, `/health` is 503 until one can (`/live` says only that the process is up),
+and a request that arrives in a start-up gap waits (up to `startup_wait` seconds) for the
+first worker instead of failing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.routing import Route
 
 from dynamo_sdk.http.errors import describe, error_response
 from dynamo_sdk.http.streaming import StreamResponse
 from dynamo_sdk.llm.errors import ModelNotFoundError
 from dynamo_sdk.llm.metrics import FrontendMetrics
-from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest
-from dynamo_sdk.llm.protocol import LogprobEntry, ProcessorRequest, TextDelta, Usage
+from dynamo_sdk.llm.openai_protocol import OpenAIRequest, RequestError, parse_request
+from dynamo_sdk.llm.protocol import LogprobEntry, TextDelta, Usage
 from dynamo_sdk.runtime.errors import ErrorCode, code_of
 
 log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    def model_names(self) -> list[str]: ...
+    def model_names(self) -> list[str]:
+        """The models a request can be served for now."""
+        ...
 
-    def generate(self, request: ProcessorRequest) -> AsyncIterator[TextDelta]: ...
+    async def wait_for_model(self, name: str, timeout: float) -> bool:
+        """Whether ``name`` is servable now or becomes so within ``timeout`` (a gap)."""
+        ...
+
+    def generate(self, request_id: str, body: OpenAIRequest) -> AsyncIterator[TextDelta]: ...
 
 
 def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -49,12 +59,6 @@ def error_from_exception(exc: BaseException) -> JSONResponse:
     if status >= 500 and code_of(exc) is ErrorCode.INTERNAL:
         log.error("request failed: %s", message, exc_info=exc)
     return error_response(status, message, kind)
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
 
 
 class _Accumulator:
@@ -122,7 +126,7 @@ class _Call:
     """What every answer format needs to know about the request it answers."""
 
     kind: str  # "chat" | "completion"
-    body: ChatCompletionRequest | CompletionRequest
+    body: OpenAIRequest
     request_id: str
     created: int
     started: float
@@ -135,9 +139,15 @@ class _Call:
 class OpenAIServer:
     """Builds the FastAPI app around a backend."""
 
-    def __init__(self, backend: Backend, metrics: FrontendMetrics | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: FrontendMetrics | None = None,
+        startup_wait: float = 60.0,
+    ) -> None:
         self.backend = backend
         self.metrics = metrics or FrontendMetrics()
+        self.startup_wait = startup_wait
         self.app = FastAPI(title="Dynamo OpenAI-compatible API")
         # The generation routes take the raw `Request` and validate the body themselves, so
         # they are plain Starlette routes: FastAPI's per-request dependency solving (for no
@@ -146,6 +156,7 @@ class OpenAIServer:
         self.app.router.routes.append(Route("/v1/completions", self.completions, methods=["POST"]))
         self.app.add_api_route("/v1/models", self.models, methods=["GET"])
         self.app.add_api_route("/health", self.health, methods=["GET"])
+        self.app.add_api_route("/live", self.live, methods=["GET"])
         self.app.add_api_route("/metrics", self.prometheus, methods=["GET"])
 
     async def models(self) -> JSONResponse:
@@ -162,6 +173,9 @@ class OpenAIServer:
             {"status": "healthy" if names else "no models", "models": names}, status
         )
 
+    async def live(self) -> JSONResponse:
+        return JSONResponse({"status": "live"})
+
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -171,44 +185,34 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, "completion")
 
-    async def _serve(self, request: Request, kind: str) -> Response:
+    async def _serve(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
         endpoint = "chat_completions" if kind == "chat" else "completions"
         response = await self._handle(request, kind)
         model = getattr(response, "dynamo_model", "") or ""
         self.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
         return response
 
-    async def _handle(self, request: Request, kind: str) -> Response:
-        raw = await request.body()
+    async def _handle(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
         try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return openai_error(
-                400, f"request body is not valid JSON: {exc}", "invalid_request_error"
-            )
-        if not isinstance(payload, dict):
-            return openai_error(400, "request body must be a JSON object", "invalid_request_error")
-        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
-        try:
-            body = schema.model_validate(payload)
-        except ValidationError as exc:
-            message, param = _validation_message(exc)
-            return openai_error(400, message, "invalid_request_error", param)
-        if body.model not in self.backend.model_names():
+            body = parse_request(kind, await request.body())
+        except RequestError as exc:
+            return openai_error(400, str(exc), "invalid_request_error", exc.param)
+        if body.model not in self.backend.model_names() and not await self.backend.wait_for_model(
+            body.model, self.startup_wait
+        ):
             return error_from_exception(
                 ModelNotFoundError(
                     f"The model `{body.model}` does not exist or has no live worker."
                 )
             )
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        proc_request = ProcessorRequest(
-            request_id=request_id,
-            kind="chat" if kind == "chat" else "completion",
-            body=body.model_dump(mode="json", exclude_none=True),
-        )
         started = time.perf_counter()
-        stream = self.backend.generate(proc_request)
         self.metrics.inflight.inc()
+        try:
+            stream = self.backend.generate(request_id, body)
+        except Exception as exc:
+            self.metrics.inflight.dec()
+            return error_from_exception(exc)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:

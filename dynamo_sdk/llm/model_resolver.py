@@ -84,3 +84,30 @@ def default_model() -> Path:
     path = build_tiny_model()
     log.info("model auto: no small model in the HF cache; using the tiny local model %s", path)
     return path
+
+
+TINY_MODEL_NAME = "dynamo-tiny"
+
+
+def served_name(spec: str, path: str | Path | None, explicit: str = "") -> str:
+    """The name clients ask for, predictably: the one given; else, for ``auto``, the cached
+    repo id it picked or ``dynamo-tiny`` for the tiny local model; a Hugging Face id as it is;
+    a folder by its name. A model-free engine (``path`` None) is ``echo`` unless named."""
+    if explicit:
+        return explicit
+    if path is None:
+        return spec if spec != "auto" else "echo"
+    resolved = Path(path).resolve()
+    if spec == "auto":
+        from dynamo_sdk.llm.testing.tiny_model import default_model_dir
+
+        if resolved == default_model_dir().resolve():
+            return TINY_MODEL_NAME
+        for repo_id in CANDIDATES:
+            cached = _cached(repo_id)
+            if cached is not None and cached.resolve() == resolved:
+                return repo_id
+        return resolved.name
+    if not Path(spec).expanduser().is_dir() and spec.count("/") == 1:
+        return spec  # a Hugging Face id
+    return resolved.name

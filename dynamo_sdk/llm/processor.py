@@ -1,10 +1,11 @@
-"""The Processor's logic: OpenAI request → token ids → engine → text, with stop strings.
+"""Pre- and post-processing: OpenAI request → token ids → engine → text, with stop strings.
 
 It owns everything model-specific about text: the chat template, tokenization, limits that
-depend on the model (context length), incremental detokenization that never splits a UTF-8
-character, and stop strings (matched on text, across token boundaries). Engines only see and
-return token ids. The engine is reached through `engine_call`, so the same code runs behind
-NATS in a served graph and in-process in `dynamo run`.
+depend on the model (the context length, given per request: the smallest any live worker of
+the model takes), incremental detokenization that never splits a UTF-8 character, and stop
+strings (matched on text, across token boundaries). Engines only see and return token ids.
+The engine is reached through `engine_call`, so the same code runs in the Frontend (calling
+a worker over the runtime), in a Processor service, and in-process in `dynamo run`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+
 from dynamo_sdk.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dynamo_sdk.llm.errors import ContextLengthError, InvalidRequestError
 from dynamo_sdk.llm.openai_protocol import (
     ChatCompletionRequest,
-    CompletionRequest,
+    OpenAIRequest,
     SamplingFields,
 )
 from dynamo_sdk.llm.protocol import (
@@ -25,7 +28,6 @@ from dynamo_sdk.llm.protocol import (
     LogprobEntry,
     OutputOptions,
     PreprocessedRequest,
-    ProcessorRequest,
     SamplingOptions,
     StopConditions,
     TextDelta,
@@ -48,35 +50,27 @@ class Prepared:
 class OpenAIProcessor:
     """Turns OpenAI requests into engine requests and engine outputs into text deltas."""
 
-    def __init__(self, tokenizer: Tokenizer, model_name: str, context_length: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_name: str) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.context_length = context_length
 
     # ---- pre-processing ---------------------------------------------------------------
 
-    def parse(self, request: ProcessorRequest) -> ChatCompletionRequest | CompletionRequest:
-        model = ChatCompletionRequest if request.kind == "chat" else CompletionRequest
-        try:
-            return model.model_validate(request.body)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise InvalidRequestError(str(exc)) from exc
-
-    def prompt_ids(self, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    def prompt_ids(self, body: OpenAIRequest) -> list[int]:
         return self.prompt(body).token_ids
 
-    def prompt(self, body: ChatCompletionRequest | CompletionRequest) -> ChatPrompt:
+    def prompt(self, body: OpenAIRequest) -> ChatPrompt:
         """The prompt's token ids (and, for a chat, where its latest message is in them)."""
         try:
             if isinstance(body, ChatCompletionRequest):
-                messages = [m.model_dump(exclude_none=True) for m in body.messages]
+                messages = [msgspec.to_builtins(m) for m in body.messages]
                 return self.tokenizer.render_chat(messages, add_generation_prompt=True)
             prompt = body.prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
                 return ChatPrompt(self.tokenizer.encode(prompt, add_special_tokens=True))
-            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            ids = [int(t) for t in prompt]
         except TokenizerError as exc:
             raise InvalidRequestError(str(exc)) from exc
         bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
@@ -84,23 +78,20 @@ class OpenAIProcessor:
             raise InvalidRequestError(f"prompt token ids out of the vocabulary: {bad[:5]}")
         return ChatPrompt(ids)
 
-    def prepare(self, request: ProcessorRequest) -> Prepared:
-        body = self.parse(request)
+    def prepare(self, request_id: str, body: OpenAIRequest, context_length: int) -> Prepared:
+        """The engine request for ``body`` (checked against ``context_length``)."""
         ids, latest = self.prompt(body)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        max_tokens = self._max_tokens(body, len(ids))
+        max_tokens = self._max_tokens(body, len(ids), context_length)
         if body.min_tokens > max_tokens:
             raise InvalidRequestError(
                 f"min_tokens ({body.min_tokens}) is larger than max_tokens ({max_tokens})"
             )
-        try:
-            logprobs = body.logprobs_count()
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
+        logprobs = body.logprobs_count()
         stop_ids = [] if body.ignore_eos else list(self.tokenizer.eos_token_ids)
         engine_request = PreprocessedRequest(
-            request_id=request.request_id,
+            request_id=request_id,
             model=self.model_name,
             token_ids=ids,
             stop=StopConditions(
@@ -115,11 +106,11 @@ class OpenAIProcessor:
         )
         return Prepared(engine_request, body.stop_list())
 
-    def _max_tokens(self, body: SamplingFields, prompt_len: int) -> int:
-        room = self.context_length - prompt_len
+    def _max_tokens(self, body: SamplingFields, prompt_len: int, context_length: int) -> int:
+        room = context_length - prompt_len
         if room < 1:
             raise ContextLengthError(
-                f"This model's maximum context length is {self.context_length} tokens; the "
+                f"This model's maximum context length is {context_length} tokens; the "
                 f"prompt has {prompt_len} tokens, leaving no room for a completion."
             )
         requested = body.requested_max_tokens()
@@ -127,7 +118,7 @@ class OpenAIProcessor:
             return room
         if requested > room:
             raise ContextLengthError(
-                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"This model's maximum context length is {context_length} tokens. However, "
                 f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
                 f"{requested} for the completion). Please reduce the prompt or max_tokens."
             )
@@ -136,10 +127,14 @@ class OpenAIProcessor:
     # ---- the stream -------------------------------------------------------------------
 
     async def generate(
-        self, request: ProcessorRequest, engine_call: EngineCall
+        self,
+        request_id: str,
+        body: OpenAIRequest,
+        engine_call: EngineCall,
+        context_length: int,
     ) -> AsyncIterator[TextDelta]:
         """Run one request; the last delta carries finish_reason and usage."""
-        prepared = self.prepare(request)
+        prepared = self.prepare(request_id, body, context_length)
         engine_request = prepared.engine_request
         prompt_len = len(engine_request.token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, engine_request.token_ids)

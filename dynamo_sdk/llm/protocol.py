@@ -9,9 +9,11 @@ interchangeable and the Frontend and Processor never change when one is added.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
+
+from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -76,18 +78,33 @@ class ModelEntry(msgspec.Struct):
     component: str
     endpoint: str
     context_length: int
-    path: str = ""
+    path: str = ""  # the model folder: its tokenizer, for a Frontend that tokenizes ("" = none)
+    kv_block_size: int = 0  # tokens per KV block its events hash (0: no paged KV cache)
+    kv_events: bool = False  # it publishes KV events and load: the KV router can follow it
 
 
 # ---- Frontend ↔ Processor ------------------------------------------------------------------
 
 
-class ProcessorRequest(msgspec.Struct):
-    """An OpenAI request, already validated by the Frontend, on its way to a Processor."""
+class ProcessorRequest(msgspec.Struct, omit_defaults=True):
+    """An OpenAI request, validated by the Frontend, on its way to a Processor service:
+    exactly one of ``chat`` and ``completion``."""
 
     request_id: str
-    kind: Literal["chat", "completion"]
-    body: dict[str, Any]
+    chat: ChatCompletionRequest | None = None
+    completion: CompletionRequest | None = None
+
+    @property
+    def body(self) -> OpenAIRequest:
+        body = self.chat or self.completion
+        assert body is not None, "a ProcessorRequest carries a chat or a completion"
+        return body
+
+    @classmethod
+    def of(cls, request_id: str, body: OpenAIRequest) -> ProcessorRequest:
+        if isinstance(body, ChatCompletionRequest):
+            return cls(request_id, chat=body)
+        return cls(request_id, completion=body)
 
 
 class TopLogprob(msgspec.Struct, array_like=True):
