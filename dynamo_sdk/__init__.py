@@ -16,7 +16,7 @@ from dynamo_sdk.sdk.lifecycle import (
     liveness,
     readiness,
 )
-from dynamo_sdk.sdk.service import DynamoService, depends, service
+from dynamo_sdk.sdk.service import DynamoService, depends, service, service_of
 
 __version__ = "0.1.0"
 
@@ -35,4 +35,5 @@ __all__ = [
     "liveness",
     "readiness",
     "service",
+    "service_of",
 ]

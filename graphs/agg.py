@@ -1,12 +1,11 @@
-"""Aggregated serving: Frontend → Processor → Worker (prefill and decode on one engine).
+"""Aggregated serving: Frontend → Worker.
 
-dynamo serve graphs.agg:Frontend -f configs/agg.yaml
+The packaged graph `dynamo_sdk.llm.graphs.agg` (its docstring says more), importable from the
+repository root as `graphs.agg`:
+
+    dynamo serve graphs.agg:Frontend -f configs/agg.yaml
 """
 
-from examples.llm.components.frontend import Frontend
-from examples.llm.components.processor import Processor
-from examples.llm.components.worker import Worker
-
-Frontend.link(Processor).link(Worker)
+from dynamo_sdk.llm.graphs.agg import Frontend, Processor, Worker
 
 __all__ = ["Frontend", "Processor", "Worker"]

@@ -1,16 +1,11 @@
-"""Aggregated serving with KV-aware routing: Frontend → Processor → Router → Worker(s).
+"""Aggregated serving with KV-aware routing in the Frontend: Frontend → Worker(s).
 
-The Processor asks the Router which Worker holds most of the prompt's KV cache (and is not
-overloaded), then calls that worker directly.
+The packaged graph `dynamo_sdk.llm.graphs.agg_router` (its docstring says more), importable from the
+repository root as `graphs.agg_router`:
 
     dynamo serve graphs.agg_router:Frontend -f configs/agg_router.yaml
 """
 
-from examples.llm.components.frontend import Frontend
-from examples.llm.components.kv_router import Router
-from examples.llm.components.processor import Processor
-from examples.llm.components.worker import Worker
-
-Frontend.link(Processor).link(Router).link(Worker)
+from dynamo_sdk.llm.graphs.agg_router import Frontend, Processor, Router, Worker
 
 __all__ = ["Frontend", "Processor", "Router", "Worker"]

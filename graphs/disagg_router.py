@@ -1,15 +1,11 @@
-"""Disaggregated serving with KV-aware routing of the decode workers:
-Frontend → Processor → Router → Worker (decode) ⇢ PrefillWorker.
+"""Disaggregated serving, decode workers KV-routed: Frontend → Worker ⇢ PrefillWorker.
+
+The packaged graph `dynamo_sdk.llm.graphs.disagg_router` (its docstring says more), importable
+from the repository root as `graphs.disagg_router`:
 
     dynamo serve graphs.disagg_router:Frontend -f configs/disagg_router.yaml
 """
 
-from examples.llm.components.frontend import Frontend
-from examples.llm.components.kv_router import Router
-from examples.llm.components.prefill_worker import PrefillWorker
-from examples.llm.components.processor import Processor
-from examples.llm.components.worker import Worker
-
-Frontend.link(Processor).link(Router).link(Worker).link(PrefillWorker)
+from dynamo_sdk.llm.graphs.disagg_router import Frontend, PrefillWorker, Processor, Router, Worker
 
 __all__ = ["Frontend", "PrefillWorker", "Processor", "Router", "Worker"]

@@ -1,4 +1,8 @@
-"""KV-aware routing end to end: `dynamo serve graphs.agg_router` with three mocker workers."""
+"""KV-aware routing end to end: `dynamo serve graphs.agg_router` with three mocker workers.
+
+Both forms of the graph: the Frontend routing by KV itself (the default), and the scale-out
+path (Frontend → Processor → Router service → Worker).
+"""
 
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ MODEL = "dynamo-mocker"
 PREFIX = " ".join(["shared system prompt about routing"] * 60)
 
 
-@pytest.fixture(scope="module")
+FORMS = {"folded": [], "scale_out": ["--Frontend.processor=true"]}
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
 def routed(
-    servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory
+    servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory, request: Any
 ) -> Iterator[ServeProcess]:
     port = free_port()
     serve = ServeProcess(
@@ -37,12 +44,14 @@ def routed(
             "configs/agg_router.yaml",
             f"--Frontend.port={port}",
             "--Worker.speedup=50",
+            *FORMS[request.param],
         ],
         cwd=REPO_ROOT,
         env={**servers.env(), "DYN_LEASE_TTL": "3"},
         log_path=tmp_path_factory.mktemp("routed") / "serve.log",
     )
     serve.base = f"http://127.0.0.1:{port}/v1"
+    serve.form = request.param  # type: ignore[attr-defined]
 
     def up() -> bool:
         try:
@@ -70,17 +79,32 @@ def complete(base: str, prompt: str) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
-def call(servers: EmbeddedServers, component: str, endpoint: str, response_type: Any = Any) -> Any:
+def call(
+    servers: EmbeddedServers,
+    component: str,
+    endpoint: str,
+    response_type: Any = Any,
+    argument: Any = "now",
+) -> Any:
     async def go() -> dict[int, Any]:
         rt = await DistributedRuntime.connect(settings_for(servers))
         try:
             client = rt.endpoint_client("dynamo", component, endpoint, response_type=response_type)
             ids = await client.wait_for_instance_ids(5)
-            return {i: await client.direct(i, "now") for i in ids}
+            return {i: await client.direct(i, argument) for i in ids}
         finally:
             await rt.shutdown()
 
     return asyncio.run(go())
+
+
+def router_state(serve: ServeProcess, servers: EmbeddedServers) -> dict[str, Any]:
+    """The KV router's index: the Frontend's own, or the Router service's."""
+    if serve.form == "folded":  # type: ignore[attr-defined]
+        [state] = call(servers, "Frontend", "router_state", argument=MODEL).values()
+    else:
+        [state] = call(servers, "Router", "state").values()
+    return state  # type: ignore[no-any-return]
 
 
 def instance_of(serve: ServeProcess, label: str) -> int:
@@ -102,19 +126,17 @@ def test_shared_prefix_lands_on_the_worker_holding_it_and_a_dead_worker_leaves(
     grew = [w for w in after if after[w].prompt_tokens_total > before[w].prompt_tokens_total]
     assert len(grew) == 1, "requests sharing a prefix were spread over several workers"
     holder = grew[0]
-    state = call(servers, "Router", "state")
-    [router_state] = state.values()
-    assert router_state["workers"][f"{holder:x}"] >= 25
+    assert router_state(routed, servers)["workers"][f"{holder:x}"] >= 25
 
     # SIGKILL the holder: it stops receiving requests and its blocks leave the index
     label = next(f"Worker:{i}" for i in range(3) if instance_of(routed, f"Worker:{i}") == holder)
     os.kill(routed.worker_pids(label)[-1], signal.SIGKILL)
     deadline = time.monotonic() + 3 + 5
     while True:
-        [router_state] = call(servers, "Router", "state").values()
-        if f"{holder:x}" not in router_state["workers"]:
+        state = router_state(routed, servers)
+        if f"{holder:x}" not in state["workers"]:
             break
-        assert time.monotonic() < deadline, f"dead worker still indexed: {router_state}"
+        assert time.monotonic() < deadline, f"dead worker still indexed: {state}"
         time.sleep(0.3)
     for i in range(3):
         result = complete(routed.base, PREFIX + f" after the crash {i}")

@@ -29,9 +29,12 @@ def test_repeated_prompt_returns_to_the_worker_holding_its_blocks(
         prompt_tokens = first["usage"]["prompt_tokens"]
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         deadline = time.monotonic() + 10
-        while not next(iter(call(servers, "Router", "state").values()))["indexed_blocks"]:
+        # the Frontend routes by KV itself (configs/agg_router_torch.yaml): its index fills up
+        state = call(servers, "Frontend", "router_state", argument=MODEL)
+        while not next(iter(state.values()))["indexed_blocks"]:
             assert time.monotonic() < deadline, "the torch workers' KV events never arrived"
             time.sleep(0.2)
+            state = call(servers, "Frontend", "router_state", argument=MODEL)
         for _ in range(3):
             again = httpx.post(f"{serve.base}/completions", json=body, timeout=60).json()
             # the engine itself reports the hit: all full blocks but the last were reused

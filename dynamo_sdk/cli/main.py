@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -36,7 +37,9 @@ def cli() -> None:
 )
 @click.argument("graph")
 @click.option(
-    "-f", "--config-file", type=click.Path(exists=True, dir_okay=False), help="YAML config."
+    "-f",
+    "--config-file",
+    help="YAML config: a file, or the name of a packaged one (agg, agg_router, disagg, ...).",
 )
 @click.option(
     "--working-dir",
@@ -60,6 +63,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
+        config_file = config_path(config_file) if config_file else None
         plan = build_plan(graph, config_file=config_file, override_args=ctx.args, cwd=working_dir)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from None
@@ -75,23 +79,46 @@ def serve(
     sys.exit(code)
 
 
+def config_path(value: str) -> str:
+    """A config file's path: the file itself, or a packaged config by name (`agg`)."""
+    if Path(value).is_file():
+        return value
+    packaged = Path(__file__).resolve().parent.parent / "llm" / "configs"
+    if "/" not in value:
+        candidate = packaged / (value if value.endswith(".yaml") else f"{value}.yaml")
+        if candidate.is_file():
+            return str(candidate)
+    names = ", ".join(sorted(p.stem for p in packaged.glob("*.yaml")))
+    raise ConfigError(f"config file {value!r} does not exist (packaged configs: {names})")
+
+
 @cli.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    epilog="Example: dynamo run in=http out=vllm ./my-model --http-port 8000 --max-model-len 2048",
+    add_help_option=False,
+    epilog="Example: dynamo run in=http out=torch --http-port 8000; -h lists every option.",
 )
 @click.pass_context
 def run(ctx: click.Context) -> None:
-    """Serve a model in one process: in=http|text|batch:FILE out=vllm|torch|mocker|echo MODEL."""
-    from dynamo_sdk.llm.engines.base import EngineError
+    """Serve a model in one process: in=http|text|batch:FILE out=ENGINE [MODEL] (-h: options)."""
     from dynamo_sdk.llm.model_resolver import ModelNotAvailableError
-    from dynamo_sdk.llm.run import RunUsageError
+    from dynamo_sdk.llm.run import RunUsageError, run_help
     from dynamo_sdk.llm.run import run as run_model
     from dynamo_sdk.llm.tokenizer import TokenizerError
 
+    args = list(ctx.args)
+    if "-h" in args or "--help" in args:
+        click.echo(run_help(args))
+        return
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
-        run_model(list(ctx.args))
-    except (RunUsageError, ModelNotAvailableError, EngineError, TokenizerError, OSError) as exc:
+        run_model(args)
+    except (
+        RunUsageError,
+        ModelNotAvailableError,
+        ConfigurationError,
+        TokenizerError,
+        OSError,
+    ) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass

@@ -24,7 +24,7 @@ from dynamo_sdk.sdk.errors import ConfigurationError
 CONFIG_ENV = "DYNAMO_SERVICE_CONFIG"
 DEPLOYMENT_KEYS = ("ServiceArgs", "common-configs")  # the supervisor's, not the service's
 
-ConfigType: TypeAlias = "type[msgspec.Struct] | Callable[[dict[str, Any]], Any]"
+ConfigType: TypeAlias = type[msgspec.Struct] | Callable[[dict[str, Any]], Any]
 """A msgspec Struct type, or a function from a section to the service's settings (which
 raises `ConfigurationError` for a bad one)."""
 

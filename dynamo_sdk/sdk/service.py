@@ -138,7 +138,7 @@ class DynamoService(Generic[T]):
         """This worker's settings (`decode_config` of its section in `ServiceConfig`)."""
         return self.decode_config(ServiceConfig.get_instance().get(self.name, {}))
 
-    def link(self, other: DynamoService[Any]) -> DynamoService[Any]:
+    def link(self, other: Any) -> DynamoService[Any]:
         """Add an edge self → other and return `other`, for chaining."""
         if not isinstance(other, DynamoService):
             raise TypeError(f"{self.name}.link() takes a @service class, got {other!r}")
@@ -254,10 +254,22 @@ class Dependency(Generic[T]):
         return f"depends({self.target.name})"
 
 
-def depends(target: DynamoService[T], *, when: Callable[[Any], bool] | None = None) -> Any:
+def depends(target: Any, *, when: Callable[[Any], bool] | None = None) -> Any:
     """Declare that this service calls `target`; resolves to a `ServiceClient` in a worker.
 
     `when` receives the service's decoded config: the edge (and `target`, unless something
     else reaches it) is part of the served graph only when it returns true.
     """
     return Dependency(target, when)
+
+
+def service_of(decorated: Any) -> DynamoService[Any]:
+    """The `DynamoService` a `@service` class became.
+
+    At run time `Worker` already is one (`Worker.namespace`, `Worker.link(...)` work); type
+    checkers do not apply class decorators and see the plain class, so typed code reaches the
+    service through this: `service_of(Worker).namespace`.
+    """
+    if not isinstance(decorated, DynamoService):
+        raise TypeError(f"{decorated!r} is not a class decorated with @service")
+    return decorated
