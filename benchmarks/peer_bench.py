@@ -12,8 +12,9 @@ batching, a timing model divided by a speedup factor):
   NATS, no etcd), ``--speedup-ratio S``, ``--block-size B``, ``--num-gpu-blocks-override N``,
   ``--max-num-seqs M``, ``--num-workers W``.
 * ``project``: ``dynamo serve GRAPH -f CONFIG`` (``--project-graph``/``--project-config``;
-  default ``graphs.agg:Frontend -f configs/agg_mocker.yaml`` where that config exists, else
-  ``graphs.agg_router:Frontend -f configs/agg_router.yaml``) with ``--Worker.speedup=S
+  default ``graphs.agg:Frontend -f agg_mocker.yaml`` where that config exists, else
+  ``graphs.agg_router:Frontend -f agg_router.yaml``; configs are looked up in ``configs/``, then
+  in the packaged ``dynamo_sdk/llm/configs/``) with ``--Worker.speedup=S
   --Worker.block_size=B --Worker.num_blocks=N --Worker.max_num_seqs=M
   --Worker.ServiceArgs.workers=W`` (``--project-args`` appends more overrides); ``dynamo serve``
   starts its own embedded NATS and etcd, as a user's would. ``--project-root`` serves another
@@ -46,13 +47,13 @@ project/peer ratios (medians over the repeats; *spread* is (max - min) / median 
 
 ``--workload multiturn``: ``--sessions`` conversations (32) of ``--turns`` turns (4) at
 ``--concurrency`` sessions at a time (8), on ``--workers`` workers per side (4) with equal KV
-budgets, KV-aware routing on both sides (``--router-mode kv``; the project's Router only where
-the graph has one). ``--system-prompts`` shared system prompts; turn k sends the system prompt,
-the earlier turns and a new user message; the earlier assistant turns are fixed synthetic texts,
-not what the server generated, so that both sides get byte-identical prompts (the cache can
-therefore reuse up to the previous turn's prompt). Per side: cache reuse (the usage chunk's
-``prompt_tokens_details.cached_tokens`` over ``prompt_tokens``; both sides report it), overall
-and by turn, TTFT p50/p99, req/s.
+budgets, KV-aware routing on both sides (``--router-mode kv``; the project's
+``Frontend.router_mode`` or ``Router.mode``, whichever its config has). ``--system-prompts``
+shared system prompts; turn k sends the system prompt, the earlier turns and a new user message;
+the earlier assistant turns are fixed synthetic texts, not what the server generated, so that
+both sides get byte-identical prompts (the cache can therefore reuse up to the previous turn's
+prompt). Per side: cache reuse (the usage chunk's ``prompt_tokens_details.cached_tokens`` over
+``prompt_tokens``; both sides report it), overall and by turn, TTFT p50/p99, req/s.
 
 Targets (single workload; every cell): project req/s >= 1.0x peer, project TTFT p50 and p99 <=
 peer's; and the project starts serving within 5 s (the median arm).
@@ -98,6 +99,7 @@ from typing import Any
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
 import uvloop
+import yaml
 from _common import interrupt_on_sigterm, json_safe, percentile
 from harness.client import (
     CONNECTION_MODES,
@@ -111,7 +113,14 @@ from harness.client import (
     summarize,
     wait_until_answers,
 )
-from harness.launch import REPO_ROOT, ServeProcess, free_port, serve_graph, stop_graph
+from harness.launch import (
+    REPO_ROOT,
+    ServeProcess,
+    find_config,
+    free_port,
+    serve_graph,
+    stop_graph,
+)
 from harness.plot import Panel, Series, plot_panels
 from harness.report import Target, check, fmt, format_targets, table
 
@@ -133,9 +142,10 @@ WORDS = (
 
 def default_project_graph(root: Path) -> tuple[str, str]:
     """(graph, config) of the project's default mocker graph in the checkout at `root`."""
-    if (root / "configs" / "agg_mocker.yaml").exists():
-        return "graphs.agg:Frontend", "configs/agg_mocker.yaml"
-    return "graphs.agg_router:Frontend", "configs/agg_router.yaml"
+    mocker = find_config("agg_mocker", root)
+    if mocker is not None:
+        return "graphs.agg:Frontend", mocker
+    return "graphs.agg_router:Frontend", find_config("agg_router", root) or "agg_router"
 
 
 # ---- the two sides -------------------------------------------------------------------------
@@ -254,8 +264,8 @@ class ProjectArm:
             f"--Worker.max_num_seqs={args.max_num_seqs}",
             f"--Worker.ServiceArgs.workers={args.workers}",
         ]
-        if args.router_mode and "router" in args.project_graph:
-            overrides.append(f"--Router.mode={args.router_mode.replace('-', '_')}")
+        if args.router_mode:
+            overrides += project_router_overrides(args)
         overrides += shlex.split(args.project_args)
         self.serve: ServeProcess = serve_graph(
             args.project_graph,
@@ -287,6 +297,24 @@ class ProjectArm:
 
     def stop(self) -> None:
         stop_graph(self.serve)
+
+
+def project_router_overrides(args: argparse.Namespace) -> list[str]:
+    """The override that sets the project's routing mode, wherever its config keeps it.
+
+    Newer configs route in the Frontend (``Frontend.router_mode``), older ones in a Router
+    service (``Router.mode``); a config with neither gets no override.
+    """
+    mode = args.router_mode.replace("-", "_")
+    try:
+        config = yaml.safe_load((args.project_root / args.project_config).read_text()) or {}
+    except (OSError, yaml.YAMLError, TypeError):
+        config = {}
+    if "router_mode" in (config.get("Frontend") or {}):
+        return [f"--Frontend.router_mode={mode}"]
+    if "Router" in config:
+        return [f"--Router.mode={mode}"]
+    return []
 
 
 def _tree(roots: list[int]) -> list[int]:

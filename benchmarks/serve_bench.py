@@ -3,13 +3,14 @@
 What is measured
 ----------------
 * ``frontend`` cells: OpenAI ``POST /v1/completions`` with ``stream=true`` through the whole
-  served graph (HTTP -> Frontend -> Processor -> Worker and back), for the echo engine
-  (``--echo-config``, default ``configs/agg_echo.yaml``: no model compute, so it is the
-  framework's own cost) and the vLLM CPU engine (``--vllm-config``, default
-  ``configs/agg_vllm.yaml``, or ``configs/agg.yaml`` where that does not exist), both on
-  ``--graph`` (default ``graphs.agg:Frontend``). Every request asks for exactly ``--osl`` tokens
-  (``ignore_eos: true``, ``temperature: 0``) after a prompt of about ``--isl`` tokens (repeated
-  words, trimmed with the served model's tokenizer to ``--isl`` tokens exactly).
+  served graph (HTTP -> Frontend [-> Processor] -> Worker and back), for the echo engine
+  (``--echo-config``, default ``agg_echo.yaml``: no model compute, so it is the framework's own
+  cost) and the vLLM CPU engine (``--vllm-config``, default ``agg_vllm.yaml``, or ``agg.yaml``
+  where that does not exist), both on ``--graph`` (default ``graphs.agg:Frontend``); configs
+  are looked up in ``configs/``, then in the packaged ``dynamo_sdk/llm/configs/``. Every
+  request asks for exactly ``--osl`` tokens (``ignore_eos: true``, ``temperature: 0``) after a
+  prompt of about ``--isl`` tokens (repeated words, trimmed with the served model's tokenizer to
+  ``--isl`` tokens exactly).
 * ``direct`` cells (echo only): the same workload sent straight to the Worker endpoint
   ``dynamo/Worker/generate`` over the distributed runtime, as a Processor would send it (a
   ``PreprocessedRequest`` with the same token ids, ``max_tokens=osl``, ``ignore_eos``). The
@@ -17,7 +18,8 @@ What is measured
   Frontend and the Processor add (target: < 2 ms).
 * ``processor`` cells (echo only): the same requests sent to ``dynamo/Processor/generate`` over
   the runtime as the Frontend sends them (a ``ProcessorRequest``), which splits what the
-  pipeline adds into the Processor hop and the HTTP edge plus Frontend.
+  pipeline adds into the Processor hop and the HTTP edge plus Frontend; left out (with a note)
+  when the graph serves no Processor (a Frontend that preprocesses and routes itself).
 
 Per request (the shared client, ``benchmarks/harness/client.py``): TTFT is the time from
 sending the request to the first chunk with non-empty text (direct: the first output with token
@@ -74,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
+import msgspec
 import uvloop
 from _common import interrupt_on_sigterm, json_safe, profiled
 from harness.client import (
@@ -89,7 +92,14 @@ from harness.client import (
     summarize,
     wait_until_answers,
 )
-from harness.launch import REPO_ROOT, ServeProcess, free_port, serve_graph, stop_graph
+from harness.launch import (
+    REPO_ROOT,
+    ServeProcess,
+    find_config,
+    free_port,
+    serve_graph,
+    stop_graph,
+)
 from harness.plot import Panel, Series, plot_panels
 from harness.profiling import format_profile
 from harness.report import Target, check, fmt, format_targets, table
@@ -114,13 +124,9 @@ WORKER_TARGET = ("dynamo", "Worker", "generate")  # the Worker endpoint of graph
 PROCESSOR_TARGET = ("dynamo", "Processor", "generate")
 
 
-def _first_existing(*paths: str) -> str:
-    return next((p for p in paths if (REPO_ROOT / p).exists()), paths[-1])
-
-
 DEFAULT_GRAPH = "graphs.agg:Frontend"
-DEFAULT_ECHO_CONFIG = "configs/agg_echo.yaml"
-DEFAULT_VLLM_CONFIG = _first_existing("configs/agg_vllm.yaml", "configs/agg.yaml")
+DEFAULT_ECHO_CONFIG = find_config("agg_echo") or "configs/agg_echo.yaml"
+DEFAULT_VLLM_CONFIG = find_config("agg_vllm") or find_config("agg") or "configs/agg.yaml"
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,15 @@ async def wait_for_worker(client: EndpointClient, graph: ServeProcess, timeout: 
             await client.wait_for_instance_ids(0.5)
 
 
+async def has_instances(client: EndpointClient, timeout: float) -> bool:
+    """Whether the endpoint has (or gets within `timeout` seconds) a live instance."""
+    if client.instance_ids():
+        return True
+    with contextlib.suppress(Exception):
+        await client.wait_for_instance_ids(timeout)
+    return bool(client.instance_ids())
+
+
 async def wait_for_no_worker(client: EndpointClient, timeout: float) -> None:
     """After a graph stopped: its Worker must leave discovery before the next graph starts."""
     for _ in range(max(int(timeout / 0.2), 1)):
@@ -361,7 +376,10 @@ async def measure_engine(
         def processor_send(osl: int) -> Send:
             def send(i: int, task: int) -> Awaitable[RequestResult]:
                 body = completion_body(spec.model, prompts.get(i)[0], osl)
-                request = ProcessorRequest(f"cmpl-{uuid.uuid4().hex}", "completion", body)
+                request = msgspec.convert(
+                    {"request_id": f"cmpl-{uuid.uuid4().hex}", "completion": body},
+                    ProcessorRequest,
+                )
                 return processor_request(processor, request)
 
             return send
@@ -381,6 +399,12 @@ async def measure_engine(
 
         senders = {"frontend": http_send, "processor": processor_send, "direct": direct_send}
         paths = list(senders) if spec.name == "echo" else ["frontend"]
+        if "processor" in paths and not await has_instances(processor, 2.0):
+            paths.remove("processor")  # graphs whose Frontend preprocesses and routes itself
+            results.notes.append(
+                f"{spec.name}: no processor cells: {args.graph} serves no "
+                f"{'/'.join(PROCESSOR_TARGET)}"
+            )
         for path in paths:
             for conc, osl in cells:
                 graph.check()

@@ -20,7 +20,30 @@ from tests.serving import ServeProcess
 
 STOP_TIMEOUT = 30.0  # seconds for `dynamo serve` to drain and exit before it is killed
 
-__all__ = ["REPO_ROOT", "STOP_TIMEOUT", "ServeProcess", "free_port", "serve_graph", "stop_graph"]
+__all__ = [
+    "REPO_ROOT",
+    "STOP_TIMEOUT",
+    "ServeProcess",
+    "find_config",
+    "free_port",
+    "serve_graph",
+    "stop_graph",
+]
+
+CONFIG_DIRS = ("configs", "dynamo_sdk/llm/configs")  # the repository's, the packaged ones
+
+
+def find_config(name: str, root: Path = REPO_ROOT) -> str | None:
+    """The path (relative to `root`) of config `name` (``agg_echo``), wherever it lives now.
+
+    Configs live in ``configs/`` or, packaged, in ``dynamo_sdk/llm/configs/``; None if neither
+    has it. A path works with every version of `dynamo serve -f`.
+    """
+    file = name if name.endswith(".yaml") else f"{name}.yaml"
+    for folder in CONFIG_DIRS:
+        if (root / folder / file).is_file():
+            return f"{folder}/{file}"
+    return None
 
 
 def serve_graph(
