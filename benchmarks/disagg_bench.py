@@ -94,12 +94,13 @@ def serve_main(role: str, device: str, args: argparse.Namespace, front: Any, pee
 
 
 async def _serve(role: str, device: str, args: argparse.Namespace, front: Any, peer: Any) -> None:
-    from dynamo_sdk.llm.disagg.protocol import KvLayout, TransferHeader
+    from dynamo_sdk.llm.disagg.protocol import TransferHeader
     from dynamo_sdk.llm.disagg.transfer import KvReceiver, send_kv
+    from dynamo_sdk.llm.engines.base import GenerateOptions
 
     engine = engine_for(args, device)
     await engine.start()
-    layout = KvLayout(**engine.kv_layout())
+    layout = engine.kv_layout()
     out = Pipe(front)
     peer_pipe = Pipe(peer) if peer is not None else None
     receiver = None
@@ -125,7 +126,9 @@ async def _serve(role: str, device: str, args: argparse.Namespace, front: Any, p
                 peer_pipe.send(("prefill", rid, tokens, slots.block_ids, first))
                 return await receiver.wait(rid, 120)
 
-        async for o in engine.generate(request(rid, tokens, new), remote_prefill=remote):
+        async for o in engine.generate(
+            request(rid, tokens, new), GenerateOptions(remote_prefill=remote)
+        ):
             out.send(("tok", rid, len(o.token_ids), time.time(), o.finish_reason is not None))
 
     async def prefill(rid: str, tokens: list[int], block_ids: list[int], first: int) -> None:

@@ -252,7 +252,7 @@ async def run_mode(mode: RouterMode, workload: Workload, args: argparse.Namespac
     engines = _make_engines(args)
     worker_ids = list(range(len(engines)))
     for wid, engine in enumerate(engines):
-        engine.on_kv_events(_event_sink(router, wid))
+        engine.kv_events().subscribe(_event_sink(router, wid))
         await engine.start()
     records: list[RequestRecord] = []
     errors = 0
