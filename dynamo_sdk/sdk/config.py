@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
 
@@ -58,7 +59,22 @@ def explain(service: str, config_type: type[msgspec.Struct], error: str) -> str:
         owner = _struct_at(config_type, path)
         keys = ", ".join(sorted(owner.__struct_fields__)) if owner is not None else "?"
         return f"{where}: unknown key {unknown.group('key')!r} (valid keys: {keys})"
+    if message.startswith("Invalid enum value"):
+        choices = _choices_at(config_type, path)
+        if choices:
+            message += f" (choices: {', '.join(map(str, choices))})"
     return f"{where}: {message[0].lower()}{message[1:]}" if message else where
+
+
+def _choices_at(root: type[msgspec.Struct], path: str) -> tuple[Any, ...]:
+    """The values a `Literal` field at `.a.b` may take (empty for any other field)."""
+    parent, _, name = path.rpartition(".")
+    owner = _struct_at(root, parent)
+    field = next((f for f in msgspec.structs.fields(owner) if f.encode_name == name), None)
+    tp = field.type if field is not None and owner is not None else None
+    while tp is not None and getattr(tp, "__metadata__", None) is not None:  # Annotated[...]
+        tp = tp.__origin__
+    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else ()
 
 
 def _struct_at(root: type[msgspec.Struct], path: str) -> type[msgspec.Struct] | None:
