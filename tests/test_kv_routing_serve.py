@@ -23,6 +23,8 @@ from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
 from tests.conftest import settings_for
 from tests.serving import REPO_ROOT, ServeProcess
 
+openai = pytest.importorskip("openai")
+
 pytestmark = pytest.mark.slow
 
 MODEL = "dynamo-mocker"
@@ -72,11 +74,10 @@ def routed(
 
 
 def complete(base: str, prompt: str) -> dict[str, Any]:
-    r = httpx.post(
-        f"{base}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4}, timeout=30
-    )
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
+    """One completion through the official openai client."""
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+    return answer.model_dump()  # type: ignore[no-any-return]
 
 
 def call(

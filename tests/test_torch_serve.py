@@ -1,7 +1,9 @@
 """The project's own engine behind the real pipeline: `dynamo serve` with `engine: torch`.
 
 The agg graph (configs/agg.yaml) answers the official openai client with the same tokens
-transformers computes, batches concurrent streams and frees a departed client's blocks.
+transformers computes, batches concurrent streams and frees a departed client's blocks: in
+both forms of the request path (the Frontend tokenizing and routing itself, and the
+scale-out Frontend -> Processor -> Worker).
 (`test_torch_routing_serve.py` runs two torch workers behind the KV router.)
 """
 
@@ -62,11 +64,14 @@ def serve_graph(
     return serve
 
 
-@pytest.fixture(scope="module")
-def agg(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["folded", "scale_out"])
+def agg(
+    servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory, request: Any
+) -> Iterator[str]:
+    extra = ["--Frontend.processor=true"] if request.param == "scale_out" else []
     serve = serve_graph(
         servers, tmp_path_factory.mktemp("agg_torch"), "graphs.agg:Frontend",
-        "configs/agg.yaml", 1,
+        "configs/agg.yaml", 1, extra,
     )  # fmt: skip
     try:
         yield serve.base
