@@ -79,7 +79,6 @@ def load_model(
     if folder is None:
         raise UnsupportedModelError("load_format auto needs a model folder")
     from safetensors import safe_open
-
     from tqdm import tqdm
 
     files = _checkpoint_index(Path(folder))
