@@ -76,7 +76,7 @@ def cpu_memory_args(
     Otherwise `kv_cache_memory_bytes`: CPU_KV_CACHE_GIB, or CPU_KV_CACHE_MAX_SHARE of
     `available_bytes` (the memory free now) when that is less, in whole MiB.
     """
-    if environ.get(CPU_KVCACHE_ENV, "") != "":  # vLLM ignores it when empty, so do we
+    if CPU_KVCACHE_ENV in environ:  # even empty: vLLM 0.32 reads it (and fails on "")
         return {}
     if any(
         engine_args.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")
