@@ -87,6 +87,10 @@ def test_http_serves_openai(tmp_path: Path) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
         name = models[0]["id"]
+        assert name == "dynamo-tiny"  # predictable for the tiny model, and printed
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert any(b"serving model 'dynamo-tiny'" in line for line in lines), lines
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
             json={"model": name, "prompt": "hello world", "max_tokens": 3},
@@ -103,15 +107,32 @@ def test_http_serves_openai(tmp_path: Path) -> None:
 def test_text_chat_in_the_terminal(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "dynamo_sdk.cli.main", "run", "in=text", "out=echo"],
-        input="hello there\n/reset\nsecond\n",
+        input="hello there\nand a second turn\n",
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    # the echo engine answers with the chat-formatted prompt: the user turn comes back
-    assert "hello there" in done.stdout and "second" in done.stdout
+    # every turn is answered with its own message (the history is in the prompt, not the echo)
+    replies = [line.removeprefix("> ") for line in done.stdout.splitlines()[1:] if line]
+    assert replies[:2] == ["hello there", "and a second turn"], done.stdout
+
+
+def test_help_lists_every_option_with_its_default(tmp_path: Path) -> None:
+    done = run_dynamo(["run", "-h"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for line in ("--http-port", "(default: 8000)", "out=torch:", "--kv-cache-gb", "out=mocker:",
+                 "--speedup", "out=echo:", "--token-delay", "out=vllm:"):  # fmt: skip
+        assert line in done.stdout, line
+    only = run_dynamo(["run", "-h", "out=mocker"], cwd=tmp_path).stdout
+    assert "--num-blocks" in only and "--kv-cache-gb" not in only
+
+
+def test_a_misspelt_engine_option_names_the_valid_ones(tmp_path: Path) -> None:
+    done = run_dynamo(["run", "in=text", "out=mocker", "--num-blokcs", "8"], cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "unknown key 'num_blokcs' (valid keys: block_size" in done.stderr
 
 
 def test_bad_model_is_a_clear_error(tmp_path: Path) -> None:

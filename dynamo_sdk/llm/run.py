@@ -39,7 +39,7 @@ class RunUsageError(ValueError):
 @dataclass
 class RunSpec:
     input: str = "text"
-    output: str = "echo"
+    output: str = "torch"
     model: str = "auto"
     served_model_name: str = ""
     http_host: str = "0.0.0.0"
@@ -51,9 +51,9 @@ class RunSpec:
 # (flag, default, what) of the options that are not engine knobs; keys are RunSpec's fields
 RUN_OPTIONS = [
     ("in", "text", "http | text | batch:FILE.jsonl"),
-    ("out", "echo", f"the engine: {' | '.join(known_engines())}"),
+    ("out", "torch", f"the engine: {' | '.join(known_engines())}"),
     ("MODEL", "auto", "a model folder, a Hugging Face id in the local cache, or auto"),
-    ("--served-model-name", "from the model", "the name clients ask for (auto: dynamo-tiny)"),
+    ("--served-model-name", "from the model: auto is dynamo-tiny", "the name clients ask for"),
     ("--http-host", "0.0.0.0", "in=http: the address to listen on"),
     ("--http-port", "8000", "in=http: the port"),
     ("--max-tokens", "256", "in=text: the longest reply"),
