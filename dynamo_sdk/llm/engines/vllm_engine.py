@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,11 @@ CPU_KV_CACHE_GIB = 4
 CPU_KV_CACHE_MAX_SHARE = 0.5
 _GIB = 1 << 30
 _MIB = 1 << 20
+
+# How long `shutdown()` lets vLLM's engine-core process exit before vLLM kills it (vLLM's own
+# default). It exits after its model-worker process, and each exit is a full garbage
+# collection over torch's and vLLM's objects: 3-5 s together on a 2-core machine.
+STOP_TIMEOUT_S = 5.0
 
 
 def cpu_memory_args(
@@ -198,9 +204,17 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
 class VllmEngine:
     """vLLM v1 `AsyncLLM` serving one model, as an `Engine`."""
 
-    def __init__(self, model: str, engine_args: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        engine_args: Mapping[str, Any] | None = None,
+        *,
+        stop_timeout: float = STOP_TIMEOUT_S,
+    ) -> None:
         self.model = model
         self._engine_args = {**_DEFAULT_ENGINE_ARGS, **normalize_engine_args(engine_args)}
+        # what shutdown() may take, at most: a host draining this engine reserves it
+        self.stop_timeout = stop_timeout
         # the configured limit until start() reads the engine's resolved one
         self.context_length: int = int(self._engine_args.get("max_model_len") or 0)
         self._llm: AsyncLLM | None = None
@@ -278,9 +292,19 @@ class VllmEngine:
         }
 
     async def shutdown(self) -> None:
+        """Stop vLLM's engine-core process, waiting at most `stop_timeout` for it to exit.
+
+        In a thread: that takes seconds (see STOP_TIMEOUT_S), during which the worker's event
+        loop must go on answering health probes and keeping its etcd lease and NATS
+        connection. vLLM's shutdown hands its own loop-side cleanup (its output socket and
+        output-handler task) to this loop with call_soon_threadsafe.
+        """
         llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.shutdown()
+        if llm is None:
+            return
+        started = time.monotonic()
+        await asyncio.to_thread(llm.shutdown, self.stop_timeout)
+        log.info("vLLM engine stopped in %.1f s", time.monotonic() - started)
 
     def stats(self) -> EngineStats:
         """The latest scheduler stats, clamped by what this adapter knows is in flight.
