@@ -12,9 +12,9 @@ batching, a timing model divided by a speedup factor):
   NATS, no etcd), ``--speedup-ratio S``, ``--block-size B``, ``--num-gpu-blocks-override N``,
   ``--max-num-seqs M``, ``--num-workers W``.
 * ``project``: ``dynamo serve GRAPH -f CONFIG`` (``--project-graph``/``--project-config``;
-  default ``graphs.agg:Frontend -f agg_mocker.yaml`` where that config exists, else
-  ``graphs.agg_router:Frontend -f agg_router.yaml``; configs are looked up in ``configs/``, then
-  in the packaged ``dynamo_sdk/llm/configs/``) with ``--Worker.speedup=S
+  default ``graphs.agg:Frontend -f agg_mocker.yaml`` where that config exists, else, and for
+  the multi-turn workload, ``graphs.agg_router:Frontend -f agg_router.yaml``; configs are looked
+  up in ``configs/``, then in the packaged ``dynamo_sdk/llm/configs/``) with ``--Worker.speedup=S
   --Worker.block_size=B --Worker.num_blocks=N --Worker.max_num_seqs=M
   --Worker.ServiceArgs.workers=W`` (``--project-args`` appends more overrides); ``dynamo serve``
   starts its own embedded NATS and etcd, as a user's would. ``--project-root`` serves another
@@ -140,10 +140,15 @@ WORDS = (
 ).split()
 
 
-def default_project_graph(root: Path) -> tuple[str, str]:
-    """(graph, config) of the project's default mocker graph in the checkout at `root`."""
+def default_project_graph(root: Path, workload: str) -> tuple[str, str]:
+    """(graph, config) of the project's default mocker graph in the checkout at `root`.
+
+    The single-request workload takes ``agg_mocker`` (one mocker worker behind the Frontend)
+    where the checkout has it; the multi-turn one, and older checkouts, the KV-routed
+    ``agg_router`` graph.
+    """
     mocker = find_config("agg_mocker", root)
-    if mocker is not None:
+    if mocker is not None and workload == "single":
         return "graphs.agg:Frontend", mocker
     return "graphs.agg_router:Frontend", find_config("agg_router", root) or "agg_router"
 
@@ -1012,7 +1017,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--project-graph",
         default=None,
         help="default graphs.agg:Frontend with configs/agg_mocker.yaml where that exists, "
-        "else graphs.agg_router:Frontend",
+        "else (and for --workload multiturn) graphs.agg_router:Frontend",
     )
     p.add_argument("--project-config", default=None, help="see --project-graph")
     p.add_argument("--project-args", default="", help="more --Service.key=value overrides")
@@ -1028,7 +1033,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     multiturn = args.workload == "multiturn"
     args.project_root = args.project_root.resolve()
-    graph, config = default_project_graph(args.project_root)
+    graph, config = default_project_graph(args.project_root, args.workload)
     if args.project_graph is None:
         args.project_graph = graph
         args.project_config = args.project_config or config
