@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -147,10 +148,48 @@ def test_template_errors_become_tokenizer_errors(tiny_path: Path, tmp_path: Path
         Tokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "x"}])
 
 
+@pytest.fixture(scope="session")
+def hf_tok(tiny_path: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tiny_path), local_files_only=True)
+
+
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.integers(min_value=0, max_value=2047), max_size=40), skip=st.booleans())
-def test_fast_decode_equals_transformers_decode(tok: Tokenizer, ids: list[int], skip: bool) -> None:
-    """The direct `tokenizers` decode path gives exactly what transformers' decode gives."""
-    assert tok.decode(ids, skip_special_tokens=skip) == tok._tok.decode(
-        ids, skip_special_tokens=skip
+def test_fast_decode_equals_transformers_decode(
+    tok: Tokenizer, hf_tok: Any, ids: list[int], skip: bool
+) -> None:
+    """Decoding without transformers gives exactly what transformers' decode gives."""
+    assert tok.decode(ids, skip_special_tokens=skip) == hf_tok.decode(ids, skip_special_tokens=skip)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8")), add_special=st.booleans())
+def test_encode_equals_transformers_encode(
+    tok: Tokenizer, hf_tok: Any, text: str, add_special: bool
+) -> None:
+    assert tok.encode(text, add_special) == hf_tok.encode(text, add_special_tokens=add_special)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi 東京"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello world!"},
+            {"role": "user", "content": "and the cache?"},
+        ],
+    ],
+)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_equals_transformers(
+    tok: Tokenizer, hf_tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> None:
+    expected = hf_tok.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
+    assert tok.apply_chat_template(messages, add_generation_prompt) == list(expected)
+    assert tok.vocab_size == len(hf_tok) and tok.bos_token_id == hf_tok.bos_token_id
+    assert tok.eos_token_ids[0] == hf_tok.eos_token_id
