@@ -2,6 +2,8 @@
 
 Starting vLLM costs tens of seconds, so one engine is shared by the whole module, on one
 module-scoped event loop (AsyncLLM's output handler task lives on the loop that started it).
+The tests of vLLM's CPU memory defaults start engines (and one graph) of their own, without
+VLLM_CPU_KVCACHE_SPACE: that is what a new user runs.
 """
 
 from __future__ import annotations
@@ -9,16 +11,26 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 import pytest_asyncio
+import yaml
 
 from dynamo_sdk.llm.disagg.protocol import KvLayout
 from dynamo_sdk.llm.engines.base import EngineError
 from dynamo_sdk.llm.engines.registry import create_engine
-from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
+from dynamo_sdk.llm.engines.vllm_engine import (
+    CPU_KV_CACHE_GIB,
+    CPU_KVCACHE_ENV,
+    VllmEngine,
+    _cpu_available_memory,
+    _on_cpu_platform,
+    cpu_memory_args,
+)
 from dynamo_sdk.llm.protocol import (
     OutputOptions,
     PreprocessedRequest,
@@ -26,7 +38,9 @@ from dynamo_sdk.llm.protocol import (
     StopConditions,
 )
 from dynamo_sdk.llm.testing.tiny_model import build_tiny_model
+from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
 from tests.engine_requests import collect, tokens
+from tests.serving import REPO_ROOT, ServeProcess, wait_until_serving
 
 # find_spec, not importorskip: importing vLLM takes seconds, and collecting a fast run
 # (`-m "not slow"`) must not pay for it (the engine modules import vLLM lazily).
@@ -39,6 +53,7 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 
 ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 2048, "dtype": "float32"}
 PROMPT = [1, 5, 9, 33, 100, 250, 7, 42]
+GIB = 1 << 30
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +249,130 @@ async def test_bad_model_path_is_engine_error(tmp_path: Path) -> None:
 async def test_generate_before_start_is_engine_error(model_path: str) -> None:
     with pytest.raises(EngineError, match="before start"):
         await collect(VllmEngine(model_path, ENGINE_ARGS), make_request("early", 4))
+
+
+# vLLM's CPU memory defaults (vLLM 0.32 alone wants 92% of the memory free) and its shutdown.
+
+
+def test_cpu_memory_args_size_the_kv_cache_unless_the_user_did() -> None:
+    free = 20 * GIB
+    assert cpu_memory_args({}, {}, free) == {"kv_cache_memory_bytes": CPU_KV_CACHE_GIB * GIB}
+    # a small machine: half of what is free, in whole MiB
+    assert cpu_memory_args({}, {}, 3 * GIB + 12345) == {"kv_cache_memory_bytes": 1536 << 20}
+    # what the user chose stays: vLLM applies each itself
+    assert cpu_memory_args({}, {CPU_KVCACHE_ENV: "1"}, free) == {}
+    assert cpu_memory_args({"kv_cache_memory_bytes": GIB}, {}, free) == {}
+    assert cpu_memory_args({"gpu_memory_utilization": 0.2}, {}, free) == {}
+
+
+def test_effective_engine_args_on_cpu(model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _on_cpu_platform():
+        pytest.skip("vLLM's CPU platform only")
+    monkeypatch.delenv(CPU_KVCACHE_ENV, raising=False)
+    args = VllmEngine(model_path, ENGINE_ARGS).effective_engine_args()
+    kv_bytes = args["kv_cache_memory_bytes"]
+    assert 0 < kv_bytes <= min(CPU_KV_CACHE_GIB * GIB, _cpu_available_memory())
+    assert "gpu_memory_utilization" not in args
+    assert {k: args[k] for k in ENGINE_ARGS} == ENGINE_ARGS
+    given = {**ENGINE_ARGS, "gpu_memory_utilization": 0.2}
+    args = VllmEngine(model_path, given).effective_engine_args()
+    assert args["gpu_memory_utilization"] == 0.2 and "kv_cache_memory_bytes" not in args
+    monkeypatch.setenv(CPU_KVCACHE_ENV, "1")
+    assert (
+        "kv_cache_memory_bytes" not in VllmEngine(model_path, ENGINE_ARGS).effective_engine_args()
+    )
+
+
+def _vllm_processes() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@module_loop
+async def test_cpu_defaults_start_and_shutdown_keeps_the_loop_running(
+    model_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No memory settings at all: vLLM starts; its shutdown is bounded and off the loop."""
+    if not _on_cpu_platform():
+        pytest.skip("vLLM's CPU platform only")
+    monkeypatch.delenv(CPU_KVCACHE_ENV, raising=False)
+    before = _vllm_processes()
+    engine = VllmEngine(model_path, ENGINE_ARGS)
+    try:
+        await engine.start()
+        assert engine._llm is not None
+        kv_bytes = engine._llm.vllm_config.cache_config.kv_cache_memory_bytes
+        assert kv_bytes is not None and 0 < kv_bytes <= CPU_KV_CACHE_GIB * GIB
+        assert len(tokens(await collect(engine, make_request("defaults", 4)))) == 4
+    except BaseException:
+        await engine.shutdown()
+        raise
+    ours = _vllm_processes() - before
+    assert ours, "vLLM's engine-core processes"
+
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            t = loop.time()
+            await asyncio.sleep(0.02)
+            gaps.append(loop.time() - t)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.1)
+    started = loop.time()
+    await engine.shutdown()
+    took = loop.time() - started
+    done.set()
+    await ticker
+    # vLLM kills its engine core after stop_timeout; the rest is bookkeeping
+    assert took < engine.stop_timeout + 3.0, took
+    # the worker's event loop went on (etcd keep-alives, NATS, health probes) meanwhile
+    assert max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.1f} s of {took:.1f} s"
+    assert not [pid for pid in ours if _alive(pid)], "vLLM processes left after shutdown"
+    await engine.shutdown()  # idempotent
+
+
+@pytest.mark.timeout(420)
+def test_serve_vllm_graph_without_memory_settings_and_ctrl_c(
+    servers: EmbeddedServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`configs/agg_vllm.yaml` without its VLLM_CPU_KVCACHE_SPACE: it serves, Ctrl-C drains."""
+    monkeypatch.delenv(CPU_KVCACHE_ENV, raising=False)  # the graph inherits this environment
+    config = yaml.safe_load((REPO_ROOT / "configs" / "agg_vllm.yaml").read_text())
+    config["Worker"]["ServiceArgs"].pop("envs", None)
+    path = tmp_path / "agg_vllm_defaults.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    serve = ServeProcess(
+        ["graphs.agg:Frontend", "-f", str(path), f"--Frontend.port={port}"],
+        cwd=REPO_ROOT,
+        env=servers.env(),
+        log_path=tmp_path / "serve.log",
+    )
+    try:
+        body = {
+            "model": config["Common"]["served_model_name"],
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+        wait_until_serving(serve, f"http://127.0.0.1:{port}/v1/chat/completions", body, 240)
+        started = time.monotonic()
+        code = serve.interrupt(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        serve.stop()
+    out = serve.output()
+    assert code == 0, out[-3000:]
+    assert "did not exit" not in out, out[-3000:]
+    assert "vLLM engine stopped" in out
+    assert took < 10.0, f"Ctrl-C took {took:.1f} s, more than the 10 s grace:\n{out[-3000:]}"
