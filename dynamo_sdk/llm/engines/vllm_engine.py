@@ -21,10 +21,18 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from dynamo_sdk.llm.engines.base import EngineError, EngineStats
+from dynamo_sdk.llm.engines.base import (
+    NO_OPTIONS,
+    Engine,
+    EngineConfigError,
+    EngineError,
+    EngineStats,
+    GenerateOptions,
+)
+from dynamo_sdk.llm.engines.configs import VllmConfig
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
     FinishReason,
@@ -201,16 +209,29 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
     return factory
 
 
-class VllmEngine:
-    """vLLM v1 `AsyncLLM` serving one model, as an `Engine`."""
+class VllmEngine(Engine):
+    """vLLM v1 `AsyncLLM` serving one model, as an `Engine`.
+
+    It takes its `VllmConfig` (what the registry decodes from YAML) or vLLM engine arguments
+    as a mapping. Not yet behind the engine contract's capabilities: `kv_events()` (vLLM's
+    events come through `dynamo_sdk.llm.kv.vllm_bridge`) and `kv_connector()`.
+    """
 
     def __init__(
         self,
         model: str,
-        engine_args: Mapping[str, Any] | None = None,
+        config: VllmConfig | Mapping[str, Any] | None = None,
         *,
         stop_timeout: float = STOP_TIMEOUT_S,
     ) -> None:
+        if isinstance(config, VllmConfig):
+            if config.kv_events:
+                raise EngineConfigError(
+                    "kv_events: vLLM's KV events are not wired to the engine contract yet"
+                )
+            engine_args: Mapping[str, Any] | None = config.engine_args
+        else:
+            engine_args = config
         self.model = model
         self._engine_args = {**_DEFAULT_ENGINE_ARGS, **normalize_engine_args(engine_args)}
         # what shutdown() may take, at most: a host draining this engine reserves it
@@ -327,10 +348,7 @@ class VllmEngine:
         )
 
     async def generate(
-        self,
-        request: PreprocessedRequest,
-        kv_transfer_params: dict[str, Any] | None = None,
-        on_kv_transfer: Callable[[dict[str, Any]], None] | None = None,
+        self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
     ) -> AsyncIterator[EngineOutput]:
         """Stream `EngineOutput` deltas for one request.
 
@@ -338,13 +356,17 @@ class VllmEngine:
         request is aborted in vLLM so its KV blocks return to the pool at once rather than
         after it has generated up to max_tokens for nobody.
 
-        ``kv_transfer_params`` go with the request to the configured KV connector (vLLM's
-        per-request channel to it); ``on_kv_transfer`` receives what the connector reports
-        back when the request finishes (disaggregated prefill: tokens stored or loaded).
+        ``options.kv_transfer_params`` go with the request to the configured KV connector
+        (vLLM's per-request channel to it); ``options.on_kv_transfer`` receives what the
+        connector reports back when the request finishes (disaggregated prefill: tokens
+        stored or loaded). vLLM's blocks cannot be filled from outside: no ``remote_prefill``.
         """
         llm = self._llm
         if llm is None:
             raise EngineError("VllmEngine.generate() called before start()")
+        if options.remote_prefill is not None:
+            raise EngineError("the vLLM engine takes remote KV through its connector only")
+        kv_transfer_params, on_kv_transfer = options.kv_transfer_params, options.on_kv_transfer
         params = sampling_params_for(request)
         if kv_transfer_params is not None:
             extra = dict(params.extra_args or {})
