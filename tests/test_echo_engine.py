@@ -154,3 +154,14 @@ async def test_a_chat_turn_is_answered_once_with_its_latest_message() -> None:
     assert tokens(await collect(EchoEngine(), request)) == [4, 5, 4, 5, 4]
     request.latest_message = [6, 99]  # a span outside the prompt: the prompt is echoed
     assert tokens(await collect(EchoEngine(), request)) == [1, 2, 3, 4, 5]
+
+
+def test_merged_outputs_keep_tokens_logprobs_and_the_last_finish() -> None:
+    from dynamo_sdk.llm.protocol import merge_outputs
+
+    first = EngineOutput([1], logprobs=[-0.1], cached_tokens=4)
+    second = EngineOutput([2, 3], logprobs=[-0.2, -0.3], finish_reason="length")
+    merged = merge_outputs([first, second])
+    assert merged.token_ids == [1, 2, 3] and merged.logprobs == [-0.1, -0.2, -0.3]
+    assert merged.finish_reason == "length" and merged.cached_tokens == 4
+    assert merged.top_logprobs is None and merge_outputs([first]) is first

@@ -65,6 +65,24 @@ async def test_large_fast_stream_arrives_in_order(
     assert got == list(range(20_000))
 
 
+async def test_next_batch_takes_what_arrived_together(
+    runtime: DistributedRuntime, unique_ns: str
+) -> None:
+    async def handler(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i  # no pause: the items share frames and arrive together
+
+    await runtime.serve_endpoint(unique_ns, "Burst", "count", handler, request_type=int)
+    client = runtime.endpoint_client(unique_ns, "Burst", "count", response_type=int)
+    stream = client(1000)
+    batches = []
+    while batch := await stream.next_batch():
+        batches.append(batch)
+        await asyncio.sleep(0.01)  # a consumer slower than the stream
+    assert [i for b in batches for i in b] == list(range(1000))
+    assert len(batches) < 100  # taken many at a time, not one call per item
+
+
 async def test_remote_error_is_typed(runtime: DistributedRuntime, unique_ns: str) -> None:
     async def handler(req: Req) -> AsyncIterator[str]:
         yield "first"

@@ -70,6 +70,22 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     error: str | None = None
 
 
+def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
+    """Consecutive deltas of one request as one (what a consumer that fell behind takes)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    merged = EngineOutput(token_ids=[t for out in outputs for t in out.token_ids])
+    if any(out.logprobs is not None for out in outputs):
+        merged.logprobs = [lp for out in outputs for lp in out.logprobs or []]
+    if any(out.top_logprobs is not None for out in outputs):
+        merged.top_logprobs = [top for out in outputs for top in out.top_logprobs or []]
+    merged.finish_reason = outputs[-1].finish_reason
+    merged.cached_tokens = next((o.cached_tokens for o in outputs if o.cached_tokens is not None),
+                                None)  # fmt: skip
+    merged.error = next((o.error for o in outputs if o.error is not None), None)
+    return merged
+
+
 class ModelEntry(msgspec.Struct):
     """What a worker registers in etcd under `models/{name}:{instance}` for the Frontend."""
 

@@ -25,8 +25,8 @@ from msgspec import Meta
 
 from dynamo_sdk.llm.kv.feed import KvFeed
 from dynamo_sdk.llm.kv.router import KvRouter, RouterConfig
-from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest
-from dynamo_sdk.runtime import DistributedRuntime, EndpointClient
+from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest, merge_outputs
+from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, ResponseStream
 
 log = logging.getLogger("dynamo.llm.routing")
 
@@ -72,6 +72,17 @@ def state_of(router: KvRouter) -> RouterState:
     return RouterState(router.config.mode, workers, indexer.num_blocks())
 
 
+async def batched(stream: ResponseStream) -> AsyncIterator[EngineOutput]:
+    """The stream's outputs, those that arrived together merged into one: when the consumer
+    falls behind (under load), the tokens of one read cost one detokenize and one SSE chunk
+    rather than one each. Closing this closes (cancels) the stream."""
+    try:
+        while batch := await stream.next_batch():
+            yield merge_outputs(batch)
+    finally:
+        await stream.aclose()
+
+
 class Routing(abc.ABC):
     """Calls the engine of one model: picks the instance, streams its outputs."""
 
@@ -91,7 +102,7 @@ class Spread(Routing):
         self._call = client.round_robin if mode == "round_robin" else client.random
 
     def stream(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        return self._call(request)
+        return batched(self._call(request))
 
 
 class KvAware(Routing):
@@ -120,7 +131,7 @@ class KvAware(Routing):
         workers = await self.client.wait_for_instance_ids()
         decision = self.router.choose(request.token_ids, workers, request.request_id)
         try:
-            async for output in self.client.direct(decision.worker_id, request):
+            async for output in batched(self.client.direct(decision.worker_id, request)):
                 yield output
         finally:
             self.router.release(request.request_id)
@@ -135,12 +146,10 @@ class ViaRouterService(Routing):
 
     async def stream(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         decision = await self.router.route(RouteRequest(request.token_ids, request.request_id))
-        stream = self.client.direct(decision.worker_id, request)
         try:
-            async for output in stream:
+            async for output in batched(self.client.direct(decision.worker_id, request)):
                 yield output
         finally:
-            await stream.aclose()
             with contextlib.suppress(Exception):  # the router also expires leaked assignments
                 await self.router.release(request.request_id)
 

@@ -233,6 +233,20 @@ class ResponseStream:
             finally:
                 self._waiter = None
 
+    async def next_batch(self) -> list[Any]:
+        """Every item that has arrived and not been taken yet (waiting for one when there is
+        none); [] once the stream ended. A consumer that falls behind takes several items at a
+        time instead of one call per item (tokens that arrived in one read, say)."""
+        try:
+            first = await self.__anext__()
+        except StopAsyncIteration:
+            return []
+        batch = [first]
+        items = self._items
+        while items and items[0] is not _END:
+            batch.append(items.popleft())
+        return batch
+
     def __await__(self) -> Generator[Any, None, Any]:
         return self._single().__await__()
 

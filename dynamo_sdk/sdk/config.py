@@ -70,8 +70,10 @@ def _choices_at(root: type[msgspec.Struct], path: str) -> tuple[Any, ...]:
     """The values a `Literal` field at `.a.b` may take (empty for any other field)."""
     parent, _, name = path.rpartition(".")
     owner = _struct_at(root, parent)
+    if owner is None:
+        return ()
     field = next((f for f in msgspec.structs.fields(owner) if f.encode_name == name), None)
-    tp = field.type if field is not None and owner is not None else None
+    tp = field.type if field is not None else None
     while tp is not None and getattr(tp, "__metadata__", None) is not None:  # Annotated[...]
         tp = tp.__origin__
     return tuple(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else ()
