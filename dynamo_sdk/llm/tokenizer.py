@@ -135,7 +135,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; no BOS by default, since chat templates add their own."""
         if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+            # `.ids` builds a new list on each access: no copy needed
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -187,7 +188,7 @@ class Tokenizer:
         if backend is None:
             return ChatPrompt(self.encode(text, add_special_tokens=False))
         encoding = backend.encode(text, add_special_tokens=False)
-        ids = list(encoding.ids)
+        ids = encoding.ids
         content = normalized[-1].get("content") if normalized else None
         return ChatPrompt(ids, _span_of(encoding, text, content))
 
