@@ -27,6 +27,11 @@ class DynamoContext:
         self.component: str | None = None
         self.worker_index: int | None = None
         self.runtime: DistributedRuntime | None = None
+        # Seconds of a drain's grace that this worker's @async_on_shutdown hooks need (an
+        # engine that takes seconds to stop): in-flight streams get the rest, so the whole
+        # drain ends within the grace instead of being killed at its end. Set it in
+        # @async_on_start once the need is known.
+        self.shutdown_reserve: float = 0.0
 
     @property
     def instance_id(self) -> int | None:

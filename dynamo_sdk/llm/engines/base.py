@@ -150,6 +150,7 @@ class Engine(abc.ABC):
     """An LLM engine: token ids in, token id deltas out, cancellable (see module docstring)."""
 
     context_length: int
+    stop_timeout: float = 0.0  # seconds `shutdown()` may take at most (a drain reserves them)
 
     @abc.abstractmethod
     async def start(self) -> None:

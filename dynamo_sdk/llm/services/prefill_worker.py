@@ -37,6 +37,7 @@ class PrefillWorker:
     async def start(self) -> None:
         assert dynamo_context.runtime is not None
         await self.llm.start(dynamo_context.runtime, service_of(PrefillWorker).namespace)
+        dynamo_context.shutdown_reserve = self.llm.shutdown_reserve()
 
     @endpoint()
     async def stats(self, _: str) -> dict[str, int]:

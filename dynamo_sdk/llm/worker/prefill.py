@@ -61,6 +61,10 @@ class LLMPrefillWorker:
         log.info("prefill worker ready (%s engine, %s transport, KV layout %s)",
                  keys.engine, self.transport.kind, self.transport.layout)  # fmt: skip
 
+    def shutdown_reserve(self) -> float:
+        """Seconds `stop()` needs: the engine's stop, and one for the rest."""
+        return self.engine.stop_timeout + 1.0 if self.engine is not None else 0.0
+
     def stats(self) -> dict[str, int]:
         return dataclasses.asdict(self.counts)
 

@@ -82,6 +82,11 @@ class LLMWorker:
             return self.decode.generate(request)
         return self.engine.generate(request)
 
+    def shutdown_reserve(self) -> float:
+        """Seconds `stop()` needs: the engine's stop, and one for the rest (cancelled streams
+        unwinding, the publisher)."""
+        return self.engine.stop_timeout + 1.0 if self.engine is not None else 0.0
+
     def stats(self) -> EngineStats:
         assert self.engine is not None
         return self.engine.stats()
