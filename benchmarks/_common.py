@@ -5,11 +5,13 @@ The scripts run as `python benchmarks/NAME.py`, so this module is found beside t
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import cProfile
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,35 @@ def profiled(profile_dir: Path | None, name: str) -> Iterator[None]:
         profiler.disable()
         profile_dir.mkdir(parents=True, exist_ok=True)
         profiler.dump_stats(str(profile_dir / f"{name}.prof"))
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of positive integers (``1,8,32``)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 1,8,32, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("values must be positive integers")
+    return values
+
+
+async def run_all(coros: Iterable[Awaitable[Any]], timeout: float, what: str = "tasks") -> None:
+    """Run ``coros`` concurrently; all must finish within ``timeout`` seconds (else the rest
+    are cancelled and TimeoutError raised); the first failure is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            raise TimeoutError(
+                f"{len(pending)} of {len(tasks)} {what} still running after {timeout:.0f} s"
+            )
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def interrupt_on_sigterm() -> None:

@@ -100,7 +100,7 @@ import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
 import uvloop
 import yaml
-from _common import interrupt_on_sigterm, json_safe, percentile
+from _common import interrupt_on_sigterm, json_safe, percentile, positive_ints, run_all
 from harness.client import (
     CONNECTION_MODES,
     DEFAULT_CLIENT,
@@ -561,17 +561,7 @@ async def multiturn_once(
         await closed_loop(warm_send, 2 * conc, conc, args.cell_timeout)
         cold = [r for r in [await warm_send(0, 0) for _ in range(8)] if r.ok]
         t0 = time.perf_counter()
-        tasks = [asyncio.ensure_future(session_runner(t)) for t in range(conc)]
-        try:
-            done, pending = await asyncio.wait(tasks, timeout=args.cell_timeout)
-            if pending:
-                raise TimeoutError(f"multiturn did not finish within {args.cell_timeout} s")
-            for task in done:
-                task.result()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await run_all([session_runner(t) for t in range(conc)], args.cell_timeout, "sessions")
         wall = time.perf_counter() - t0
     run = MultiturnRun(
         arm.side,
@@ -944,16 +934,6 @@ def write_png(results: Results, args: argparse.Namespace, path: Path) -> str | N
 # ---- entry point ---------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,8,32, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("values must be positive integers")
-    return values
-
-
 def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [v.strip() for v in text.split(",") if v.strip()]
@@ -973,7 +953,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
     p.add_argument("--sides", type=_names(SIDES), default=list(SIDES), help="peer,project")
     p.add_argument(
-        "--concurrency", type=_int_list, default=None, help="single: 1,8,32,64; multiturn: 8"
+        "--concurrency", type=positive_ints, default=None, help="single: 1,8,32,64; multiturn: 8"
     )
     p.add_argument(
         "--connections", type=_names(CONNECTION_MODES), default=list(CONNECTION_MODES),

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from typing import Any
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import msgspec
 import uvloop
-from _common import interrupt_on_sigterm, json_safe, percentile, profiled
+from _common import interrupt_on_sigterm, json_safe, percentile, positive_ints, profiled, run_all
 from harness.report import Target, check, fmt, format_targets, table
 
 from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, RuntimeSettings
@@ -212,23 +212,6 @@ class Results:
 async def _call(client: EndpointClient, req: Ping) -> None:
     async for _ in client(req):
         pass
-
-
-async def run_all(coros: list[Coroutine[Any, Any, Any]], timeout: float) -> None:
-    """Run `coros` as tasks; on error, timeout or cancellation, cancel and reap them all."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        if pending:
-            raise TimeoutError(
-                f"{len(pending)} of {len(tasks)} tasks still running after {timeout} s"
-            )
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def closed_loop(
@@ -397,22 +380,12 @@ def format_report(results: Results) -> str:
 # ---- entry point -----------------------------------------------------------------------------
 
 
-def _concurrency(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,16,64, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell")
     parser.add_argument(
-        "--concurrency", type=_concurrency, default=[1, 16, 64], help="e.g. 1,16,64"
+        "--concurrency", type=positive_ints, default=[1, 16, 64], help="e.g. 1,16,64"
     )
     parser.add_argument("--items", type=int, default=100_000, help="items in the stream case")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")

@@ -78,7 +78,7 @@ from typing import Any
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import msgspec
 import uvloop
-from _common import interrupt_on_sigterm, json_safe, profiled
+from _common import interrupt_on_sigterm, json_safe, positive_ints, profiled
 from harness.client import (
     CONNECTION_MODES,
     DEFAULT_CLIENT,
@@ -148,25 +148,15 @@ ENGINES: dict[str, EngineSpec] = {
 # ---- results ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Cell:
+@dataclass(kw_only=True)
+class Cell(LoadStats):
+    """One measured cell: its load statistics and where they were taken."""
+
     engine: str
     path: str  # "frontend" (HTTP) | "processor" | "direct" (the Worker), over the runtime
     concurrency: int
     isl: int
     osl: int
-    requests: int
-    errors: int
-    short: int  # successful requests with fewer/more tokens than osl
-    seconds: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    itl_p50_ms: float
-    itl_p99_ms: float
-    e2e_p50_ms: float
-    tokens_per_s: float
-    req_per_s: float
-    first_error: str = ""
 
 
 @dataclass
@@ -179,8 +169,7 @@ class Results:
 
 
 def make_cell(engine: str, path: str, conc: int, isl: int, osl: int, stats: LoadStats) -> Cell:
-    fields = {k: v for k, v in asdict(stats).items() if k in Cell.__dataclass_fields__}
-    return Cell(engine=engine, path=path, concurrency=conc, isl=isl, osl=osl, **fields)
+    return Cell(engine=engine, path=path, concurrency=conc, isl=isl, osl=osl, **asdict(stats))
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -634,16 +623,6 @@ async def run_benchmark(args: argparse.Namespace, session: Session, results: Res
 # ---- entry point -------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,8,32, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("values must be positive integers")
-    return values
-
-
 def _engines(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in ENGINES]
@@ -670,7 +649,7 @@ def _extra_cells(text: str) -> list[tuple[int, int]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--engines", type=_engines, default=["echo", "vllm"], help="echo,vllm")
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="e.g. 1,8,32")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32], help="e.g. 1,8,32")
     parser.add_argument(
         "--requests", type=int, default=None, help="per cell (default: echo 64, vllm 32; >= 2*C)"
     )

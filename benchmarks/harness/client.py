@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 import msgspec
-from _common import percentile
+from _common import percentile, run_all
 
 REQUEST_TIMEOUT = 120.0  # seconds for one streamed request
 CONNECT_TIMEOUT = 10.0
@@ -305,17 +305,7 @@ async def closed_loop(
             next_index += 1
             results.append(await send(index, task))
 
-    tasks = [asyncio.ensure_future(worker(t)) for t in range(concurrency)]
-    try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        if pending:
-            raise TimeoutError(f"cell did not finish within {timeout:.0f} s")
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await run_all([worker(t) for t in range(concurrency)], timeout, "senders of the cell")
     return results, time.perf_counter() - t0
 
 
