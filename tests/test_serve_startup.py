@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from dynamo_sdk.serve.embedded import free_port
-from tests.serving import HELLO_DIR
+from tests.serving import HELLO_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +126,78 @@ def test_a_worker_that_cannot_start_stops_the_graph(tmp_path: Path) -> None:
     out = log.read_text()
     assert "Stubborn:0 cannot start as configured: model folder /nowhere does not exist" in out
     assert "restart #" not in out
+
+
+def _port_open(proc: subprocess.Popen[bytes], base: str, log: Path) -> httpx.Response:
+    """Poll until the Frontend's port answers at all; its first /health answer."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.get(f"{base}/health", timeout=2)
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+
+
+CHAT = {"model": "dynamo-mocker", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_a_listed_model_can_be_served_at_once(tmp_path: Path) -> None:
+    """With no start-up wait, a model the Frontend lists must be servable the moment it is
+    listed (it is listed only once a worker's endpoint is registered, not when the worker
+    announced it); /live answers from the first moment, /health only once ready."""
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve_llm(port, log, "--Frontend.startup_wait=0")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        first = _port_open(proc, base, log)
+        assert httpx.get(f"{base}/live", timeout=2).status_code == 200
+        if first.status_code == 503:
+            assert first.json()["models"] == []
+        deadline = time.monotonic() + 60
+        while not httpx.get(f"{base}/v1/models", timeout=2).json()["data"]:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        answer = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert httpx.get(f"{base}/health", timeout=2).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def test_a_request_in_the_start_up_gap_waits_for_the_first_worker(tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve_llm(port, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _port_open(proc, base, log)
+        # sent at once, most likely before the worker is live: it waits, then succeeds
+        answer = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=60)
+        assert answer.status_code == 200, answer.text
+    finally:
+        _stop(proc)
+
+
+def test_an_unknown_model_is_404_at_once_when_others_are_live(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = _serve_llm(port, log)
+    try:
+        _wait(proc, log, "ready: http://", 90)
+        began = time.monotonic()
+        body = {**CHAT, "model": "nope"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 404 and time.monotonic() - began < 2  # a typo is not waited for
+    finally:
+        _stop(proc)
+
+
+def _serve_llm(port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if k not in ("NATS_SERVER", "ETCD_ENDPOINTS")}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*DYNAMO, "serve", "graphs.agg:Frontend", "-f", "configs/agg_mocker.yaml",
+             f"--Frontend.port={port}", *extra],
+            cwd=REPO_ROOT, env=full, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip

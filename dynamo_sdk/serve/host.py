@@ -120,6 +120,11 @@ class ServiceHost:
             if self.stop.is_set():
                 return
             await asyncio.sleep(0.25)
+        # What start-up made (modules, the service's state, an engine's tables) lives as long
+        # as the process: out of the cyclic GC's reach, it is not rescanned by every
+        # collection the requests' garbage triggers (fewer and shorter pauses under load).
+        gc.collect()
+        gc.freeze()
         for server in self.servers:
             await self.runtime.register(server, {"worker_index": self.worker_index})
         self.registered = True
