@@ -209,14 +209,14 @@ async def test_kv_layout_comes_from_the_model_and_cache_config(
     """What a vLLM decode worker advertises to prefill workers (disaggregation)."""
     hf = json.loads((Path(model_path) / "config.json").read_text())
     layout = engine.kv_layout()
-    assert layout == {
-        "num_layers": hf["num_hidden_layers"],
-        "block_size": engine._llm.vllm_config.cache_config.block_size,  # type: ignore[union-attr]
-        "num_kv_heads": hf["num_key_value_heads"],
-        "head_dim": hf["head_dim"],
-        "dtype": "float32",
-    }
-    KvLayout(**layout)  # the wire type takes it as it is
+    assert layout == KvLayout(
+        num_layers=hf["num_hidden_layers"],
+        block_size=engine.kv_block_size(),
+        num_kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"],
+        dtype="float32",
+    )
+    assert engine.kv_block_size() == engine._llm.vllm_config.cache_config.block_size  # type: ignore[union-attr]
 
 
 def test_unknown_engine_arg_rejected(model_path: str) -> None:

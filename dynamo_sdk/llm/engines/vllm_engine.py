@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from dynamo_sdk.llm.disagg.kv_storage import storage_root
 from dynamo_sdk.llm.engines.base import (
     NO_OPTIONS,
     Engine,
@@ -31,8 +32,12 @@ from dynamo_sdk.llm.engines.base import (
     EngineError,
     EngineStats,
     GenerateOptions,
+    KvConnector,
 )
 from dynamo_sdk.llm.engines.configs import VllmConfig
+from dynamo_sdk.llm.kv.events import KvEventFanout
+from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.vllm_bridge import VllmKvEventBridge, vllm_kv_event_args
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
     FinishReason,
@@ -213,8 +218,10 @@ class VllmEngine(Engine):
     """vLLM v1 `AsyncLLM` serving one model, as an `Engine`.
 
     It takes its `VllmConfig` (what the registry decodes from YAML) or vLLM engine arguments
-    as a mapping. Not yet behind the engine contract's capabilities: `kv_events()` (vLLM's
-    events come through `dynamo_sdk.llm.kv.vllm_bridge`) and `kv_connector()`.
+    as a mapping. Capabilities: `kv_events()` with `kv_events: true` (vLLM's own publisher,
+    bridged from ZMQ by `kv/vllm_bridge.py`; block hashes `sha256_cbor` so the router's match),
+    and `kv_connector()` when its `kv_transfer_config` selects the project's storage connector
+    (disaggregated prefill through shared storage, `disagg/connector.py`).
     """
 
     def __init__(
@@ -224,16 +231,19 @@ class VllmEngine(Engine):
         *,
         stop_timeout: float = STOP_TIMEOUT_S,
     ) -> None:
+        kv_events = False
         if isinstance(config, VllmConfig):
-            if config.kv_events:
-                raise EngineConfigError(
-                    "kv_events: vLLM's KV events are not wired to the engine contract yet"
-                )
             engine_args: Mapping[str, Any] | None = config.engine_args
+            kv_events = config.kv_events
         else:
             engine_args = config
         self.model = model
         self._engine_args = {**_DEFAULT_ENGINE_ARGS, **normalize_engine_args(engine_args)}
+        self._events = KvEventFanout("vllm") if kv_events else None
+        self._bridge: VllmKvEventBridge | None = None
+        self._connector = _storage_connector(self._engine_args.get("kv_transfer_config"))
+        if self._connector is not None:
+            self._connector.engine = self
         # what shutdown() may take, at most: a host draining this engine reserves it
         self.stop_timeout = stop_timeout
         # the configured limit until start() reads the engine's resolved one
@@ -271,9 +281,14 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise EngineError(f"vLLM is not usable here: {type(exc).__name__}: {exc}") from exc
         factory = _make_stat_logger_factory(self._stats)
+        event_args: dict[str, Any] = {}
+        if self._events is not None:  # bound before vLLM starts, so its publisher connects
+            self._bridge = VllmKvEventBridge(0, self._events.publish)
+            await self._bridge.start()
+            event_args = vllm_kv_event_args(self._bridge.port)
 
         def build() -> AsyncLLM:
-            engine_args = self.effective_engine_args()
+            engine_args = {**self.effective_engine_args(), **event_args}
             kv_transfer = engine_args.get("kv_transfer_config")
             if isinstance(kv_transfer, Mapping):  # from YAML: vLLM wants its config object
                 from vllm.config import KVTransferConfig
@@ -292,8 +307,18 @@ class VllmEngine(Engine):
         self.context_length = int(llm.model_config.max_model_len)
         log.info("vLLM engine ready: model=%s context_length=%d", self.model, self.context_length)
 
-    def kv_layout(self) -> dict[str, Any]:
-        """The shape of this engine's KV blocks (a `KvLayout`'s fields), from vLLM's config.
+    def kv_events(self) -> KvEventFanout | None:
+        return self._events
+
+    def kv_block_size(self) -> int:
+        llm = self._llm
+        return int(llm.vllm_config.cache_config.block_size) if llm is not None else 0
+
+    def kv_connector(self) -> KvConnector | None:
+        return self._connector
+
+    def kv_layout(self) -> KvLayout:
+        """The shape of this engine's KV blocks, from vLLM's config.
 
         Disaggregated decode and prefill engines must agree on it: a KV connector moves blocks
         whose token count, head count and dtype the other side reads back as they are.
@@ -304,13 +329,13 @@ class VllmEngine(Engine):
         config = llm.vllm_config
         model, cache = config.model_config, config.cache_config
         dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
-        return {
-            "num_layers": int(model.get_num_layers(config.parallel_config)),
-            "block_size": int(cache.block_size),
-            "num_kv_heads": int(model.get_num_kv_heads(config.parallel_config)),
-            "head_dim": int(model.get_head_size()),
-            "dtype": str(dtype).removeprefix("torch."),
-        }
+        return KvLayout(
+            num_layers=int(model.get_num_layers(config.parallel_config)),
+            block_size=int(cache.block_size),
+            num_kv_heads=int(model.get_num_kv_heads(config.parallel_config)),
+            head_dim=int(model.get_head_size()),
+            dtype=str(dtype).removeprefix("torch."),
+        )
 
     async def shutdown(self) -> None:
         """Stop vLLM's engine-core process, waiting at most `stop_timeout` for it to exit.
@@ -320,6 +345,8 @@ class VllmEngine(Engine):
         connection. vLLM's shutdown hands its own loop-side cleanup (its output socket and
         output-handler task) to this loop with call_soon_threadsafe.
         """
+        if self._bridge is not None:
+            await self._bridge.stop()
         llm, self._llm = self._llm, None
         if llm is None:
             return
@@ -508,3 +535,30 @@ def _convert_logprobs(
         ranked = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)
         tops.append([TokenLogprob(int(tid), float(lp.logprob)) for tid, lp in ranked[:top_n]])
     return sampled, tops
+
+
+class _StorageConnector:
+    """The project's storage connector as this engine's `kv_connector()` (see kv_storage)."""
+
+    def __init__(self, engine_root: str) -> None:
+        self._root = engine_root
+        self.engine: VllmEngine | None = None
+
+    @property
+    def storage_root(self) -> str:
+        return self._root
+
+    def kv_layout(self) -> KvLayout:
+        assert self.engine is not None
+        return self.engine.kv_layout()
+
+
+def _storage_connector(kv_transfer_config: Any) -> _StorageConnector | None:
+    """The connector a ``kv_transfer_config`` selects, when it is the project's (None: no
+    KV transfer configured); another connector's config is refused with what to set."""
+    if kv_transfer_config is None:
+        return None
+    try:
+        return _StorageConnector(storage_root(kv_transfer_config))
+    except ValueError as exc:
+        raise EngineConfigError(str(exc)) from None

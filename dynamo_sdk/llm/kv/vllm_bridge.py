@@ -40,7 +40,7 @@ class VllmKvEventBridge:
     """Subscribes to vLLM's ZMQ publisher and forwards our events to `on_events`."""
 
     def __init__(self, port: int, on_events: Callable[[list[KvEvent]], None]) -> None:
-        self.port = port
+        self.port = port  # 0: a free loopback port, known once started
         self.on_events = on_events
         self._task: asyncio.Task[None] | None = None
         self.received = 0
@@ -54,7 +54,9 @@ class VllmKvEventBridge:
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         # We bind (loopback only) and vLLM's publisher connects: it connects whenever its
         # endpoint names a host rather than a wildcard. Start the bridge before the engine.
-        self._sock.bind(f"tcp://127.0.0.1:{self.port}")
+        self._sock.bind(f"tcp://127.0.0.1:{self.port or '*'}")
+        endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.port = int(endpoint.rsplit(":", 1)[1])
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
