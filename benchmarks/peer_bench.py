@@ -26,7 +26,10 @@ per-token prefill and per-sequence decode costs); ``--speedup`` (both sides, or
 them at 1000x, where engine time is negligible and what is compared is each side's serving
 pipeline (HTTP, tokenization, routing, transport, detokenization). The multi-turn workload runs
 them at 1x and prints each side's unloaded engine cost (``cold TTFT``, ``ITL``) next to its
-results, so that a difference of the timing models is not read as a difference of the stacks.
+results, so that a difference of the timing models is not read as a difference of the stacks;
+by default it sets the project's mocker to Dynamo's unloaded costs (``--project-timing``:
+``decode_ms_base`` 7.2 ms and ``prefill_ms_per_token`` 0.026 ms give the 7.3-7.4 ms ITL and
+36-45 ms cold TTFT Dynamo 1.6.1's mocker shows here; "" keeps the project's own defaults).
 
 The arms alternate: peer, project, peer, project, ... (``--repeats`` each). Every arm is a fresh
 launch: its *start to serving* is the time from launching the first process to the first
@@ -271,6 +274,8 @@ class ProjectArm:
         ]
         if args.router_mode:
             overrides += project_router_overrides(args)
+        if args.workload == "multiturn":
+            overrides += shlex.split(args.project_timing)
         overrides += shlex.split(args.project_args)
         self.serve: ServeProcess = serve_graph(
             args.project_graph,
@@ -1001,6 +1006,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--project-config", default=None, help="see --project-graph")
     p.add_argument("--project-args", default="", help="more --Service.key=value overrides")
+    p.add_argument(
+        "--project-timing",
+        default="--Worker.decode_ms_base=7.2 --Worker.prefill_ms_per_token=0.026",
+        help="multiturn: the project mocker's timing, equal to Dynamo's unloaded costs",
+    )
     p.add_argument("--peer-venv", type=Path, default=Path.home() / "dynamo-peer")
     p.add_argument("--peer-mocker-args", default="", help="more dynamo.mocker arguments")
     p.add_argument("--peer-frontend-args", default="", help="more dynamo.frontend arguments")
