@@ -47,6 +47,10 @@ is much slower on reused connections). A cell runs for ``--duration`` seconds (3
 ``--min-requests``, 200, and 4 per sending task; at most ``--requests``; ``--duration 0``:
 exactly ``--requests``). Per cell: req/s, TTFT p50/p99, output tokens/s of each side and
 project/peer ratios (medians over the repeats; *spread* is (max - min) / median over them).
+A closed loop compares latencies at whatever load each side sustains: the side that serves
+more requests per second has more of them competing at any moment. So, with kept connections,
+the project also runs each cell paced at the req/s the peer reached in it (``kept@peer``
+rows, ``--no-equal-load`` skips them): TTFT at the same load.
 
 ``--workload multiturn``: ``--sessions`` conversations (32) of ``--turns`` turns (4) at
 ``--concurrency`` sessions at a time (8), on ``--workers`` workers per side (4) with equal KV
@@ -429,7 +433,13 @@ class CellRun:
         return self.server_cpu_s * 1e3 / self.stats.requests if self.stats.requests else math.nan
 
 
-async def measure_single(arm: Arm, args: argparse.Namespace, repeat: int) -> list[CellRun]:
+async def measure_single(
+    arm: Arm, args: argparse.Namespace, repeat: int, earlier: Sequence[CellRun] = ()
+) -> list[CellRun]:
+    """Closed loops at each (connection, concurrency); for the project with kept connections,
+    also a loop paced at the peer's req/s of the same cell in this repeat (`earlier`): a
+    closed loop compares TTFTs at whatever load each side sustains, so the faster side meets
+    more competing requests; the paced cell compares them at the same load."""
     url = f"{arm.base}/v1/chat/completions"
     out: list[CellRun] = []
     max_conc = max(args.concurrency)
@@ -461,6 +471,19 @@ async def measure_single(arm: Arm, args: argparse.Namespace, repeat: int) -> lis
                 stats = summarize(runs, wall, args.osl)
                 cell = CellRun(arm.side, repeat, connection, conc, stats, cpu)
                 out.append(cell)
+                peer = next(
+                    (c for c in earlier if c.side == "peer" and c.repeat == repeat
+                     and c.connection == connection and c.concurrency == conc),
+                    None,
+                )  # fmt: skip
+                if args.equal_load and arm.side == "project" and peer is not None:
+                    paced, paced_wall = await closed_loop(
+                        sender(pool, 0), args.requests, conc, args.cell_timeout,
+                        duration=args.duration, min_requests=max(args.min_requests, 4 * conc),
+                        rate=peer.stats.req_per_s,
+                    )  # fmt: skip
+                    at_rate = summarize(paced, paced_wall, args.osl)
+                    out.append(CellRun(arm.side, repeat, f"{connection}@peer", conc, at_rate))
                 print(
                     f"  ... {arm.side} #{repeat} {connection} c={conc}: {stats.req_per_s:,.0f} "
                     f"req/s, TTFT p50 {stats.ttft_p50_ms:.1f} ms p99 {stats.ttft_p99_ms:.1f} ms, "
@@ -646,7 +669,7 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, results: Result
                 results.arms.append(ArmRun(side, repeat, start_s, loadavg, command))
                 print(f"  ... {side} #{repeat}: serving after {start_s:.2f} s", file=sys.stderr)
                 if args.workload == "single":
-                    results.cells += await measure_single(arm, args, repeat)
+                    results.cells += await measure_single(arm, args, repeat, results.cells)
                 else:
                     results.multiturn += await measure_multiturn(arm, args, repeat)
             finally:
@@ -679,14 +702,18 @@ METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "cpu_ms_pe
 def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per (connection, concurrency): each side's medians and spreads, and project/peer."""
     rows = []
-    for connection in args.connections:
+    connections = list(args.connections)
+    if args.equal_load and "kept" in connections:
+        connections.append("kept@peer")  # the project paced at the peer's kept-cell req/s
+    for connection in connections:
         for conc in args.concurrency:
             row: dict[str, Any] = {"connection": connection, "concurrency": conc}
             for side in SIDES:
+                wanted = connection if side == "project" else connection.split("@")[0]
                 cells = [
                     c
                     for c in results.cells
-                    if c.side == side and c.connection == connection and c.concurrency == conc
+                    if c.side == side and c.connection == wanted and c.concurrency == conc
                 ]
                 row[f"{side}_runs"] = len(cells)
                 row[f"{side}_errors"] = sum(c.stats.errors for c in cells)
@@ -713,6 +740,19 @@ def evaluate_targets(results: Results, args: argparse.Namespace) -> list[Target]
     if args.workload == "single":
         for row in results.summary:
             cell = f"{row['connection']} c={row['concurrency']}"
+            if row["connection"].endswith("@peer"):  # equal load: the latencies compare
+                for q in ("p50", "p99"):
+                    key = f"ttft_{q}_ms"
+                    targets.append(
+                        check(
+                            f"{cell}: at the peer's req/s, TTFT {q} <= peer",
+                            row[f"ratio_{key}"],
+                            "x",
+                            lambda v: v <= 1.0,
+                            f"{fmt(row[f'project_{key}'], 1)} vs {fmt(row[f'peer_{key}'], 1)} ms",
+                        )
+                    )
+                continue
             targets.append(
                 check(
                     f"{cell}: project req/s >= {TARGET_RPS_RATIO:g}x peer",
@@ -1006,6 +1046,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--project-config", default=None, help="see --project-graph")
     p.add_argument("--project-args", default="", help="more --Service.key=value overrides")
+    p.add_argument(
+        "--no-equal-load",
+        dest="equal_load",
+        action="store_false",
+        help="skip the project's kept-connection cells paced at the peer's req/s",
+    )
     p.add_argument(
         "--project-timing",
         default="--Worker.decode_ms_base=7.2 --Worker.prefill_ms_per_token=0.026",

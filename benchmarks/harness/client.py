@@ -280,12 +280,15 @@ async def closed_loop(
     *,
     duration: float | None = None,
     min_requests: int = 0,
+    rate: float | None = None,
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` tasks send `requests` requests back to back; returns results, wall time.
 
     `send(index, task)` gets the request's index and the number of the task sending it. With
     `duration` (seconds), no request starts after that much time once `min_requests` have
-    started: `requests` is then a cap. The wall time runs to the last answer. Raises
+    started: `requests` is then a cap. With `rate` (requests/s), request i starts no earlier
+    than i / rate seconds in: paced arrivals, still at most `concurrency` in flight (to compare
+    two servers at the same load). The wall time runs to the last answer. Raises
     TimeoutError if the cell is not done within `timeout` seconds (tasks cancelled).
     """
     results: list[RequestResult] = []
@@ -303,6 +306,8 @@ async def closed_loop(
         while more():
             index = next_index
             next_index += 1
+            if rate:
+                await asyncio.sleep(max(t0 + index / rate - time.perf_counter(), 0.0))
             results.append(await send(index, task))
 
     await run_all([worker(t) for t in range(concurrency)], timeout, "senders of the cell")
