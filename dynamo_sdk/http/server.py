@@ -15,17 +15,17 @@ class PortInUseError(OSError):
     """The port an HTTP server was configured for is taken by another process."""
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening socket; with ``reuse_port`` (SO_REUSEPORT) several worker processes of one
-    service share the port and the kernel spreads connections over them.
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket (no SO_REUSEPORT: a port another process holds is refused, as a
+    `PortInUseError` naming the port, instead of silently shared with it).
 
-    A port some other process holds is a `PortInUseError` naming the port.
+    Several workers of one service share one such socket, bound once by the supervisor and
+    inherited by each (`inherited_socket`): whichever worker is free accepts the next
+    connection, where SO_REUSEPORT would hash connections to workers however busy they are.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -54,18 +54,8 @@ def make_server(app: Any, host: str, port: int) -> EmbeddedUvicorn:
     return EmbeddedUvicorn(config)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fail with `PortInUseError` if anything listens on (host, port) now.
-
-    Binds without SO_REUSEPORT: a process holding the port with SO_REUSEPORT (another
-    Frontend) would otherwise be joined silently and take half the traffic.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(exc.errno, f"port {port} is already in use") from None
-            raise
+def inherited_socket(fd: int) -> socket.socket:
+    """A listening socket a parent process bound and passed down as file descriptor `fd`."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock

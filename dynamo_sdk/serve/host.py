@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from dynamo_sdk.http.server import PortInUseError, listen_socket, make_server
+from dynamo_sdk.http.server import PortInUseError, inherited_socket, listen_socket, make_server
 from dynamo_sdk.runtime import DistributedRuntime, DynamoError, RuntimeSettings
 from dynamo_sdk.runtime.server import EndpointServer
 from dynamo_sdk.sdk.config import ServiceConfig
@@ -45,7 +45,7 @@ log = logging.getLogger("dynamo.worker")
 
 HEALTH_PORT_ENV = "DYN_HEALTH_PORT"
 DRAIN_GRACE_ENV = "DYN_DRAIN_GRACE"
-SERVICE_WORKERS_ENV = "DYN_SERVICE_WORKERS"  # how many workers the service has (port sharing)
+HTTP_FD_ENV = "DYN_HTTP_FD"  # the service's listening socket, bound by the supervisor
 
 
 class ServiceHost:
@@ -159,15 +159,18 @@ class ServiceHost:
         apps: list[tuple[Starlette, socket.socket]] = []
         app = await self._service_app()
         if app is not None:
-            host, port = http_address(self.section)
-            shared = int(os.environ.get(SERVICE_WORKERS_ENV, "1")) > 1
-            try:
-                sock = listen_socket(host, port, reuse_port=shared)
-            except PortInUseError:
-                raise ConfigurationError(
-                    f"port {port} ({self.service.name}) is already in use: stop what holds it "
-                    f"or choose another with --{self.service.name}.port=N"
-                ) from None
+            inherited = os.environ.get(HTTP_FD_ENV)
+            if inherited:  # every worker of the service accepts on the one socket
+                sock = inherited_socket(int(inherited))
+            else:
+                host, port = http_address(self.section)
+                try:
+                    sock = listen_socket(host, port)
+                except PortInUseError:
+                    raise ConfigurationError(
+                        f"port {port} ({self.service.name}) is already in use: stop what holds "
+                        f"it or choose another with --{self.service.name}.port=N"
+                    ) from None
             apps.append((app, sock))
         health_port = os.environ.get(HEALTH_PORT_ENV)
         if health_port:

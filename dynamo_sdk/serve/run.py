@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any
 
-from dynamo_sdk.http.server import PortInUseError, check_port_free
+from dynamo_sdk.http.server import PortInUseError, listen_socket
 from dynamo_sdk.sdk.config import CONFIG_ENV
 from dynamo_sdk.serve.config_loader import ConfigError
 from dynamo_sdk.serve.embedded import configured_servers, start_embedded
@@ -35,22 +36,30 @@ def worker_env(plan: GraphPlan, server_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def check_ports(plan: GraphPlan) -> None:
-    """Refuse to start when an HTTP service's port is taken, naming the port and the service
-    (a worker finding out later would only say so after the rest of the graph started)."""
-    for name, (host, port) in plan.http_services().items():
-        try:
-            check_port_free(host, port)
-        except PortInUseError:
-            raise ConfigError(
-                f"port {port} ({name}) is already in use: stop what holds it or choose "
-                f"another with --{name}.port=N"
-            ) from None
+def bind_http(plan: GraphPlan) -> dict[str, socket.socket]:
+    """Each HTTP service's listening socket, bound before anything starts (a taken port fails
+    the command, naming the port and the service); its workers inherit it."""
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for name, (host, port) in plan.http_services().items():
+            try:
+                sockets[name] = listen_socket(host, port)
+            except PortInUseError:
+                raise ConfigError(
+                    f"port {port} ({name}) is already in use: stop what holds it or choose "
+                    f"another with --{name}.port=N"
+                ) from None
+            sockets[name].set_inheritable(True)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
 
 
 def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
     """Serve until SIGINT/SIGTERM (or a worker that cannot start); the process exit code."""
-    check_ports(plan)
+    sockets = bind_http(plan)
     servers = configured_servers()
     embedded = None
     if servers is None:
@@ -72,8 +81,11 @@ def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
             cwd=plan.cwd,
             grace=grace,
             http=plan.http_services(),
+            http_sockets={name: sock.fileno() for name, sock in sockets.items()},
         )
         return _run_loop(supervisor.run())
     finally:
+        for sock in sockets.values():
+            sock.close()
         if embedded is not None:
             embedded.stop()

@@ -7,6 +7,9 @@ with a `[Service:index]` prefix. A worker that exits while the graph is running 
 with exponential backoff; one whose `/livez` probe fails repeatedly is killed and restarted.
 A worker that exits with `EXIT_CONFIG` cannot start as configured: the graph is stopped and
 `dynamo serve` exits non-zero with that worker's reason, instead of restarting it forever.
+An HTTP service's listening socket is bound once, before anything starts (`run.bind_http`), and
+inherited by each of its workers (`DYN_HTTP_FD`): the one free to accept takes the next
+connection, and a restarted worker finds the connections that queued meanwhile.
 
 Once every worker answers `/readyz`, one line says the graph can serve, and where:
 `ready: http://127.0.0.1:8000 (model dynamo-tiny, 1 worker)`.
@@ -138,10 +141,12 @@ class Supervisor:
         health: HealthPolicy | None = None,
         out: TextIO | None = None,
         http: dict[str, tuple[str, int]] | None = None,
+        http_sockets: dict[str, int] | None = None,
     ) -> None:
         self.graph = graph
         self.workers = [WorkerState(plan) for plan in plans]
         self.http = http or {}  # services that serve HTTP: (host, port)
+        self.http_sockets = http_sockets or {}  # their listening sockets' fds, inherited
         self.exit_code = 0
         self.base_env = base_env
         self.cwd = cwd
@@ -221,7 +226,8 @@ class Supervisor:
         env["DYN_SERVICE_NAME"] = plan.service
         env["DYN_WORKER_INDEX"] = str(plan.index)
         env["DYN_HEALTH_PORT"] = str(state.health_port)
-        env["DYN_SERVICE_WORKERS"] = str(sum(w.plan.service == plan.service for w in self.workers))
+        if plan.service in self.http_sockets:
+            env["DYN_HTTP_FD"] = str(self.http_sockets[plan.service])
         env["DYN_DRAIN_GRACE"] = str(self.grace)
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -244,6 +250,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             env=self._env(state),
             cwd=self.cwd,
+            pass_fds=[self.http_sockets[plan.service]] if plan.service in self.http_sockets else [],
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
