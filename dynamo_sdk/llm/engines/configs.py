@@ -39,7 +39,19 @@ class EchoConfig(EngineSettings):
     ] = 0.0
 
 
-class MockerConfig(EngineSettings):
+class SchedulingConfig(EngineSettings):
+    """The knobs of the scheduler and paged block manager the mocker and the torch engine
+    share (`engines/scheduler.py`, `kv/block_manager.py`)."""
+
+    block_size: Annotated[int, Meta(ge=1, description="tokens per KV block")] = 16
+    max_num_seqs: Annotated[int, Meta(ge=1, description="sequences running at once")] = 256
+    max_num_batched_tokens: Annotated[
+        int, Meta(ge=1, description="tokens computed per step (chunked prefill budget)")
+    ] = 8192
+    enable_prefix_caching: Annotated[bool, Meta(description="reuse cached prompt blocks")] = True
+
+
+class MockerConfig(SchedulingConfig):
     """`engine: mocker`: vLLM's scheduling and paged KV with a timing model and no model.
 
     Timing (simulated ms per forward pass): the prefill chunks' tokens times
@@ -49,12 +61,6 @@ class MockerConfig(EngineSettings):
     """
 
     num_blocks: Annotated[int, Meta(ge=1, description="KV cache blocks")] = 4096
-    block_size: Annotated[int, Meta(ge=1, description="tokens per KV block")] = 16
-    max_num_seqs: Annotated[int, Meta(ge=1, description="sequences running at once")] = 256
-    max_num_batched_tokens: Annotated[
-        int, Meta(ge=1, description="tokens computed per step (chunked prefill budget)")
-    ] = 8192
-    enable_prefix_caching: Annotated[bool, Meta(description="reuse cached prompt blocks")] = True
     context_length: Annotated[
         int, Meta(ge=1, description="longest prompt + output (must fit the cache)")
     ] = 8192
@@ -87,7 +93,7 @@ class MockerConfig(EngineSettings):
             )
 
 
-class TorchConfig(EngineSettings):
+class TorchConfig(SchedulingConfig):
     """`engine: torch`: the project's own engine (Llama, Mistral, Qwen2) on PyTorch."""
 
     device: Annotated[str, Meta(description="auto (cuda if available), cuda, cpu")] = "auto"
@@ -98,7 +104,6 @@ class TorchConfig(EngineSettings):
         Literal["auto", "safetensors", "dummy"],
         Meta(description="dummy: random weights of the model's shape"),
     ] = "auto"
-    block_size: Annotated[int, Meta(ge=1, description="tokens per KV block")] = 16
     num_blocks: Annotated[
         int, Meta(ge=0, description="KV cache blocks; 0 = sized from the memory budget")
     ] = 0
@@ -107,11 +112,6 @@ class TorchConfig(EngineSettings):
     ] = 0.9
     kv_cache_gb: Annotated[float, Meta(gt=0.0, description="KV cache size on CPU, in GiB")] = 0.25
     max_model_len: Annotated[int, Meta(ge=0, description="context length; 0 = the model's")] = 0
-    max_num_seqs: Annotated[int, Meta(ge=1, description="sequences running at once")] = 256
-    max_num_batched_tokens: Annotated[
-        int, Meta(ge=1, description="tokens computed per step (chunked prefill budget)")
-    ] = 8192
-    enable_prefix_caching: Annotated[bool, Meta(description="reuse cached prompt blocks")] = True
     enforce_eager: Annotated[bool, Meta(description="no CUDA graphs (GPU)")] = False
     cuda_graph_sizes: Annotated[
         list[int] | None, Meta(description="decode batch sizes to capture; default up to 256")
