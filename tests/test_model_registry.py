@@ -69,3 +69,38 @@ async def test_a_hop_in_front_must_be_live_too(
         assert models.names() == []  # no Processor: nothing can be served through it
         await worker.serve_endpoint(unique_ns, "Processor", "generate", generate)
         await _until(lambda: models.names() == ["m"])
+
+
+async def test_a_model_whose_tokenizer_cannot_load_is_refused_with_the_reason(
+    servers: EmbeddedServers, unique_ns: str, tmp_path: object
+) -> None:
+    """The Frontend's pipelines: a worker announcing a folder without a tokenizer makes
+    requests fail at once with why (a 503 at the edge), not hang or look like a typo."""
+    from pathlib import Path
+
+    import pytest
+
+    from dynamo_sdk.llm.errors import ServiceUnavailableError
+    from dynamo_sdk.llm.openai_protocol import ChatCompletionRequest, ChatMessage
+    from dynamo_sdk.llm.serving import PipelineConfig, ServedModels
+
+    empty = Path(str(tmp_path)) / "no-tokenizer"
+    empty.mkdir()
+    async with connected(servers, {}, {}) as (worker, frontend):
+
+        async def generate(_: object) -> AsyncIterator[str]:
+            yield "x"
+
+        entry = ModelEntry("m", unique_ns, "Worker", "generate", 64, path=str(empty))
+        await register_model(worker, entry)
+        await worker.serve_endpoint(unique_ns, "Worker", "generate", generate)
+        served = ServedModels(frontend, PipelineConfig())
+        await served.start()
+        try:
+            assert not await served.wait_for_model("m", 5.0)
+            assert served.model_names() == []
+            body = ChatCompletionRequest(model="m", messages=[ChatMessage("user", "hi")])
+            with pytest.raises(ServiceUnavailableError, match="no-tokenizer"):
+                served.generate("r", body)
+        finally:
+            await served.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -38,6 +39,8 @@ from dynamo_sdk.llm.tokenizer import Tokenizer
 from dynamo_sdk.runtime import DistributedRuntime
 
 log = logging.getLogger("dynamo.llm.serving")
+
+RETRY_S = 30.0  # seconds before a model whose pipeline failed to build is tried again
 
 
 class PipelineConfig(RoutingConfig):
@@ -82,7 +85,9 @@ class ServedModels:
         self.router_service = router_service
         self.pipelines: dict[str, ModelPipeline] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
-        self._failed: dict[str, str] = {}  # model -> why its pipeline could not be built
+        # model -> why its pipeline could not be built, and when (retried after RETRY_S: a
+        # worker restarted with a fixed folder, a file system that came back)
+        self._failed: dict[str, tuple[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -128,7 +133,7 @@ class ServedModels:
         pipeline = self.pipelines.get(body.model)
         context = self.models.context_length(body.model)
         if pipeline is None or context is None:
-            why = self._failed.get(body.model, "no live worker")
+            why = self._failed.get(body.model, ("no live worker", 0.0))[0]
             raise ServiceUnavailableError(f"model {body.model!r} cannot be served now: {why}")
         return pipeline.generate(request_id, body, context)
 
@@ -136,8 +141,12 @@ class ServedModels:
 
     async def _keep_up(self) -> None:
         while True:
+            now = time.monotonic()
             for entry in self._first_entries():
-                if entry.name not in self.pipelines and entry.name not in self._failed:
+                failed = self._failed.get(entry.name)
+                if entry.name not in self.pipelines and (
+                    failed is None or now - failed[1] > RETRY_S
+                ):
                     await self._build(entry)
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for_change(0.25)
@@ -153,9 +162,11 @@ class ServedModels:
             tokenizer = await self._tokenizer(entry.path or "")
             routing = await routing_for(self.runtime, entry, self.routing, self.router_service)
         except Exception as exc:
-            self._failed[entry.name] = f"{type(exc).__name__}: {exc}"
-            log.error("cannot serve model %s: %s", entry.name, self._failed[entry.name])
+            why = f"{type(exc).__name__}: {exc}"
+            self._failed[entry.name] = (why, time.monotonic())
+            log.error("cannot serve model %s: %s (retrying in %.0f s)", entry.name, why, RETRY_S)
             return
+        self._failed.pop(entry.name, None)
         self.pipelines[entry.name] = ModelPipeline(entry, tokenizer, routing)
         log.info("serving model %s (%s routing, tokenizer %s)", entry.name,
                  self.routing.router_mode, tokenizer.path)  # fmt: skip
