@@ -7,7 +7,7 @@ CPU milliseconds per request. For finding what to make cheaper, not for quoting 
 cProfile roughly doubles the cost of small Python calls.
 
     python benchmarks/profile_pipeline.py [--concurrency 32] [--requests 2000] [--connection fresh]
-        [--graph graphs.agg:Frontend] [--config configs/agg_mocker.yaml] [--top 25]
+        [--graph graphs.agg:Frontend] [--config configs/agg_mocker.yaml] [--top 25] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=16)
     parser.add_argument("--connection", choices=["kept", "fresh"], default="fresh")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--keep", type=Path, default=None, help="copy the .prof dumps here")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="dynamo-profile-"))
     profiles = out / "profiles"
@@ -60,6 +61,8 @@ def main() -> None:
     finally:
         stop_graph(serve)
     print(format_profile(profiles, args.top))
+    if args.keep is not None:
+        shutil.copytree(profiles, args.keep, dirs_exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
 
 

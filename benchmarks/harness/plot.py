@@ -8,6 +8,7 @@ is all most benchmarks plot, and `save()` writes and closes a figure.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,11 @@ def _draw(ax: Any, panel: Panel) -> None:
             labels = panel.xtick_labels or [f"{x:g}" for x in panel.xticks]
             ax.set_xticks(list(panel.xticks), list(labels))
             ax.set_xticks([], minor=True)
-    ax.set_yscale(panel.yscale)
-    if panel.yscale == "log":  # 1, 2, 5, 10, 20, 50 rather than 2x10^0, 5x10^0, 10^1
+    yscale = panel.yscale
+    if yscale == "log" and not any(y > 0 for s in panel.series for y in s.ys if math.isfinite(y)):
+        yscale = "linear"  # nothing measured (a failed run): an empty panel, not a crash
+    ax.set_yscale(yscale)
+    if yscale == "log":  # 1, 2, 5, 10, 20, 50 rather than 2x10^0, 5x10^0, 10^1
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
