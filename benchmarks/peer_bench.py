@@ -65,10 +65,13 @@ prompt). Per side: cache reuse (the usage chunk's ``prompt_tokens_details.cached
 Targets (single workload; every cell): project req/s >= 1.0x peer, project TTFT p50 and p99 <=
 peer's; and the project starts serving within 5 s (the median arm).
 
-The client is ``benchmarks/harness/client.py`` (aiohttp by default, as ``vllm bench serve``);
-both sides' processes are started with a process group of their own and the parent-death signal,
-and stopped (SIGINT, then SIGTERM, then SIGKILL, bounded) on exit, errors, Ctrl-C and SIGTERM.
-Every wait is bounded.
+The client is ``benchmarks/harness/client.py`` (aiohttp by default, as ``vllm bench serve``).
+One Python client process saturates near 2,000 streamed requests/s, so on a host with more than
+4 CPUs the single workload's cells are spread over ``--client-procs`` processes (CPUs/4, at most
+4; ``benchmarks/harness/spread.py``); every cell reports the busiest client process's CPU and
+the report flags cells where it passed 85% of a core. Both sides' processes are started with a
+process group of their own and the parent-death signal, and stopped (SIGINT, then SIGTERM, then
+SIGKILL, bounded) on exit, errors, Ctrl-C and SIGTERM. Every wait is bounded.
 
 Usage::
 
@@ -76,7 +79,7 @@ Usage::
         [--concurrency 1,8,32,64] [--connections kept,fresh] [--duration 3] [--osl 16]
         [--sides peer,project] [--speedup S] [--workers W] [--num-blocks 2048]
         [--project-graph G --project-config C --project-args '...'] [--peer-venv DIR]
-        [--json out.json] [--png out.png] [--keep-logs DIR]
+        [--client-procs N] [--json out.json] [--png out.png] [--keep-logs DIR]
 """
 
 from __future__ import annotations
@@ -98,8 +101,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +133,7 @@ from harness.launch import (
 )
 from harness.plot import Panel, Series, plot_panels
 from harness.report import Target, check, fmt, format_targets, table
+from harness.spread import Cell, ChatLoad, auto_processes
 
 TARGET_RPS_RATIO = 1.0  # project req/s >= this x peer, every cell
 TARGET_START_S = 5.0  # project: launch to first successful chat completion
@@ -427,6 +431,7 @@ class CellRun:
     concurrency: int
     stats: LoadStats
     server_cpu_s: float = math.nan  # the side's processes, during the cell
+    client_cpu_pct: float = math.nan  # the load generator's busiest process, % of one core
 
     @property
     def cpu_ms_per_req(self) -> float:
@@ -442,52 +447,41 @@ async def measure_single(
     more competing requests; the paced cell compares them at the same load."""
     url = f"{arm.base}/v1/chat/completions"
     out: list[CellRun] = []
-    max_conc = max(args.concurrency)
-
-    def sender(pool: ClientPool, offset: int) -> Callable[[int, int], Awaitable[RequestResult]]:
-        def send(i: int, task: int) -> Awaitable[RequestResult]:
-            messages = [{"role": "user", "content": single_prompt(offset + i)}]
-            return stream_request(pool[task], url, chat_body(args.model_name, messages, args.osl))
-
-        return send
-
     for connection in args.connections:
-        async with ClientPool(max_conc, args.http_client, fresh=connection == "fresh") as pool:
-            warm = min(max_conc, 32)  # unmeasured: connections, code paths, caches
-            await closed_loop(sender(pool, 10**6), 2 * warm, warm, args.cell_timeout)
+        load = ChatLoad(
+            url, args.model_name, args.osl, single_prompt, kind=args.http_client,
+            fresh=connection == "fresh", timeout=args.cell_timeout,
+            max_concurrency=max(args.concurrency), processes=args.client_procs,
+        )  # fmt: skip
+        async with load:
             for conc in args.concurrency:
                 arm.alive()
                 meter = CpuMeter(arm)
-                meter.start()
-                runs, wall = await closed_loop(
-                    sender(pool, 0),
-                    args.requests,
-                    conc,
-                    args.cell_timeout,
-                    duration=args.duration,
-                    min_requests=max(args.min_requests, 4 * conc),
-                )
+                cell = Cell(conc, args.requests, args.duration, max(args.min_requests, 4 * conc))
+                measured = await load.run(cell, on_start=meter.start)
                 cpu = meter.stop()
-                stats = summarize(runs, wall, args.osl)
-                cell = CellRun(arm.side, repeat, connection, conc, stats, cpu)
-                out.append(cell)
+                stats = summarize(measured.results, measured.wall, args.osl)
+                run = CellRun(
+                    arm.side, repeat, connection, conc, stats, cpu, measured.client_cpu_pct
+                )
+                out.append(run)
                 peer = next(
                     (c for c in earlier if c.side == "peer" and c.repeat == repeat
                      and c.connection == connection and c.concurrency == conc),
                     None,
                 )  # fmt: skip
                 if args.equal_load and arm.side == "project" and peer is not None:
-                    paced, paced_wall = await closed_loop(
-                        sender(pool, 0), args.requests, conc, args.cell_timeout,
-                        duration=args.duration, min_requests=max(args.min_requests, 4 * conc),
-                        rate=peer.stats.req_per_s,
+                    paced = await load.run(replace(cell, rate=peer.stats.req_per_s))
+                    at_rate = summarize(paced.results, paced.wall, args.osl)
+                    out.append(
+                        CellRun(arm.side, repeat, f"{connection}@peer", conc, at_rate,
+                                client_cpu_pct=paced.client_cpu_pct)
                     )  # fmt: skip
-                    at_rate = summarize(paced, paced_wall, args.osl)
-                    out.append(CellRun(arm.side, repeat, f"{connection}@peer", conc, at_rate))
                 print(
                     f"  ... {arm.side} #{repeat} {connection} c={conc}: {stats.req_per_s:,.0f} "
                     f"req/s, TTFT p50 {stats.ttft_p50_ms:.1f} ms p99 {stats.ttft_p99_ms:.1f} ms, "
-                    f"server CPU {cell.cpu_ms_per_req:.2f} ms/req"
+                    f"server CPU {run.cpu_ms_per_req:.2f} ms/req, "
+                    f"client {run.client_cpu_pct:.0f}%"
                     + (f", {stats.errors} errors ({stats.first_error})" if stats.errors else "")
                     + (f", {stats.short} not {args.osl} tokens" if stats.short else ""),
                     file=sys.stderr,
@@ -696,7 +690,11 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "cpu_ms_per_req")
+METRICS = (
+    "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "cpu_ms_per_req",
+    "client_cpu_pct",
+)  # fmt: skip
+CLIENT_SATURATED_PCT = 85.0  # the busiest client process above this: the client's limit
 
 
 def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -720,7 +718,7 @@ def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str
                 row[f"{side}_short"] = sum(c.stats.short for c in cells)
                 for metric in METRICS:
                     values = [
-                        c.cpu_ms_per_req if metric == "cpu_ms_per_req" else getattr(c.stats, metric)
+                        getattr(c, metric) if hasattr(c, metric) else getattr(c.stats, metric)
                         for c in cells
                     ]
                     row[f"{side}_{metric}"] = _median(values)
@@ -729,6 +727,23 @@ def summarize_cells(results: Results, args: argparse.Namespace) -> list[dict[str
                 row[f"ratio_{metric}"] = _ratio(row[f"project_{metric}"], row[f"peer_{metric}"])
             rows.append(row)
     return rows
+
+
+def saturation_notes(results: Results) -> list[str]:
+    """Cells where the load generator, not the server, may have set the pace."""
+    busy = [
+        f"{c.side} {c.connection} c={c.concurrency} #{c.repeat} ({c.client_cpu_pct:.0f}%)"
+        for c in results.cells
+        if c.client_cpu_pct > CLIENT_SATURATED_PCT
+    ]
+    if not busy:
+        return []
+    return [
+        f"the busiest client process was above {CLIENT_SATURATED_PCT:.0f}% of a core in "
+        + ", ".join(busy)
+        + ": those cells may measure the client; more --client-procs spread it (on a host "
+        "with cores to spare)"
+    ]
 
 
 def start_times(results: Results, side: str) -> list[float]:
@@ -807,7 +822,7 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
         f"{args.workers} worker(s) per side, speedup peer {args.peer_speedup:g} / project "
         f"{args.project_speedup:g}, {args.osl} output tokens, block size {args.block_size}, "
         f"{args.num_blocks} KV blocks per worker; {args.repeats} alternating run(s) per side; "
-        f"client {args.http_client}; {s.get('cpus')} CPUs",
+        f"client {args.http_client} in {args.client_procs} process(es); {s.get('cpus')} CPUs",
         f"project: {s.get('project_graph')} -f {s.get('project_config')} in "
         f"{s.get('project_root')}",
         "",
@@ -822,13 +837,15 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
     if args.workload == "single" and results.summary:
         out.append(
             "per cell (medians over the runs; ratio = project/peer; CPU ms/req = CPU time of "
-            "the side's processes per request, the client's excluded; spread = (max-min)/median "
-            "over the runs, peer/project):"
+            "the side's processes per request, the client's excluded; client % = the load "
+            "generator's busiest process, % of one core; spread = (max-min)/median over the runs, "
+            "peer/project):"
         )
         header = (
             "conn", "conc", "peer req/s", "proj req/s", "ratio", "peer TTFT p50", "proj p50",
             "ratio", "peer TTFT p99", "proj p99", "ratio", "peer tok/s", "proj tok/s", "ratio",
-            "CPU ms/req peer", "proj", "ratio", "spread req/s", "spread p50", "err peer/proj",
+            "CPU ms/req peer", "proj", "ratio", "client % peer/proj", "spread req/s",
+            "spread p50", "err peer/proj",
         )  # fmt: skip
         rows = []
         for r in results.summary:
@@ -854,6 +871,7 @@ def format_report(results: Results, args: argparse.Namespace) -> str:
                     fmt(r["peer_cpu_ms_per_req"], 2),
                     fmt(r["project_cpu_ms_per_req"], 2),
                     _x(r["ratio_cpu_ms_per_req"]),
+                    f"{fmt(r['peer_client_cpu_pct'], 0)}/{fmt(r['project_client_cpu_pct'], 0)}",
                     f"{_pct(r['peer_req_per_s_spread'])}/{_pct(r['project_req_per_s_spread'])}",
                     f"{_pct(r['peer_ttft_p50_ms_spread'])}/{_pct(r['project_ttft_p50_ms_spread'])}",
                     errors,
@@ -1061,6 +1079,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-mocker-args", default="", help="more dynamo.mocker arguments")
     p.add_argument("--peer-frontend-args", default="", help="more dynamo.frontend arguments")
     p.add_argument("--http-client", choices=("aiohttp", "httpx"), default=DEFAULT_CLIENT)
+    p.add_argument(
+        "--client-procs", type=int, default=auto_processes(),
+        help="single workload: load-generator processes (default: 1 up to 4 CPUs, else "
+        "CPUs/4, at most 4); one Python client saturates near 2,000 streamed requests/s",
+    )  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds per launch")
     p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
     p.add_argument("--json", type=Path, default=None)
@@ -1083,8 +1106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.project_speedup = args.project_speedup or args.speedup
     if args.router_mode is None and multiturn:
         args.router_mode = "kv"
-    if args.repeats < 1 or args.requests < 1 or args.osl < 1 or args.workers < 1:
-        p.error("--repeats, --requests, --osl and --workers must be >= 1")
+    if min(args.repeats, args.requests, args.osl, args.workers, args.client_procs) < 1:
+        p.error("--repeats, --requests, --osl, --workers and --client-procs must be >= 1")
     if args.duration <= 0:
         args.duration = None
         args.min_requests = args.requests
@@ -1134,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
     results.settings["seconds"] = round(time.monotonic() - started, 1)
     if args.workload == "single":
         results.summary = summarize_cells(results, args)
+        results.notes += saturation_notes(results)
     results.targets = evaluate_targets(results, args)
     print(format_report(results, args))
     if args.png is not None and (results.summary or results.multiturn):

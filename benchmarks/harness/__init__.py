@@ -10,6 +10,8 @@ is found beside the scripts; importing it also puts the repository root on ``sys
   output and cached tokens, errors per request; aiohttp by default, httpx optional; kept
   keep-alive connections or a fresh connection per request), the closed-loop runner, the
   per-cell summary and the "answers one request" readiness probe.
+* ``harness.spread``: a cell of streamed chat requests in this process or spread over client
+  processes (one Python client saturates near 2,000 requests/s), with the client's CPU use.
 * ``harness.report``: aligned tables and the targets table (name, measured, PASS/MISS/SKIP).
 * ``harness.plot``: PNGs of line/step panels when matplotlib is installed (a no-op otherwise).
 * ``harness.profiling``: reading the cProfile dumps of served processes.
