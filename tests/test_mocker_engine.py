@@ -391,3 +391,30 @@ async def test_draws_ids_from_the_served_models_tokenizer(model_dir: Any, tokeni
         await engine.shutdown()
     explicit = create_engine("mocker", str(model_dir), {"vocab_size": 100})
     assert isinstance(explicit, MockerEngine) and explicit.vocab_size == 100
+
+
+async def test_output_channel_merges_what_the_consumer_has_not_taken() -> None:
+    """The scheduler's per-sequence channel: untaken deltas merge, errors and finishes stay."""
+    from dynamo_sdk.llm.engines.scheduler import OutputChannel
+    from dynamo_sdk.llm.protocol import EngineOutput
+
+    channel = OutputChannel()
+    waiting = asyncio.ensure_future(channel.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    channel.put(EngineOutput(token_ids=[1], cached_tokens=3))
+    first = await asyncio.wait_for(waiting, 1)
+    assert first.token_ids == [1] and first.cached_tokens == 3
+    for token in (2, 3, 4):  # the consumer is behind: one delta for all three
+        channel.put(EngineOutput(token_ids=[token]))
+    channel.put(EngineOutput(token_ids=[5], finish_reason="length"))
+    assert len(channel) == 1
+    merged = await channel.get()
+    assert merged.token_ids == [2, 3, 4, 5] and merged.finish_reason == "length"
+    channel.put(EngineOutput(token_ids=[6], finish_reason="stop"))
+    channel.put(EngineOutput(token_ids=[7]))  # nothing merges into a finished delta
+    channel.put(EngineError("failed"))
+    assert len(channel) == 3
+    assert (await channel.get()).token_ids == [6]
+    assert (await channel.get()).token_ids == [7]
+    assert isinstance(await channel.get(), EngineError)

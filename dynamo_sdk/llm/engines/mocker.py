@@ -230,13 +230,14 @@ class MockerEngine(Engine):
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, request: PreprocessedRequest, options: GenerateOptions = NO_OPTIONS
     ) -> AsyncIterator[EngineOutput]:
         """Queue the request and stream its deltas; closing the stream aborts it at once.
 
-        Outputs the consumer has not picked up yet are merged into one delta, so a slow consumer
-        gets fewer, larger messages instead of a growing backlog.
+        The scheduler's own stream, not a generator around it (one layer less on every token);
+        so a bad request raises here, at the call. Outputs the consumer has not picked up yet
+        are merged into one delta, so a slow consumer gets fewer, larger messages.
         """
         if self._task is None:
             raise EngineError("MockerEngine.generate() called before start()")
@@ -246,12 +247,8 @@ class MockerEngine(Engine):
         check_prompt(request, self.context_length)
         self._prompt_tokens += len(prompt)
         if request.stop.max_tokens <= 0:
-            yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
-            return
-        seq = self._submit(request, prompt)
-        async with contextlib.aclosing(stream_outputs(seq, self.scheduler.abort)) as outputs:
-            async for out in outputs:
-                yield out
+            return _nothing_to_generate()
+        return stream_outputs(self._submit(request, prompt), self.scheduler.abort)
 
     def _submit(self, request: PreprocessedRequest, prompt: list[int]) -> _Seq:
         self._next_id += 1
@@ -347,3 +344,8 @@ class MockerEngine(Engine):
                 seen.add(alt)
                 top.append(TokenLogprob(alt, logprob - i))
         return top
+
+
+async def _nothing_to_generate() -> AsyncIterator[EngineOutput]:
+    """The stream of a request for no tokens: one empty, finished delta."""
+    yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)

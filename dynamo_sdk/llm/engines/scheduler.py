@@ -39,6 +39,46 @@ from dynamo_sdk.llm.protocol import EngineOutput, FinishReason, PreprocessedRequ
 _PLACEHOLDER = 0  # token id held by a reserved KV slot until the real one is known
 
 
+class OutputChannel:
+    """One sequence's outputs on their way from the scheduler to its consumer (one loop).
+
+    The hot path of every token, so lighter than an ``asyncio.Queue``: a deque and at most one
+    waiter. An output the consumer has not taken yet absorbs the next one, so a slow consumer
+    gets fewer, larger deltas instead of a growing backlog; an error is kept as it is.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[EngineOutput | EngineError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: EngineOutput | EngineError) -> None:
+        items = self._items
+        if items and isinstance(item, EngineOutput):
+            last = items[-1]
+            if isinstance(last, EngineOutput) and last.finish_reason is None:
+                _merge_into(last, item)  # not taken yet: the scheduler's own object
+                return
+        items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> EngineOutput | EngineError:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class SeqState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -55,7 +95,7 @@ class Sequence:
     prompt_len: int
     tokens: list[int]  # prompt + generated; the block manager holds KV slots for all of them
     stop_ids: frozenset[int]
-    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
+    outputs: OutputChannel = field(default_factory=OutputChannel)
     state: SeqState = SeqState.WAITING
     num_computed: int = 0  # tokens whose KV is computed; the rest are prefilled before sampling
     prefilling: bool = True  # (re)admitted and not yet sampled since: prefill, not decode
@@ -188,7 +228,7 @@ class Scheduler:
     def fail_all(self, error: EngineError) -> None:
         for seq in [*self.running, *self.waiting, *self.remote]:
             self.abort(seq)
-            seq.queue.put_nowait(error)
+            seq.outputs.put(error)
 
     def schedule(self) -> list[ScheduledChunk]:
         """Pick this step's work: running sequences first, then FIFO admissions."""
@@ -274,7 +314,7 @@ class Scheduler:
         if logprob is not None:
             out.logprobs = [logprob]
             out.top_logprobs = [top_logprobs or []]
-        seq.queue.put_nowait(out)
+        seq.outputs.put(out)
         if finish is not None:
             self.running.remove(seq)
             if seq.on_finish is not None:
@@ -338,14 +378,9 @@ async def stream_outputs(
     """
     try:
         while True:
-            item = await seq.queue.get()
+            item = await seq.outputs.get()
             if isinstance(item, EngineError):
                 raise item
-            while not seq.queue.empty() and item.finish_reason is None:
-                nxt = seq.queue.get_nowait()
-                if isinstance(nxt, EngineError):
-                    raise nxt
-                _merge_into(item, nxt)
             yield item
             if item.finish_reason is not None:
                 return
