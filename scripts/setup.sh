@@ -77,6 +77,25 @@ else
   step 3/4 "dynamo-sdk[$want]: already installed (.venv/.dynamo-installed: $have)"
 fi
 
+if [ "${1:-}" = "--tests" ] && ! command -v redis-server >/dev/null 2>&1; then
+  # The Redis shared-KV-tier tests start a real redis-server (they skip without one): Debian's
+  # package where apt-get exists. A failure only warns: the rest of the suite runs without it.
+  sudo=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] warning: no apt-get here; install redis-server to run the Redis KV tier tests"
+  elif [ "$(id -u)" != 0 ] && [ -z "$sudo" ]; then
+    echo "[setup] warning: not root and no sudo; install redis-server to run the Redis KV tier tests"
+  else
+    step tests "installing redis-server (Debian's package) for the Redis KV tier tests"
+    if ! out="$({ $sudo apt-get update -qq \
+        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } 2>&1)"; then
+      echo "[setup] warning: could not install redis-server; the Redis KV tier tests will skip"
+      printf '%s\n' "$out" | tail -n 3
+    fi
+  fi
+fi
+
 step 4/4 "the tiny local model (a 4-layer Llama with a 2,048-token tokenizer, built once)"
 .venv/bin/python -m dynamo_sdk.llm.testing.tiny_model
 echo "[setup] done in $((SECONDS - began)) s. 'source .venv/bin/activate' puts 'dynamo' on PATH."

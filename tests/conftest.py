@@ -12,6 +12,7 @@ import pytest
 
 from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
 from dynamo_sdk.serve.embedded import EmbeddedServers, start_embedded
+from tests.redis_server import RedisServer, run_redis_server
 
 if TYPE_CHECKING:
     from dynamo_sdk.llm.tokenizer import Tokenizer
@@ -59,6 +60,12 @@ async def runtime(servers: EmbeddedServers) -> AsyncIterator[DistributedRuntime]
     rt = await DistributedRuntime.connect(settings_for(servers))
     yield rt
     await rt.shutdown()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, no persistence; stopped at teardown."""
+    yield from run_redis_server(tmp_path)
 
 
 @pytest.fixture(scope="session")
