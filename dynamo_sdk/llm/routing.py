@@ -5,7 +5,8 @@
 * `round_robin` / `random`: spread over the live instances of the model's endpoint;
 * `kv`: the KV-aware choice (`kv/router.py`: cached prefix overlap against load), from the
   workers' KV events and load followed in this process (`kv/feed.py`); needs workers that
-  publish KV events (otherwise round robin, said once in the log);
+  publish KV events (otherwise round robin, said once in the log). Blocks a worker keeps in
+  host memory, on disk or in shared storage count for less than GPU hits (`kv_tier_*`);
 * `service`: ask the Router service (`route`, then `release` when the stream ends): one more
   round trip per request, for graphs that scale the Router out on its own.
 
@@ -23,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from dynamo_sdk.llm.kv.events import Tier
 from dynamo_sdk.llm.kv.feed import KvFeed
 from dynamo_sdk.llm.kv.router import KvRouter, RouterConfig
 from dynamo_sdk.llm.protocol import EngineOutput, ModelEntry, PreprocessedRequest, merge_outputs
@@ -45,6 +47,20 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     router_temperature: Annotated[
         float, Meta(ge=0.0, description="kv: 0 picks the cheapest; higher samples more widely")
     ] = 0.0
+    # What a cached prompt block in a tier below the GPU is worth next to one on the GPU (1.0):
+    # loading it is cheaper than computing it, dearer than having it (`kv/router.py`).
+    kv_tier_host_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="kv: credit of a block in host memory (PCIe copy)")
+    ] = 0.75
+    kv_tier_disk_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="kv: credit of a block on the worker's disk")
+    ] = 0.25
+    kv_tier_shared_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="kv: credit of a block in shared storage")
+    ] = 0.25
+    kv_tier_aware: Annotated[
+        bool, Meta(description="kv: credit host/disk/shared blocks (false: GPU hits only)")
+    ] = True
 
 
 class RouteRequest(msgspec.Struct):
@@ -53,23 +69,46 @@ class RouteRequest(msgspec.Struct):
 
 
 class RouteDecision(msgspec.Struct):
+    """The Router service's answer. ``overlap_blocks``: prompt blocks already on the worker's
+    GPU; the ``*_blocks`` after it: those it would load from a lower tier (0 from a router
+    that does not know tiers: the fields are optional on the wire)."""
+
     worker_id: int
     overlap_blocks: int
     prompt_blocks: int
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    shared_blocks: int = 0
 
 
 class RouterState(msgspec.Struct):
     """What a KV-aware router knows (for operators and tests)."""
 
     mode: str
-    workers: dict[str, int]  # instance id (hex) -> indexed blocks
-    indexed_blocks: int
+    workers: dict[str, int]  # instance id (hex) -> indexed blocks on its GPU
+    indexed_blocks: int  # distinct blocks on some worker's GPU
+    tier_blocks: dict[str, int] = {}  # "host" / "disk" / "shared" -> distinct blocks there
 
 
 def state_of(router: KvRouter) -> RouterState:
     indexer = router.indexer
     workers = {f"{w:x}": indexer.blocks_of(w) for w in indexer.workers()}
-    return RouterState(router.config.mode, workers, indexer.num_blocks())
+    tiers = {t.name.lower(): indexer.num_blocks(t) for t in (Tier.HOST, Tier.DISK, Tier.SHARED)}
+    return RouterState(router.config.mode, workers, indexer.num_blocks(), tiers)
+
+
+def router_config(config: RoutingConfig, block_size: int) -> RouterConfig:
+    """The kv router's settings from a Frontend's or Processor's routing keys."""
+    return RouterConfig(
+        mode="kv",
+        block_size=block_size,
+        overlap_weight=config.kv_overlap_weight,
+        temperature=config.router_temperature,
+        host_weight=config.kv_tier_host_weight,
+        disk_weight=config.kv_tier_disk_weight,
+        shared_weight=config.kv_tier_shared_weight,
+        tier_aware=config.kv_tier_aware,
+    )
 
 
 async def batched(stream: ResponseStream) -> AsyncIterator[EngineOutput]:
@@ -111,14 +150,7 @@ class KvAware(Routing):
     def __init__(self, client: EndpointClient, runtime: DistributedRuntime, entry: ModelEntry,
                  config: RoutingConfig) -> None:  # fmt: skip
         super().__init__(client)
-        self.router = KvRouter(
-            RouterConfig(
-                mode="kv",
-                block_size=entry.kv_block_size,
-                overlap_weight=config.kv_overlap_weight,
-                temperature=config.router_temperature,
-            )
-        )
+        self.router = KvRouter(router_config(config, entry.kv_block_size))
         self.feed = KvFeed(self.router, runtime, entry.namespace, entry.component)
 
     async def start(self) -> None:

@@ -1,8 +1,16 @@
 """KV-cache events and load metrics: what workers publish and the KV-aware router consumes.
 
 The event shapes mirror vLLM's (``vllm/distributed/kv_events.py``) minus the fields our router
-does not use (LoRA, medium, extra keys), so a vLLM event stream converts field for field. Block
-hashes are the 64-bit wire form from ``hashing.hash_to_int``.
+does not use (LoRA, extra keys, cache-spec metadata), so a vLLM event stream converts field
+for field. Block hashes are the 64-bit wire form from ``hashing.hash_to_int``.
+
+Tiers. A worker's blocks may live in more than its GPU: in host memory, on a local disk, or in
+shared storage every worker of the model can load from. ``BlockStored``, ``BlockRemoved`` and
+``AllBlocksCleared`` say which through ``medium`` (vLLM's field: ``"GPU"``, ``"CPU"``, ...);
+``None``, the default, is the device (GPU) tier, so events of senders that predate tiers, and
+vLLM's own GPU block-pool events, mean what they always meant. ``tier_of`` maps a medium to a
+`Tier`. The field is omitted from the wire when it is ``None`` (``omit_defaults``): a device
+event encodes exactly as before, and a batch encoded without the field decodes.
 
 Events travel in per-worker ``KvEventBatch``es whose ``seq`` increases by one per batch; the
 indexer uses it to notice lost batches (a gap) or redeliveries (a repeat) and ask for a resync.
@@ -10,6 +18,7 @@ indexer uses it to notice lost batches (a gap) or redeliveries (a repeat) and as
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,25 +29,102 @@ from dynamo_sdk.llm.kv.hashing import hash_to_int
 
 _log = logging.getLogger(__name__)
 
+# The mediums this project's workers put in events (vLLM's "GPU" and "CPU" included).
+MEDIUM_DEVICE = "GPU"
+MEDIUM_HOST = "CPU"
+MEDIUM_DISK = "DISK"
+MEDIUM_SHARED = "SHARED"
 
-class BlockStored(msgspec.Struct, tag=True, frozen=True):
+
+class Tier(enum.IntEnum):
+    """Where a cached block lives, fastest first: the order in which a router prefers them."""
+
+    DEVICE = 0  # GPU memory: usable as is
+    HOST = 1  # host memory: a PCIe copy away
+    DISK = 2  # the worker's local disk: storage I/O, then the copy
+    SHARED = 3  # shared storage (a shared folder, Redis): any worker of the model can load it
+
+
+# Spellings seen in the wild (vLLM's "GPU"/"CPU"/"STORAGE", LMCache's and Mooncake's lower case),
+# upper-cased. vLLM's "STORAGE" is local unless its event says ``locality="REMOTE"``, which
+# ``from_vllm`` turns into SHARED before it gets here.
+_TIER_OF_MEDIUM: dict[str, Tier] = {
+    "GPU": Tier.DEVICE,
+    "CUDA": Tier.DEVICE,
+    "DEVICE": Tier.DEVICE,
+    "HBM": Tier.DEVICE,
+    "CPU": Tier.HOST,
+    "HOST": Tier.HOST,
+    "DRAM": Tier.HOST,
+    "PINNED": Tier.HOST,
+    "DISK": Tier.DISK,
+    "SSD": Tier.DISK,
+    "NVME": Tier.DISK,
+    "STORAGE": Tier.DISK,
+    "LOCAL_DISK": Tier.DISK,
+    "SHARED": Tier.SHARED,
+    "REMOTE": Tier.SHARED,
+    "NETWORK": Tier.SHARED,
+}
+# tier_of's answers, by the spelling as sent (the indexer asks once per non-device event)
+_tier_cache: dict[str | None, Tier] = {None: Tier.DEVICE}
+_tier_cache.update(_TIER_OF_MEDIUM)
+
+
+def tier_of(medium: str | None) -> Tier:
+    """The tier a ``medium`` names: None and GPU spellings (``"GPU"``, ``"cuda:0"``) are the
+    device, ``"CPU"``/``"host"`` host memory, ``"DISK"``/``"SSD"`` local disk, ``"SHARED"``/
+    ``"remote"`` shared storage; case does not matter.
+
+    An unknown medium is treated as DISK and logged at debug level (once per spelling): some
+    tier below the GPU holds the block, and DISK's credit is the conservative guess: a block
+    credited too little costs a slightly worse choice, one credited as a GPU hit would draw
+    requests to a worker that then has to load (or recompute) it.
+    """
+    try:
+        return _tier_cache[medium]
+    except KeyError:
+        pass
+    assert medium is not None  # None is in the cache
+    name = medium.strip().upper()
+    tier = _TIER_OF_MEDIUM.get(name)
+    if tier is None:
+        if name.startswith(("CUDA", "GPU")):  # "cuda:0", "GPU0"
+            tier = Tier.DEVICE
+        else:
+            _log.debug("unknown KV medium %r: treated as DISK", medium)
+            tier = Tier.DISK
+    if len(_tier_cache) < 256:  # bounded: a misbehaving sender cannot grow it forever
+        _tier_cache[medium] = tier
+    return tier
+
+
+class BlockStored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Full blocks became cached, in chain order; ``parent_block_hash`` precedes the first one
-    (``None``: the first block is the start of a sequence). ``token_ids`` covers all blocks."""
+    (``None``: the first block is the start of a sequence). ``token_ids`` covers all blocks.
+    ``medium``: the tier they are now in (``None``: the device; see `tier_of`)."""
 
     block_hashes: list[int]
     parent_block_hash: int | None
     token_ids: list[int]
     block_size: int
+    medium: str | None = None
 
 
-class BlockRemoved(msgspec.Struct, tag=True, frozen=True):
-    """Cached blocks were evicted; the router must stop counting on them."""
+class BlockRemoved(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Cached blocks were evicted from ``medium``'s tier (``None``: the device); the router must
+    stop counting on them there (a copy in another tier still counts)."""
 
     block_hashes: list[int]
+    medium: str | None = None
 
 
-class AllBlocksCleared(msgspec.Struct, tag=True, frozen=True):
-    """The worker dropped its whole prefix cache (e.g. a cache reset)."""
+class AllBlocksCleared(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """The worker dropped its whole cache in ``medium``'s tier (``None``: the device, as when
+    vLLM resets its GPU prefix cache; the worker's host and disk copies stay indexed). With the
+    SHARED medium, the shared storage itself was wiped: no worker can load from it any more."""
+
+    medium: str | None = None
 
 
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
@@ -105,7 +191,9 @@ def from_vllm(event: dict[str, Any]) -> KvEvent | None:
     ``payload`` is msgpack ``[ts, [event, ...], data_parallel_rank]`` and each event a map such
     as ``{"type": "BlockStored", "block_hashes": [...], "parent_block_hash": ..., ...}``. Hashes
     are u64 ints by default, raw digests if ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``; both
-    become the same int here. Unknown event types give ``None``.
+    become the same int here. ``medium`` (``"GPU"``, ``"CPU"``, ``"STORAGE"`` with a
+    ``locality``; absent before vLLM had offloading tiers) becomes ours (`_vllm_medium`).
+    Unknown event types give ``None``.
     """
     kind = event.get("type")
     if kind == "BlockStored":
@@ -115,12 +203,32 @@ def from_vllm(event: dict[str, Any]) -> KvEvent | None:
             parent_block_hash=None if parent is None else _wire_hash(parent),
             token_ids=list(event["token_ids"]),
             block_size=event["block_size"],
+            medium=_vllm_medium(event),
         )
     if kind == "BlockRemoved":
-        return BlockRemoved([_wire_hash(h) for h in event["block_hashes"]])
+        return BlockRemoved([_wire_hash(h) for h in event["block_hashes"]], _vllm_medium(event))
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     return None
+
+
+_MEDIUM_OF_TIER = {Tier.HOST: MEDIUM_HOST, Tier.DISK: MEDIUM_DISK, Tier.SHARED: MEDIUM_SHARED}
+
+
+def _vllm_medium(event: dict[str, Any]) -> str | None:
+    """A vLLM event's ``medium`` (and ``locality``) in our terms: ``None`` for the GPU (and for
+    senders without the field), ``MEDIUM_SHARED`` for storage it calls ``REMOTE``,
+    ``MEDIUM_DISK`` for other storage; anything else is kept as sent (see `tier_of`)."""
+    medium = event.get("medium")
+    if not isinstance(medium, str):
+        return None
+    name = medium.strip().upper()
+    tier = tier_of(name)
+    if name == "STORAGE" and str(event.get("locality") or "").upper() == "REMOTE":
+        tier = Tier.SHARED
+    if tier is Tier.DEVICE:
+        return None
+    return _MEDIUM_OF_TIER[tier] if name in _TIER_OF_MEDIUM else medium
 
 
 KvEventCallback = Callable[[list[KvEvent]], None]
@@ -128,19 +236,39 @@ KvEventCallback = Callable[[list[KvEvent]], None]
 
 class KvEventFanout:
     """Hands an engine's KV events to every subscriber (a worker's publisher, tests); a failing
-    subscriber is logged and never allowed to break the engine's scheduling."""
+    subscriber is logged and never allowed to break the engine's scheduling.
 
-    def __init__(self, owner: str) -> None:
+    Events published before anyone subscribed (an engine announcing, while it starts, the disk
+    tier's blocks from an earlier run) are kept, up to ``backlog`` batches, and handed to the
+    first subscriber that takes them (``replay=True``, the worker's publisher), so the router
+    learns what a restarted worker still holds.
+    """
+
+    def __init__(self, owner: str, backlog: int = 1024) -> None:
         self._owner = owner
         self._callbacks: list[KvEventCallback] = []
+        self._backlog: list[list[KvEvent]] | None = []
+        self._backlog_limit = backlog
 
-    def subscribe(self, callback: KvEventCallback | None) -> None:
-        if callback is not None:
-            self._callbacks.append(callback)
+    def subscribe(self, callback: KvEventCallback | None, *, replay: bool = False) -> None:
+        if callback is None:
+            return
+        self._callbacks.append(callback)
+        backlog, self._backlog = self._backlog, None  # kept only until someone listens
+        if replay and backlog:
+            for events in backlog:
+                self._deliver(callback, events)
 
     def publish(self, events: list[KvEvent]) -> None:
+        if not self._callbacks:
+            if self._backlog is not None and len(self._backlog) < self._backlog_limit:
+                self._backlog.append(events)
+            return
         for callback in self._callbacks:
-            try:
-                callback(events)
-            except Exception:
-                _log.exception("%s: KV event callback failed", self._owner)
+            self._deliver(callback, events)
+
+    def _deliver(self, callback: KvEventCallback, events: list[KvEvent]) -> None:
+        try:
+            callback(events)
+        except Exception:
+            _log.exception("%s: KV event callback failed", self._owner)

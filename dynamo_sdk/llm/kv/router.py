@@ -1,12 +1,26 @@
-"""The routing decision: which worker should serve a request, given who caches what.
+"""The routing decision: which worker should serve a request, given who caches what, where.
 
 For each live worker w, with the request's prompt split into B full blocks:
 
-    overlap(w)  = leading prompt blocks w already holds (from the KV indexer)
-    prefill(w)  = B - overlap(w)                    blocks w would still have to compute
+    overlap(w)  = leading prompt blocks w can use without computing them (from the KV
+                  indexer), by the tier it would take each from: device(w) in its GPU,
+                  host(w) in its host memory, disk(w) on its local disk, shared(w) in shared
+                  storage (each block counted once, in its fastest tier)
+    credited(w) = device(w) + host_weight * host(w) + disk_weight * disk(w)
+                  + shared_weight * shared(w)
     load(w)     = blocks the requests this router sent to w and that have not finished yet
-                  added there (their prefill blocks: a shared cached prefix adds nothing)
-    cost(w)     = overlap_weight * prefill(w) + load(w)
+                  added there (their prompt blocks not already on w's GPU: a block loaded
+                  from host or disk still takes a GPU block)
+    cost(w)     = overlap_weight * (B - credited(w)) + load(w)
+
+The tier weights are what a block found in that tier is worth next to one already on the GPU
+(1.0): a host block is a PCIe copy away (0.75 by default), a disk or shared-storage block costs
+storage I/O and then the copy (0.25), which is still cheaper than recomputing it but may not
+be by much on a fast GPU with slow storage. The host and disk defaults are NVIDIA Dynamo's
+(its ``host_cache_hit_weight`` and ``disk_cache_hit_weight``); shared storage gets the disk
+credit. Tune them per deployment (time a load against a prefill of the same blocks).
+``tier_aware=False`` ignores everything but the GPU (``credited = device``): the router as it
+was before tiers, kept to compare against.
 
 `temperature == 0` picks the cheapest worker (ties broken at random); otherwise workers are
 sampled with probability softmax(-cost / temperature), costs normalised by the prompt's block
@@ -27,7 +41,7 @@ from typing import Literal
 
 from dynamo_sdk.llm.kv.events import LoadMetrics
 from dynamo_sdk.llm.kv.hashing import block_hashes_int
-from dynamo_sdk.llm.kv.indexer import KvIndexer
+from dynamo_sdk.llm.kv.indexer import NO_OVERLAP, KvIndexer, TierOverlap
 
 RouterMode = Literal["kv", "round_robin", "random"]
 
@@ -40,20 +54,34 @@ class RouterConfig:
     temperature: float = 0.0
     # assignments never released are dropped once their worker reports idle this long after
     leak_grace_s: float = 5.0
+    # what a prompt block found in each tier below the GPU is worth next to a GPU hit (1.0)
+    host_weight: float = 0.75
+    disk_weight: float = 0.25
+    shared_weight: float = 0.25
+    tier_aware: bool = True  # False: credit GPU hits only (the router before tiers)
 
     def __post_init__(self) -> None:
         if self.mode not in ("kv", "round_robin", "random"):
             raise ValueError(f"router mode must be kv, round_robin or random, got {self.mode!r}")
-        if self.block_size < 1 or self.temperature < 0 or self.overlap_weight < 0:
+        if not (self.block_size >= 1 and self.temperature >= 0 and self.overlap_weight >= 0):
             raise ValueError("block_size >= 1, temperature >= 0 and overlap_weight >= 0 required")
+        for name in ("host_weight", "disk_weight", "shared_weight"):
+            weight = getattr(self, name)
+            if not 0.0 <= weight <= 1.0:  # NaN fails too
+                raise ValueError(f"{name} must be between 0 and 1 (a GPU hit is 1), got {weight}")
 
 
 @dataclass
 class Decision:
+    """The chosen worker. ``overlap_blocks``: the prompt's leading blocks already on its GPU
+    (what it will not compute nor allocate); ``tiers``: its usable prefix by tier (kv mode with
+    ``tier_aware``; None otherwise); ``costs``: every candidate's cost (kv mode)."""
+
     worker_id: int
     overlap_blocks: int
     prompt_blocks: int
     costs: dict[int, float] = field(default_factory=dict)
+    tiers: TierOverlap | None = None
 
 
 class KvRouter:
@@ -128,25 +156,42 @@ class KvRouter:
             self._anonymous += 1
             request_id = f"_anonymous-{self._anonymous}"
         self.release(request_id)  # a retried id must not count twice
+        # Only GPU hits save GPU blocks: one loaded from host or disk is allocated all the same.
         blocks = len(hashes) - decision.overlap_blocks + 1  # +1: the block decode grows into
         self._active[request_id] = (decision.worker_id, blocks, now)
         self._inflight[decision.worker_id] = self._inflight.get(decision.worker_id, 0) + blocks
         return decision
 
     def _choose_kv(self, hashes: list[int], workers: list[int]) -> Decision:
-        overlaps = self.indexer.find_matches(hashes) if hashes else {}
         blocks = len(hashes)
+        config = self.config
+        inflight = self._inflight
         costs: dict[int, float] = {}
-        for w in workers:
-            overlap = overlaps.get(w, 0)
-            prefill = blocks - overlap
-            costs[w] = self.config.overlap_weight * prefill + self._inflight.get(w, 0)
-        if self.config.temperature <= 0:
+        tiered: dict[int, TierOverlap] = {}
+        device: dict[int, int] = {}
+        if config.tier_aware:
+            tiered = self.indexer.find_tiered_matches(hashes, workers) if hashes else {}
+            hw, dw, sw = config.host_weight, config.disk_weight, config.shared_weight
+            for w in workers:
+                o = tiered.get(w)
+                credited = (
+                    0.0 if o is None else o.device + hw * o.host + dw * o.disk + sw * o.shared
+                )
+                costs[w] = config.overlap_weight * (blocks - credited) + inflight.get(w, 0)
+        else:
+            device = self.indexer.find_matches(hashes) if hashes else {}
+            for w in workers:
+                prefill = blocks - device.get(w, 0)
+                costs[w] = config.overlap_weight * prefill + inflight.get(w, 0)
+        if config.temperature <= 0:
             best = min(costs.values())
             chosen = self._rng.choice([w for w, c in costs.items() if c == best])
         else:
-            scale = max(blocks, 1) * self.config.temperature
+            scale = max(blocks, 1) * config.temperature
             top = min(costs.values())
             weights = [math.exp(-(costs[w] - top) / scale) for w in workers]
             chosen = self._rng.choices(workers, weights)[0]
-        return Decision(chosen, overlaps.get(chosen, 0), blocks, costs)
+        if config.tier_aware:
+            tiers = tiered.get(chosen, NO_OVERLAP)
+            return Decision(chosen, tiers.device, blocks, costs, tiers)
+        return Decision(chosen, device.get(chosen, 0), blocks, costs)

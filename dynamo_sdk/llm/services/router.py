@@ -28,6 +28,7 @@ from dynamo_sdk import (
 )
 from dynamo_sdk.llm.errors import ServiceUnavailableError
 from dynamo_sdk.llm.kv.feed import KvFeed
+from dynamo_sdk.llm.kv.indexer import NO_OVERLAP
 from dynamo_sdk.llm.kv.router import KvRouter, RouterConfig
 from dynamo_sdk.llm.routing import RouteDecision, RouteRequest, RouterState, state_of
 from dynamo_sdk.llm.services.worker import Worker
@@ -48,6 +49,19 @@ class RouterServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     block_size: Annotated[int, Meta(ge=1, description="the workers' KV block size")] = 16
     overlap_weight: Annotated[float, Meta(ge=0.0, description="prefill blocks vs load")] = 1.0
     temperature: Annotated[float, Meta(ge=0.0, description="0: the cheapest worker")] = 0.0
+    # a prompt block in a tier below the GPU, credited next to a GPU hit (1.0): kv/router.py
+    host_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="credit of a block in host memory")
+    ] = 0.75
+    disk_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="credit of a block on a worker's disk")
+    ] = 0.25
+    shared_weight: Annotated[
+        float, Meta(ge=0.0, le=1.0, description="credit of a block in shared storage")
+    ] = 0.25
+    tier_aware: Annotated[
+        bool, Meta(description="credit host/disk/shared blocks (false: GPU hits only)")
+    ] = True
 
 
 @service(dynamo={"namespace": "dynamo"}, config=RouterServiceConfig)
@@ -61,6 +75,10 @@ class Router:
             block_size=cfg.block_size,
             overlap_weight=cfg.overlap_weight,
             temperature=cfg.temperature,
+            host_weight=cfg.host_weight,
+            disk_weight=cfg.disk_weight,
+            shared_weight=cfg.shared_weight,
+            tier_aware=cfg.tier_aware,
         )
         self.router = KvRouter(self.config)
         self.workers: InstanceWatcher | None = None
@@ -77,7 +95,10 @@ class Router:
             self.router, runtime, service_of(Worker).namespace, service_of(Worker).name
         )
         await self.feed.start(self.workers)
-        log.info("routing mode %s, block size %d", self.config.mode, self.config.block_size)
+        c = self.config
+        tiers = (f"tier credit host {c.host_weight:g}, disk {c.disk_weight:g}, shared "
+                 f"{c.shared_weight:g}" if c.tier_aware else "GPU hits only")  # fmt: skip
+        log.info("routing mode %s, block size %d, %s", c.mode, c.block_size, tiers)
 
     @endpoint()
     async def route(self, request: RouteRequest) -> RouteDecision:
@@ -89,9 +110,18 @@ class Router:
         DECISIONS.labels(f"{decision.worker_id:x}").inc()
         if decision.prompt_blocks:
             OVERLAP.observe(decision.overlap_blocks / decision.prompt_blocks)
-        log.debug("request %s -> worker %x (overlap %d/%d blocks)", request.request_id,
-                  decision.worker_id, decision.overlap_blocks, decision.prompt_blocks)  # fmt: skip
-        return RouteDecision(decision.worker_id, decision.overlap_blocks, decision.prompt_blocks)
+        tiers = decision.tiers or NO_OVERLAP
+        log.debug("request %s -> worker %x (overlap %d/%d blocks on GPU, %d host, %d disk, "
+                  "%d shared)", request.request_id, decision.worker_id, decision.overlap_blocks,
+                  decision.prompt_blocks, tiers.host, tiers.disk, tiers.shared)  # fmt: skip
+        return RouteDecision(
+            decision.worker_id,
+            decision.overlap_blocks,
+            decision.prompt_blocks,
+            tiers.host,
+            tiers.disk,
+            tiers.shared,
+        )
 
     @endpoint()
     async def release(self, request_id: str) -> bool:
