@@ -279,7 +279,7 @@ def test_worker_reports_load_in_logs_and_prometheus(client: Any, served: ServePr
     )
     line = next(x for x in served.output().splitlines() if "tok/s, generation" in x)
     assert line.startswith("[Worker:0]")
-    for part in ("running", "waiting", "KV cache", "prefix cache hit"):
+    for part in ("running", "waiting", "KV cache", "Prefix cache hit rate: GPU: "):
         assert part in line
     metrics = httpx.get(
         f"http://127.0.0.1:{served.health_port('Worker:0')}/metrics", timeout=5

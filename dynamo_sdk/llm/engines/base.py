@@ -33,6 +33,7 @@ import msgspec
 
 from dynamo_sdk.llm.kv.events import KvEventCallback, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.runtime.errors import CodedError, ErrorCode
 from dynamo_sdk.sdk.errors import ConfigurationError
@@ -48,6 +49,9 @@ class EngineStats(msgspec.Struct):
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     max_batch_running: int = 0  # the most requests seen running in one step
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the device prefix cache
+    prefix_hit_tokens: int = 0  # ... and found there
+    kv_tiers: list[KvTierStats] = msgspec.field(default_factory=list)  # host, disk, shared
 
 
 class EngineError(CodedError):
@@ -101,7 +105,7 @@ NO_OPTIONS = GenerateOptions()
 class KvEventSource(Protocol):
     """Where an engine's KV events can be followed."""
 
-    def subscribe(self, callback: KvEventCallback | None) -> None: ...
+    def subscribe(self, callback: KvEventCallback | None, *, replay: bool = False) -> None: ...
 
 
 class KvPort(Protocol):

@@ -39,9 +39,43 @@ class EchoConfig(EngineSettings):
     ] = 0.0
 
 
-class SchedulingConfig(EngineSettings):
+class KvTierConfig(EngineSettings):
+    """The KV tiers below the device cache (`kv/tiers`): host memory, local disk, shared
+    storage. All off by default; `docs/kv_tiers.md` explains each key and how to size them."""
+
+    host_kv_gb: Annotated[
+        float, Meta(ge=0.0, description="host-memory KV tier in GB (pinned on CUDA); 0 = off")
+    ] = 0.0
+    host_kv_blocks: Annotated[
+        int, Meta(ge=0, description="host-memory KV tier in blocks (instead of host_kv_gb)")
+    ] = 0
+    disk_kv_gb: Annotated[
+        float, Meta(ge=0.0, description="local-disk KV tier budget in GB; 0 = off")
+    ] = 0.0
+    disk_kv_blocks: Annotated[
+        int, Meta(ge=0, description="local-disk KV tier budget in blocks (instead of GB)")
+    ] = 0
+    disk_kv_path: Annotated[
+        str, Meta(description="folder of the disk tier; default ~/.cache/dynamo-py/kv")
+    ] = ""
+    shared_kv: Annotated[
+        str, Meta(description="shared KV tier: file:///mnt/kv, redis://host:6379; '' = off")
+    ] = ""
+    offload_policy: Annotated[
+        Literal["write_through", "write_back"],
+        Meta(description="copy blocks down once computed, or only when evicted from above"),
+    ] = "write_through"
+    disk_kv_admission: Annotated[
+        int, Meta(ge=1, description="offers (stored, reused) before a block goes to disk")
+    ] = 2
+    kv_load_timeout_s: Annotated[
+        float, Meta(gt=0.0, description="a KV load slower than this is recomputed instead")
+    ] = 5.0
+
+
+class SchedulingConfig(KvTierConfig):
     """The knobs of the scheduler and paged block manager the mocker and the torch engine
-    share (`engines/scheduler.py`, `kv/block_manager.py`)."""
+    share (`engines/scheduler.py`, `kv/block_manager.py`), with the KV tiers below them."""
 
     block_size: Annotated[int, Meta(ge=1, description="tokens per KV block")] = 16
     max_num_seqs: Annotated[int, Meta(ge=1, description="sequences running at once")] = 256
@@ -82,6 +116,16 @@ class MockerConfig(SchedulingConfig):
     vocab_size: Annotated[
         int, Meta(ge=0, description="ids drawn from [0, vocab_size); 0 = the model's tokenizer")
     ] = 0
+    # The KV tiers' timing (the tiers themselves are real: files, Redis; only time is made up)
+    kv_bytes_per_block: Annotated[
+        int, Meta(ge=1, description="simulated KV bytes per block (8B model, 16 tokens: 2 MiB)")
+    ] = 2 * 1024 * 1024
+    host_kv_gbps: Annotated[float, Meta(gt=0.0, description="host to device GB/s (PCIe)")] = 25.0
+    disk_kv_gbps: Annotated[float, Meta(gt=0.0, description="disk read GB/s (NVMe)")] = 3.0
+    shared_kv_gbps: Annotated[float, Meta(gt=0.0, description="shared storage GB/s")] = 1.0
+    host_kv_latency_ms: Annotated[float, Meta(ge=0.0, description="per host load")] = 0.05
+    disk_kv_latency_ms: Annotated[float, Meta(ge=0.0, description="per disk load")] = 0.2
+    shared_kv_latency_ms: Annotated[float, Meta(ge=0.0, description="per shared load")] = 1.0
 
     def __post_init__(self) -> None:
         # As vLLM refuses a max_model_len its KV cache cannot hold: otherwise one long sequence

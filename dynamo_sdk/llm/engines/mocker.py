@@ -27,6 +27,12 @@ really sleeps `step_ms / 1000 / speedup` seconds, so `speedup` compresses time u
 tests. It also advances a simulated clock by `step_ms`; `simulated_ttft_ms()` reads TTFTs on that
 clock, which, unlike wall-clock time, does not depend on how busy the host CPU is.
 
+KV tiers (``host_kv_gb`` ... ``shared_kv``, as on the torch engine) are the real tier stack:
+the same host index, disk files, shared folder or Redis, the same events. Only a block's bytes
+are left out (its records carry an empty payload) and a load's time is simulated: per tier,
+``*_kv_latency_ms`` plus the blocks' ``kv_bytes_per_block`` at ``*_kv_gbps``, charged on the
+simulated clock (time the host spent on the real, tiny I/O is not charged).
+
 Generated tokens are pseudo-random but deterministic: token `i` of a request is a hash of
 (`seed`, prompt, `i`) modulo `vocab_size`, so equal prompts give equal outputs (good for cache
 and routing tests) while different prompts diverge. A generated id in `stop_token_ids` stops the
@@ -64,8 +70,11 @@ from dynamo_sdk.llm.engines.scheduler import (
     Sequence,
     stream_outputs,
 )
+from dynamo_sdk.llm.engines.tiering import TierOnboarder, cached_prefix_tokens, tier_plan
 from dynamo_sdk.llm.kv.block_manager import BlockManager
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
+from dynamo_sdk.llm.kv.tiers.stack import DISK, HOST, SHARED, LoadPlan, TierStack
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -112,6 +121,25 @@ class _Seq(Sequence):
     arrival_ms: float = 0.0  # on the simulated clock
 
 
+class _NoBytes:
+    """The mocker's `KvBlockIO`: blocks without bytes (their records are headers only)."""
+
+    block_nbytes = 0
+
+    def device_to_host(self, block_ids: list[int], slots: list[int]) -> None:
+        pass
+
+    def host_to_device(self, slots: list[int], block_ids: list[int]) -> None:
+        pass
+
+    def read_slot(self, slot: int) -> bytes:
+        return b""
+
+    def write_slot(self, slot: int, payload: memoryview) -> None:
+        if len(payload):
+            raise ValueError(f"a mocker block has no bytes, got {len(payload)}")
+
+
 class MockerEngine(Engine):
     """A model-free engine with vLLM's scheduling, paged KV cache and timing shape.
 
@@ -144,6 +172,9 @@ class MockerEngine(Engine):
         self.speedup = config.speedup
         self.seed = config.seed
         self.vocab_size = config.vocab_size or (vocab_size_of(model) if model else None) or 32000
+        self.model_name = Path(model).name if model else "mocker"
+        self.tier_plan = tier_plan(config, config.kv_bytes_per_block, config.num_blocks)
+        self.tiers: TierStack | None = None
         self._kv_events = KvEventFanout("mocker")
         self._kv_events.subscribe(on_events)
         self.block_manager = BlockManager(
@@ -180,7 +211,66 @@ class MockerEngine(Engine):
         """Start the scheduler task (idempotent)."""
         if self._task is None:
             self._failure = None
+            if self.tier_plan.enabled and self.tiers is None:
+                self._start_tiers()
             self._task = asyncio.create_task(self._loop(), name="mocker-scheduler")
+
+    def _start_tiers(self) -> None:
+        identity = LayoutIdentity(
+            model=f"mocker:{self.model_name}",
+            dtype="none",
+            block_size=self.block_size,
+            num_layers=0,
+            num_kv_heads=0,
+            head_dim=0,
+        )
+        stack = TierStack(
+            self.tier_plan,
+            identity,
+            _NoBytes(),
+            self._kv_events.publish,
+            block_bytes=self.config.kv_bytes_per_block,
+        )
+        stack.bind_loop(asyncio.get_running_loop())
+        self.tiers = stack
+        self.block_manager.tiers = stack
+        self.scheduler.onboarder = TierOnboarder(
+            stack, self.scheduler, self._wakeup.set, delay=self._simulate_load
+        )
+        stack.announce()
+
+    async def _simulate_load(
+        self, seq: Sequence, plan: LoadPlan, loaded: int, real_s: float
+    ) -> None:
+        """Charge a load's simulated time: wait out what the real load did not take, and keep
+        host I/O time (real, tiny, not what a GPU would see) off the simulated clock."""
+        sim_ms = self._load_ms(plan, loaded)
+        real_ms = real_s * 1000 * self.speedup
+        if real_ms < sim_ms:
+            started = self._now_ms() - real_ms
+            await asyncio.sleep((sim_ms - real_ms) / 1000 / self.speedup)
+            if self._step_started is None:  # idle meanwhile: the clock moves by the load
+                self._clock_ms = max(self._clock_ms, started + sim_ms)
+        elif isinstance(seq, _Seq):
+            seq.arrival_ms += real_ms - sim_ms
+
+    def _load_ms(self, plan: LoadPlan, loaded: int) -> float:
+        """Simulated milliseconds to bring ``loaded`` planned blocks to the device."""
+        cfg = self.config
+        per_block = cfg.kv_bytes_per_block / 1e6  # MB; GB/s = MB/ms
+        mediums = (plan.mediums + [SHARED] * loaded)[:loaded]
+        ms = 0.0
+        for medium, gbps, latency in (
+            (HOST, cfg.host_kv_gbps, cfg.host_kv_latency_ms),
+            (DISK, cfg.disk_kv_gbps, cfg.disk_kv_latency_ms),
+            (SHARED, cfg.shared_kv_gbps, cfg.shared_kv_latency_ms),
+        ):
+            n = mediums.count(medium)
+            if n:
+                ms += latency + n * per_block / gbps
+                if medium != HOST:  # read from storage into host memory, then copied up
+                    ms += n * per_block / cfg.host_kv_gbps
+        return ms
 
     async def shutdown(self) -> None:
         """Stop the scheduler; requests still in flight end with an `EngineError`."""
@@ -190,6 +280,12 @@ class MockerEngine(Engine):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.scheduler.fail_all(EngineError("mocker engine shut down"))
+        onboarder = self.scheduler.onboarder
+        if isinstance(onboarder, TierOnboarder):
+            await onboarder.close()
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers = None
 
     # -- KV events and metrics ----------------------------------------------------------------
 
@@ -201,14 +297,18 @@ class MockerEngine(Engine):
         return self._kv_events
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        return len(self.block_manager.cached_prefix(token_ids)) * self.block_size
+        """Leading tokens cached here: on the device, then in the local tiers below."""
+        return cached_prefix_tokens(self.block_manager, self.tiers, token_ids)
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block no request uses (emits `AllBlocksCleared`/`BlockRemoved`)."""
         self.block_manager.clear_cache()
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats(self._prompt_tokens)
+        stats = self.scheduler.stats(self._prompt_tokens)
+        if self.tiers is not None:
+            stats.kv_tiers = self.tiers.snapshot()
+        return stats
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
         """The snapshot a worker publishes for the KV-aware router."""
@@ -279,12 +379,23 @@ class MockerEngine(Engine):
         """Schedule, sleep for the step's simulated time, then apply its results; forever."""
         loop = asyncio.get_running_loop()
         try:
+            tiers = self.tiers
             while True:
                 if not self.scheduler.has_work:
+                    if tiers is not None:  # the last step's blocks go down now
+                        tiers.begin_step(idle=True)
+                        tiers.end_step()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
                 work = self.scheduler.schedule()
+                if not work:  # every request waits for KV being loaded
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if tiers is not None:
+                    tiers.begin_step()
+                    tiers.end_step()
                 self._step_ms = self._step_time_ms(work)
                 self._step_started = loop.time()
                 await asyncio.sleep(self._step_ms / 1000 / self.speedup)

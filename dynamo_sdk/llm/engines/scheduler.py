@@ -17,6 +17,12 @@ around it is the same and lives here, once (vLLM v1's policy):
   (often mostly from its own cached blocks) and carries on.
 * Stop rules: a generated id in ``stop_token_ids`` stops the request once ``min_tokens`` were
   generated; ``max_tokens`` or the context length end it with ``length``.
+* Onboarding (with an ``onboarder``, the tier stack's side): a request whose prompt continues
+  past its device-cache hit in host memory, on disk or in shared storage gets its blocks at
+  admission and waits, off the running batch, while the onboarder copies that KV in; then it
+  joins the batch to compute only the rest. Other requests keep running meanwhile. A request
+  aborted while its KV is being copied keeps its blocks until the copy ends, so the copy can
+  never land in blocks another request was given.
 
 An engine's step is: ``work = schedule()``; run the forward pass for ``work``; then
 ``for seq in complete(work): append_token(seq, token, ...)`` with the token it sampled.
@@ -29,7 +35,7 @@ import enum
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from dynamo_sdk.llm.engines.base import EngineError, EngineStats
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
@@ -104,6 +110,9 @@ class Sequence:
     reserved: int = 0  # KV slots taken ahead for tokens still being sampled (see reserve_next)
     # called with the block table when it finishes, before the blocks are freed
     on_finish: Callable[[list[int]], None] | None = None
+    onboard_checked: bool = False  # the tiers below were asked about this admission's prompt
+    loading: bool = False  # KV is being copied into its blocks (REMOTE, by the onboarder)
+    free_after_load: bool = False  # aborted while loading: its blocks go once the copy ends
 
     @property
     def num_generated(self) -> int:
@@ -129,6 +138,20 @@ class ScheduledChunk(NamedTuple):
         return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
 
 
+class Onboarder(Protocol):
+    """Loads KV from the tiers below the device cache (see the module docstring)."""
+
+    def offer(self, seq: Sequence, hashes: list[bytes]) -> object | None:
+        """A plan to load the leading ``hashes`` (the prompt's blocks past its device hit), or
+        None when none of them is known below."""
+        ...
+
+    def start(self, seq: Sequence, plan: object, block_ids: list[int], first_token: int) -> None:
+        """Begin copying into ``block_ids`` (the blocks of ``hashes``, the first one starting at
+        token ``first_token``); when done, call ``Scheduler.finish_onboarding``."""
+        ...
+
+
 class Scheduler:
     """Waiting queue, running batch and the KV blocks behind them (not thread-safe: one loop)."""
 
@@ -151,6 +174,7 @@ class Scheduler:
         """Sequences preempted for lack of KV blocks (each one is recomputed later)."""
         self.max_batch_running = 0
         self.generation_tokens = 0
+        self.onboarder: Onboarder | None = None
 
     def stats(self, prompt_tokens_total: int) -> EngineStats:
         """The engine's stats as far as scheduling and the KV cache know them."""
@@ -164,6 +188,8 @@ class Scheduler:
             prompt_tokens_total=prompt_tokens_total,
             generation_tokens_total=self.generation_tokens,
             max_batch_running=self.max_batch_running,
+            prefix_queried_tokens=queried,
+            prefix_hit_tokens=hits,
         )
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
@@ -192,7 +218,10 @@ class Scheduler:
             self.block_manager.free(seq.seq_id)
         elif seq.state is SeqState.REMOTE:
             self.remote.remove(seq)
-            self.block_manager.free(seq.seq_id)
+            if seq.loading:
+                seq.free_after_load = True  # the copy still writes into its blocks
+            else:
+                self.block_manager.free(seq.seq_id)
         elif seq.state is SeqState.WAITING:
             self.waiting.remove(seq)
         seq.state = SeqState.FINISHED
@@ -225,6 +254,44 @@ class Scheduler:
         seq.prefilling = True
         self.running.append(seq)
 
+    def finish_onboarding(self, seq: Sequence, num_tokens: int) -> None:
+        """The onboarder's copy ended with the first ``num_tokens`` tokens' KV in place."""
+        seq.loading = False
+        if seq.free_after_load:
+            seq.free_after_load = False
+            self.block_manager.free(seq.seq_id)
+            return
+        if seq.state is not SeqState.REMOTE:
+            return
+        if not seq.sent_first:
+            seq.cached_tokens = max(seq.cached_tokens, min(num_tokens, len(seq.tokens) - 1))
+        self.finish_remote(seq, num_tokens)
+
+    def _try_onboarding(self, seq: Sequence) -> bool:
+        """Admit the queue's head to load its prompt's KV from below (True), if worth it."""
+        onboarder, bm = self.onboarder, self.block_manager
+        assert onboarder is not None
+        seq.onboard_checked = True
+        bs = bm.block_size
+        hits, hashes = bm.match(seq.tokens)
+        candidates = hashes[hits : (len(seq.tokens) - 1) // bs]  # one token is always computed
+        if not candidates:
+            return False
+        plan = onboarder.offer(seq, candidates)
+        if plan is None or not bm.can_allocate(seq.tokens):
+            return False
+        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+        self.waiting.popleft()
+        seq.state = SeqState.REMOTE
+        seq.num_computed = alloc.num_cached_tokens
+        if not seq.sent_first:
+            seq.cached_tokens = alloc.num_cached_tokens
+        seq.loading = True
+        self.remote.append(seq)
+        first = alloc.num_cached_tokens // bs
+        onboarder.start(seq, plan, alloc.block_ids[first : first + len(candidates)], first * bs)
+        return True
+
     def fail_all(self, error: EngineError) -> None:
         for seq in [*self.running, *self.waiting, *self.remote]:
             self.abort(seq)
@@ -244,6 +311,9 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.onboarder is not None and not seq.onboard_checked:
+                if self._try_onboarding(seq):
+                    continue
             if not bm.can_allocate(seq.tokens):
                 break  # FIFO: later requests do not overtake the head of the queue
             try:
@@ -262,7 +332,9 @@ class Scheduler:
             bm.mark_computed(seq.seq_id, seq.num_computed + n)
             budget -= n
         self.max_batch_running = max(self.max_batch_running, len(self.running))
-        if not work and self.has_work:  # cannot happen by construction; a stall would be worse
+        # Nothing to do is possible only while blocks wait for KV from elsewhere (a prefill
+        # worker, the tiers below); otherwise it cannot happen, and a stall would be worse.
+        if not work and self.has_work and not self.remote:
             raise RuntimeError(
                 f"scheduler made no progress ({len(self.waiting)} waiting, "
                 f"{bm.num_free_blocks} free blocks)"
@@ -364,6 +436,7 @@ class Scheduler:
         seq.state = SeqState.WAITING
         seq.num_computed = 0
         seq.reserved = 0
+        seq.onboard_checked = False  # its blocks may have gone below meanwhile
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

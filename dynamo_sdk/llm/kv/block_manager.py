@@ -24,6 +24,10 @@ like a real worker's:
 
 Events (``BlockStored`` when blocks get registered, ``BlockRemoved`` when evicted,
 ``AllBlocksCleared``) go to ``on_events`` as one list per operation, hashes in wire form.
+
+A tier stack below (``kv/tiers``) follows the same two moments through ``tiers``: a block
+registered (its KV is computed by the step being scheduled) and a cached block evicted (its KV
+is intact until the next step runs), which is when it can copy a block out of the device.
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dynamo_sdk.llm.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from dynamo_sdk.llm.kv.hashing import block_hash, hash_to_int
+
+
+class DeviceBlockHooks(Protocol):
+    """What a tier stack below the device cache is told (see the module docstring)."""
+
+    def device_stored(self, block_id: int, block_hash: bytes) -> None: ...
+
+    def device_evicted(self, block_id: int, block_hash: bytes) -> None: ...
 
 
 class NoFreeBlocksError(Exception):
@@ -76,6 +89,7 @@ class BlockManager:
         *,
         enable_prefix_caching: bool = True,
         on_events: Callable[[list[KvEvent]], None] | None = None,
+        tiers: DeviceBlockHooks | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
@@ -83,6 +97,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._on_events = on_events
+        self.tiers = tiers
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))  # unhashed, ref_count 0
         self._evictable: OrderedDict[int, None] = OrderedDict()  # hashed, ref_count 0; LRU first
@@ -132,6 +147,11 @@ class BlockManager:
             out.append(bid)
             parent = h
         return out
+
+    def match(self, token_ids: Sequence[int]) -> tuple[int, list[bytes]]:
+        """(leading full blocks ``allocate`` would reuse, every full block's chained hash)."""
+        hits, hashes = self._match_prefix(token_ids)
+        return len(hits), hashes
 
     def stats(self) -> tuple[int, int]:
         """(prompt tokens queried against the prefix cache, tokens that hit), since creation."""
@@ -233,7 +253,7 @@ class BlockManager:
 
     def clear_cache(self) -> None:
         """Forget every cached block no sequence uses (e.g. after a weights reload)."""
-        dropped = [self._unregister(bid) for bid in self._evictable]
+        dropped = [self._unregister(bid, evicting=False) for bid in self._evictable]
         self._free.extend(self._evictable)
         self._evictable.clear()
         if self._num_active == 0:
@@ -329,7 +349,7 @@ class BlockManager:
             bid = self._free.popleft()
         else:
             bid, _ = self._evictable.popitem(last=False)
-            events.append(BlockRemoved([hash_to_int(self._unregister(bid))]))
+            events.append(BlockRemoved([hash_to_int(self._unregister(bid, evicting=True))]))
         block = self._blocks[bid]
         assert block.ref_count == 0 and block.hash is None
         block.ref_count = 1
@@ -350,12 +370,16 @@ class BlockManager:
         block.parent = seq.hashes[i - 1] if i > 0 else None
         block.token_ids = tuple(seq.token_ids[start : start + self.block_size])
         self._by_hash[h] = block.block_id
+        if self.tiers is not None:
+            self.tiers.device_stored(block.block_id, h)
         return True
 
-    def _unregister(self, bid: int) -> bytes:
+    def _unregister(self, bid: int, *, evicting: bool) -> bytes:
         block = self._blocks[bid]
         h = block.hash
         assert h is not None and self._by_hash[h] == bid
+        if evicting and self.tiers is not None:
+            self.tiers.device_evicted(bid, h)
         del self._by_hash[h]
         block.hash, block.parent, block.token_ids = None, None, ()
         return h

@@ -27,7 +27,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +55,15 @@ from dynamo_sdk.llm.engines.scheduler import (
     Sequence,
     stream_outputs,
 )
+from dynamo_sdk.llm.engines.tiering import TierOnboarder, cached_prefix_tokens, tier_plan
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
+from dynamo_sdk.llm.kv.tiers.stack import TierStack
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
+from dynamo_sdk.llm.torch_engine.host_kv import HostKvPool
 from dynamo_sdk.llm.torch_engine.loader import load_model, resolve_dtype
 from dynamo_sdk.llm.torch_engine.runner import (
     DEFAULT_CUDA_GRAPH_SIZES,
@@ -148,6 +152,7 @@ class TorchEngine(Engine):
         self._kv_events = KvEventFanout("torch engine")
         self._kv_events.subscribe(on_events)
         self.runner: ModelRunner | None = None
+        self.tiers: TierStack | None = None
         self.block_manager: BlockManager | None = None
         self._scheduler: Scheduler | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torch-engine")
@@ -186,6 +191,7 @@ class TorchEngine(Engine):
             max_num_batched_tokens=self.max_num_batched_tokens,
             context_length=self.context_length,
         )
+        self._start_tiers(loop)
         self._failure = None
         # The block manager's per-block records and the model's tensors live for the whole
         # process; moving them out of the cyclic GC's reach keeps collections (triggered by
@@ -204,6 +210,37 @@ class TorchEngine(Engine):
             self.block_size,
             self.context_length,
         )
+
+    def _start_tiers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The KV tiers below the device cache, if the settings ask for them."""
+        runner, bm, sched = self.runner, self.block_manager, self._scheduler
+        assert runner is not None and bm is not None and sched is not None
+        plan = tier_plan(self.settings, runner.kv_block_bytes(), runner.num_blocks)
+        if not plan.enabled:
+            return
+        cfg = self.config
+        model = Path(self.model_path).name if self.model_path else cfg.architecture
+        if self.load_format == "dummy":
+            model = f"{model}:dummy-seed{self.seed}"  # random weights: their KV is their own
+        identity = LayoutIdentity(
+            model=model,
+            dtype=str(self.dtype).removeprefix("torch."),
+            block_size=self.block_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+        )
+
+        async def on_engine(fn: Callable[[], None]) -> None:
+            await loop.run_in_executor(self._executor, fn)
+
+        pool = HostKvPool(runner.kv, plan.host_blocks)
+        stack = TierStack(plan, identity, pool, self._kv_events.publish, on_engine)
+        stack.bind_loop(loop)
+        self.tiers = stack
+        bm.tiers = stack
+        sched.onboarder = TierOnboarder(stack, sched, self._wakeup.set)
+        stack.announce()
 
     def _load(self) -> None:
         """(worker thread) weights, cache size, runner, graphs."""
@@ -264,6 +301,12 @@ class TorchEngine(Engine):
                 await task
         if self._scheduler is not None:
             self._scheduler.fail_all(EngineError("torch engine shut down"))
+            onboarder = self._scheduler.onboarder
+            if isinstance(onboarder, TierOnboarder):
+                await onboarder.close()
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers = None
         self._executor.shutdown(wait=True)
         gc.unfreeze()
         if self.runner is not None:
@@ -287,7 +330,10 @@ class TorchEngine(Engine):
     def stats(self) -> EngineStats:
         if self._scheduler is None:
             return EngineStats()
-        return self._scheduler.stats(self._prompt_tokens)
+        stats = self._scheduler.stats(self._prompt_tokens)
+        if self.tiers is not None:
+            stats.kv_tiers = self.tiers.snapshot()
+        return stats
 
     def load_metrics(self, worker_id: int) -> LoadMetrics:
         if self._scheduler is None:
@@ -471,10 +517,9 @@ class TorchEngine(Engine):
         )
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        """Leading prompt tokens whose KV is cached here (for the disaggregation rule)."""
-        if self.block_manager is None:
-            return 0
-        return len(self.block_manager.cached_prefix(token_ids)) * self.block_size
+        """Leading prompt tokens whose KV is here: on the device, then in the host and disk
+        tiers (for the disaggregation rule: a stored prompt is loaded, not prefilled remotely)."""
+        return cached_prefix_tokens(self.block_manager, self.tiers, token_ids)
 
     # -- the step loop -------------------------------------------------------------------------
 
@@ -493,23 +538,34 @@ class TorchEngine(Engine):
         sched, runner = self._scheduler, self.runner
         assert sched is not None and runner is not None
         inflight: _Step | None = None
+        tiers = self.tiers
         try:
             while True:
                 if inflight is None:
                     if not sched.has_work:
+                        if tiers is not None:  # the last step's blocks go down now
+                            await self._copy_out(tiers, idle=True)
                         self._wakeup.clear()
                         await self._wakeup.wait()
                         continue
                     work = sched.schedule()
+                    if not work:  # every request waits for KV being loaded
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
                     chunks = [self._chunk_input(c) for c in work]
                     for c in work:
                         if c.seq.prefilling:
                             self.computed_prompt_tokens += c.num_tokens
+                    if tiers is not None:
+                        await self._copy_out(tiers)
                     handle = await loop.run_in_executor(self._executor, runner.launch, chunks)
                     inflight = _Step(work, chunks, handle)
                 ahead = self._launch_ahead(inflight)
                 if ahead is not None:
                     ahead_work, ahead_chunks = ahead
+                    if tiers is not None:
+                        await self._copy_out(tiers)
                     handle = await loop.run_in_executor(
                         self._executor, runner.launch, ahead_chunks, inflight.handle.tokens
                     )
@@ -534,6 +590,17 @@ class TorchEngine(Engine):
             log.exception("torch engine step failed")
             self._failure = EngineError(f"torch engine failed: {type(exc).__name__}: {exc}")
             sched.fail_all(self._failure)
+
+    async def _copy_out(self, tiers: TierStack, *, idle: bool = False) -> None:
+        """Copy the blocks due out of the device, in order with the steps (see `TierStack`)."""
+        due = tiers.begin_step(idle=idle)
+        if due is not None:
+            blocks, slots = due
+            io = tiers.io
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, io.device_to_host, blocks, slots
+            )
+        tiers.end_step()
 
     def _launch_ahead(self, step: _Step) -> tuple[list[ScheduledChunk], list[ChunkInput]] | None:
         """The next decode step, planned while ``step`` runs, or None if it must wait."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 
-from dynamo_sdk.llm.engines.base import Engine
+from dynamo_sdk.llm.engines.base import Engine, EngineStats
 from dynamo_sdk.llm.metrics import WorkerMetrics
 
 log = logging.getLogger("dynamo.llm.worker")
@@ -43,8 +43,25 @@ class StatsReporter:
             if stats.running or stats.waiting or prompt_tps or gen_tps:
                 log.info(
                     "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, "
-                    "KV cache %.1f%%, prefix cache hit %.1f%%",
+                    "KV cache %.1f%%, %s",
                     prompt_tps, gen_tps, stats.running, stats.waiting,
-                    100 * stats.kv_usage, 100 * stats.prefix_cache_hit_rate,
+                    100 * stats.kv_usage, hit_rates(last, stats),
                 )  # fmt: skip
             last, last_at = stats, now
+
+
+def hit_rates(before: EngineStats, now: EngineStats) -> str:
+    """The prefix-cache hit rate per tier over an interval, in vLLM's words:
+    ``Prefix cache hit rate: GPU: 80.00%, CPU: 5.00%, DISK: 0.00%, SHARED: 0.00%``."""
+    queried = now.prefix_queried_tokens - before.prefix_queried_tokens
+    if queried <= 0:  # nothing looked up since: the rates since start
+        queried, before = now.prefix_queried_tokens, EngineStats()
+
+    def pct(hit: int) -> str:
+        return f"{100 * hit / queried:.2f}%" if queried > 0 else "0.00%"
+
+    parts = [f"GPU: {pct(now.prefix_hit_tokens - before.prefix_hit_tokens)}"]
+    earlier = {t.medium: t.hit_tokens for t in before.kv_tiers}
+    for tier in now.kv_tiers:
+        parts.append(f"{tier.medium}: {pct(tier.hit_tokens - earlier.get(tier.medium, 0))}")
+    return "Prefix cache hit rate: " + ", ".join(parts)

@@ -56,7 +56,7 @@ class LLMWorker:
         events = engine.kv_events()
         if events is not None:
             self.publisher = KvPublisher(runtime, namespace, component, self._load)
-            events.subscribe(self.publisher.on_events)
+            events.subscribe(self.publisher.on_events, replay=True)  # what start announced
             await self.publisher.start()
         await register_model(
             runtime,
