@@ -10,6 +10,7 @@ wrote. The mocker checks the bookkeeping at a scale the torch engine cannot reac
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -101,16 +102,37 @@ async def test_torch_outputs_exact_with_host_disk_and_shared_tiers(
     finally:
         await restarted.shutdown()
 
-    # another worker with its own (empty) disk, the same shared folder
-    other = await torch_engine(
-        model_dir, host_kv_blocks=64, shared_kv=f"file://{shared}", disk_kv_admission=1
-    )
+    # another worker process, with no disk of its own, on the same shared folder
+    result = run_other_worker(model_dir, shared, firsts)
+    assert result["tokens"] == [t for t, _ in expected]
+    assert result["shared_hit_tokens"] == 4 * 128
+
+
+OTHER_WORKER = """
+import asyncio, json, sys
+from tests.test_kv_tiers_engines import second_turns, tier, torch_engine
+
+async def main(model_dir, shared, firsts):
+    engine = await torch_engine(model_dir, host_kv_blocks=64, shared_kv=f"file://{shared}")
     try:
-        got = await second_turns(other, firsts)
-        assert [t for t, _ in got] == [t for t, _ in expected]
-        assert tier(other, "SHARED").hit_tokens == 4 * 128
+        got = await second_turns(engine, firsts)
+        print(json.dumps({"tokens": [t for t, _ in got],
+                          "shared_hit_tokens": tier(engine, "SHARED").hit_tokens}))
     finally:
-        await other.shutdown()
+        await engine.shutdown()
+
+args = json.loads(sys.argv[1])
+asyncio.run(main(args["model_dir"], args["shared"], args["firsts"]))
+"""
+
+
+def run_other_worker(model_dir: Path, shared: Path, firsts: list[list[int]]) -> Any:
+    """The second turns served by a torch engine in a fresh process (JSON on stdout)."""
+    args = json.dumps({"model_dir": str(model_dir), "shared": str(shared), "firsts": firsts})
+    done = subprocess.run([sys.executable, "-c", OTHER_WORKER, args], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 async def test_torch_blocks_round_trip_bit_exact_through_the_host_tier(model_dir: Path) -> None:
@@ -275,3 +297,22 @@ def test_worker_log_line_reports_the_hit_rate_per_tier() -> None:
     assert hit_rates(before, now) == (
         "Prefix cache hit rate: GPU: 80.00%, CPU: 10.00%, DISK: 5.00%"
     )
+
+
+async def test_mocker_full_disk_budget_evicts_instead_of_failing(tmp_path: Path) -> None:
+    knobs = dict(host_kv_blocks=40, disk_kv_blocks=20, disk_kv_path=str(tmp_path),
+                 disk_kv_admission=1)  # fmt: skip
+    engine, events = await mocker(**knobs)
+    try:
+        for i, p in enumerate(conversations(8, 130)):  # 64 blocks through a 20-block disk
+            outputs = await turn(engine, p, f"t-{i}")
+            assert outputs[-1].finish_reason == "length"
+        await asyncio.sleep(0.2)
+        disk = tier(engine, "DISK")
+        assert disk.enabled and disk.errors == 0
+        assert disk.used_blocks <= 20 and disk.evicted_blocks >= 40
+        assert len(list(tmp_path.rglob("*.kv"))) <= 20
+        removed = [e for e in events if isinstance(e, BlockRemoved) and e.medium == "DISK"]
+        assert sum(len(e.block_hashes) for e in removed) == disk.evicted_blocks
+    finally:
+        await engine.shutdown()
