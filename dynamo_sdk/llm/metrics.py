@@ -128,6 +128,7 @@ _TIER_COUNTERS = (
     ("onboard_blocks", "Blocks loaded from the tier to the device"),
     ("onboard_bytes", "KV bytes loaded from the tier to the device"),
     ("evicted_blocks", "Blocks the tier evicted to make room"),
+    ("skipped_blocks", "Blocks not copied in because every slot was busy (a write backlog)"),
     ("corrupt_blocks", "Blocks that failed their checks on load (deleted, recomputed)"),
     ("errors", "Tier operations that failed"),
 )

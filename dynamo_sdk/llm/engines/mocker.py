@@ -283,8 +283,10 @@ class MockerEngine(Engine):
         onboarder = self.scheduler.onboarder
         if isinstance(onboarder, TierOnboarder):
             await onboarder.close()
-        if self.tiers is not None:
-            self.tiers.close()
+        if self.tiers is not None:  # the last blocks go down, and their writes finish
+            self.tiers.begin_step(idle=True)
+            self.tiers.end_step()
+            await asyncio.to_thread(self.tiers.close)
             self.tiers = None
 
     # -- KV events and metrics ----------------------------------------------------------------

@@ -304,8 +304,9 @@ class TorchEngine(Engine):
             onboarder = self._scheduler.onboarder
             if isinstance(onboarder, TierOnboarder):
                 await onboarder.close()
-        if self.tiers is not None:
-            self.tiers.close()
+        if self.tiers is not None:  # the last blocks go down, and their writes finish
+            await self._copy_out(self.tiers, idle=True)
+            await asyncio.to_thread(self.tiers.close)
             self.tiers = None
         self._executor.shutdown(wait=True)
         gc.unfreeze()

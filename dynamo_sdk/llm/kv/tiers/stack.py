@@ -213,6 +213,8 @@ class TierStack:
             self._emit([self._stored_event(ours, DISK)])
 
     def close(self) -> None:
+        """Wait for the writes under way, then release the stores (blocking: call it off the
+        event loop, which still takes the I/O threads' last reports)."""
         self._io.shutdown(wait=True, cancel_futures=False)
         for store in (self.disk, self.shared):
             if store is not None:
@@ -264,8 +266,9 @@ class TierStack:
                 self._save_below(h, slot)  # computed again: an offer for the disk tier
                 continue
             got = self.host.insert(h)
-            if got is None:
-                continue  # every slot pinned by loads: skip this block
+            if got is None:  # every slot busy (loads, writes below): not kept, counted
+                self.stats[HOST].skipped_blocks += 1
+                continue
             slot, evicted = got
             if evicted is not None:
                 self._host_evicted(evicted, slot)
@@ -385,8 +388,11 @@ class TierStack:
         loop = self._loop
         if loop is None:
             fn(*args)
-        else:
+            return
+        try:
             loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
 
     _loop: asyncio.AbstractEventLoop | None = None
     _folder: ClaimedFolder | None = None

@@ -18,6 +18,7 @@ class KvTierStats(msgspec.Struct, kw_only=True):
     onboard_blocks: int = 0
     onboard_bytes: int = 0
     evicted_blocks: int = 0
+    skipped_blocks: int = 0  # not copied in: every slot was busy (a backlog of writes below)
     corrupt_blocks: int = 0  # failed their checks on load: deleted, recomputed
     errors: int = 0  # store operations that failed
     load_seconds: float = 0.0  # time spent loading from this tier, summed over loads
