@@ -376,6 +376,8 @@ class TorchEngine(Engine):
             alloc = bm.allocate(holder, prefix, num_computed=0)
         except NoFreeBlocksError as exc:
             raise EngineError(f"no room to import {num_tokens} tokens of KV: {exc}") from exc
+        if self.tiers is not None:
+            self.tiers.forget_pending(alloc.block_ids)  # overwritten right here
         try:
             first = alloc.num_cached_tokens // self.block_size
             if first < len(alloc.block_ids):
@@ -416,6 +418,8 @@ class TorchEngine(Engine):
             yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
             return
         blocks = sched.start_remote(seq) if remote_prefill is not None else None
+        if blocks is not None and self.tiers is not None:
+            self.tiers.forget_pending(blocks)  # written by the prefill worker before a step
         if remote_prefill is not None and blocks is not None:
             slots = PrefillSlots(blocks, seq.num_computed, self.block_size)
             try:

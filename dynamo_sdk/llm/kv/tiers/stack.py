@@ -234,6 +234,16 @@ class TierStack:
         if self.plan.policy == "write_back":
             self._evicted.append((block_id, block_hash))
 
+    def forget_pending(self, block_ids: list[int]) -> None:
+        """Blocks handed out outside a step's scheduling (to a remote prefill, an import)
+        are written before the next step boundary: a copy still due from them would save the
+        new KV under the old hash, so those copies are dropped (the blocks are not kept)."""
+        if not (self._stored or self._evicted):
+            return
+        gone = set(block_ids)
+        self._stored = [e for e in self._stored if e[0] not in gone]
+        self._evicted = [e for e in self._evicted if e[0] not in gone]
+
     # -- step boundaries ----------------------------------------------------------------
 
     def begin_step(self, *, idle: bool = False) -> tuple[list[int], list[int]] | None:
