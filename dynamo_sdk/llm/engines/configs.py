@@ -163,9 +163,11 @@ class TorchConfig(SchedulingConfig):
     seed: Annotated[int, Meta(description="seed of dummy weights")] = 0
 
 
-class VllmConfig(EngineSettings):
+class VllmConfig(KvTierConfig):
     """`engine: vllm`: vLLM's AsyncLLM. Any vLLM engine argument passes through, at the top
-    level of the section (`max_model_len: 2048`) or under `engine_args`."""
+    level of the section (`max_model_len: 2048`) or under `engine_args`. The KV tier keys
+    (`host_kv_gb`, `disk_kv_gb`, `shared_kv`, ...) configure vLLM's OffloadingConnector with
+    the project's stores (`engines/vllm_offload.py`)."""
 
     engine_args: dict[str, Any] = {}
     kv_events: Annotated[

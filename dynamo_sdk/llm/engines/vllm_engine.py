@@ -12,6 +12,10 @@ where importing vLLM is slow or impossible.
 On vLLM's CPU build the KV cache gets an explicit size (`kv_cache_memory_bytes`) unless the
 user chose one: see `cpu_memory_args`. Without it vLLM 0.32 wants 92% of the memory to be
 free, and refuses to start on any machine that runs anything else.
+
+The KV tiers below the device (`host_kv_gb`, `disk_kv_gb`, `shared_kv`, ...) become vLLM's
+`OffloadingConnector` with the project's spec and stores (`offload_transfer_config`,
+`vllm_offload.py`); their hits per tier come back through vLLM's connector stats.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from dynamo_sdk.llm.disagg.kv_storage import storage_root
 from dynamo_sdk.llm.engines.base import (
     NO_OPTIONS,
@@ -34,9 +40,11 @@ from dynamo_sdk.llm.engines.base import (
     GenerateOptions,
     KvConnector,
 )
-from dynamo_sdk.llm.engines.configs import VllmConfig
-from dynamo_sdk.llm.kv.events import KvEventFanout
+from dynamo_sdk.llm.engines.configs import KvTierConfig, VllmConfig
+from dynamo_sdk.llm.engines.tiering import GB, default_disk_path
+from dynamo_sdk.llm.kv.events import MEDIUM_DISK, MEDIUM_HOST, MEDIUM_SHARED, KvEventFanout
 from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
 from dynamo_sdk.llm.kv.vllm_bridge import VllmKvEventBridge, vllm_kv_event_args
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
@@ -160,10 +168,95 @@ def normalize_engine_args(engine_args: Mapping[str, Any] | None) -> dict[str, An
     return normalized
 
 
+OFFLOAD_CONNECTOR = "OffloadingConnector"
+OFFLOAD_MODULE = "dynamo_sdk.llm.engines.vllm_offload"
+
+
+def offload_transfer_config(config: KvTierConfig, kv_events: bool = False) -> dict[str, Any] | None:
+    """The ``kv_transfer_config`` that gives a vLLM engine the KV tiers ``config`` asks for:
+    vLLM's `OffloadingConnector` with our spec (host memory) and our disk and shared stores as
+    its secondary tiers (`vllm_offload.py`); None when no tier is set.
+
+    `EngineConfigError` for what vLLM's connector cannot do: tiers without host memory (blocks
+    reach disk and shared storage through it), and ``offload_policy: write_back`` (vLLM copies
+    every computed block to the host and on down right away: write_through).
+    """
+    if config.host_kv_gb and config.host_kv_blocks:
+        raise EngineConfigError("give host_kv_blocks or host_kv_gb, not both")
+    if config.disk_kv_gb and config.disk_kv_blocks:
+        raise EngineConfigError("give disk_kv_blocks or disk_kv_gb, not both")
+    host = bool(config.host_kv_gb or config.host_kv_blocks)
+    disk = bool(config.disk_kv_gb or config.disk_kv_blocks)
+    if not host:
+        if disk or config.shared_kv:
+            raise EngineConfigError(
+                "disk_kv and shared_kv need a host tier (host_kv_gb or host_kv_blocks): blocks "
+                "reach disk and shared storage through host memory"
+            )
+        return None
+    if config.offload_policy != "write_through":
+        raise EngineConfigError(
+            "engine: vllm supports offload_policy: write_through only (vLLM's "
+            "OffloadingConnector copies every computed block down at once)"
+        )
+    tiers: list[dict[str, Any]] = []
+    if disk:
+        tiers.append(
+            {
+                "type": "DiskTier",
+                "module_path": OFFLOAD_MODULE,
+                "path": config.disk_kv_path or str(default_disk_path()),
+                "blocks": config.disk_kv_blocks,
+                "gb": config.disk_kv_gb,
+                "admission": config.disk_kv_admission,
+            }
+        )
+    if config.shared_kv:
+        tiers.append({"type": "SharedTier", "module_path": OFFLOAD_MODULE, "uri": config.shared_kv})
+    extra: dict[str, Any] = {
+        "spec_name": "DynamoOffloadingSpec",
+        "spec_module_path": OFFLOAD_MODULE,
+        # vLLM requires a size in bytes; host_kv_blocks, when given, replaces it in our spec
+        "cpu_bytes_to_use": int(config.host_kv_gb * GB) or 1,
+        "host_kv_blocks": config.host_kv_blocks,
+        "secondary_tiers": tiers,
+        # host/disk events with their blocks' parents and tokens, as the device's carry
+        "self_describing_kv_events": kv_events,
+    }
+    return {
+        "kv_connector": OFFLOAD_CONNECTOR,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
+
+
+def _tiers_of(config: KvTierConfig) -> list[KvTierStats]:
+    """The tiers an engine reports (`EngineStats.kv_tiers`): host, and disk and shared as set."""
+    return [
+        KvTierStats(medium=MEDIUM_HOST, capacity_blocks=config.host_kv_blocks),
+        KvTierStats(
+            medium=MEDIUM_DISK,
+            enabled=bool(config.disk_kv_gb or config.disk_kv_blocks),
+            capacity_blocks=config.disk_kv_blocks,
+        ),
+        KvTierStats(medium=MEDIUM_SHARED, enabled=bool(config.shared_kv)),
+    ]
+
+
+# vLLM's cache-hit sources (vllm/v1/metrics/cache_hit_source.py) as our tiers' mediums; our
+# shared tier reports its hits as "external_unspecified" (vLLM has no name for it)
+_MEDIUM_OF_SOURCE = {
+    "host": MEDIUM_HOST,
+    "disk": MEDIUM_DISK,
+    "external_unspecified": MEDIUM_SHARED,
+}
+
+
 class _StatsState:
     """What the stat logger saw; read by `VllmEngine.stats()` (same event loop, no locks)."""
 
     def __init__(self) -> None:
+        self.tier_hits: dict[str, int] = {}  # prompt tokens loaded from each tier below
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
@@ -203,6 +296,11 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
                 if prefix is not None:
                     state.prefix_queries += prefix.queries
                     state.prefix_hits += prefix.hits
+                external = getattr(scheduler_stats, "connector_prefix_cache_stats", None)
+                for source, hits in (getattr(external, "hits_by_source", None) or {}).items():
+                    medium = _MEDIUM_OF_SOURCE.get(str(getattr(source, "value", source)))
+                    if medium is not None:
+                        state.tier_hits[medium] = state.tier_hits.get(medium, 0) + int(hits)
             if iteration_stats is not None:
                 state.prompt_tokens += iteration_stats.num_prompt_tokens
                 state.generation_tokens += iteration_stats.num_generation_tokens
@@ -232,18 +330,32 @@ class VllmEngine(Engine):
         stop_timeout: float = STOP_TIMEOUT_S,
     ) -> None:
         kv_events = False
+        tiers: dict[str, Any] | None = None
         if isinstance(config, VllmConfig):
             engine_args: Mapping[str, Any] | None = config.engine_args
             kv_events = config.kv_events
+            tiers = offload_transfer_config(config, kv_events)
+            self._tier_stats = _tiers_of(config) if tiers is not None else []
         else:
+            self._tier_stats = []
             engine_args = config
         self.model = model
         self._engine_args = {**_DEFAULT_ENGINE_ARGS, **normalize_engine_args(engine_args)}
         self._events = KvEventFanout("vllm") if kv_events else None
         self._bridge: VllmKvEventBridge | None = None
-        self._connector = _storage_connector(self._engine_args.get("kv_transfer_config"))
+        own_transfer = self._engine_args.get("kv_transfer_config")
+        if tiers is not None and own_transfer is not None:
+            raise EngineConfigError(
+                "the KV tier keys (host_kv_gb/host_kv_blocks, disk_kv_*, shared_kv) configure "
+                "vLLM's kv_transfer_config themselves (its OffloadingConnector); vLLM takes one "
+                "connector, so they cannot be combined with a kv_transfer_config of your own "
+                "(such as disaggregation's storage connector)"
+            )
+        self._connector = _storage_connector(own_transfer)
         if self._connector is not None:
             self._connector.engine = self
+        if tiers is not None:
+            self._engine_args["kv_transfer_config"] = tiers
         # what shutdown() may take, at most: a host draining this engine reserves it
         self.stop_timeout = stop_timeout
         # the configured limit until start() reads the engine's resolved one
@@ -364,14 +476,21 @@ class VllmEngine(Engine):
         s = self._stats
         running = min(s.running, self._inflight)
         waiting = min(s.waiting, self._inflight - running)
+        tiers = [
+            msgspec.structs.replace(t, hit_tokens=s.tier_hits.get(t.medium, 0))
+            for t in self._tier_stats
+        ]
         return EngineStats(
             running=running,
             waiting=waiting,
             kv_usage=s.kv_usage,
             prefix_cache_hit_rate=(s.prefix_hits / s.prefix_queries) if s.prefix_queries else 0.0,
+            prefix_queried_tokens=s.prefix_queries,
+            prefix_hit_tokens=s.prefix_hits,
             prompt_tokens_total=s.prompt_tokens,
             generation_tokens_total=s.generation_tokens,
             max_batch_running=s.max_running,
+            kv_tiers=tiers,
         )
 
     async def generate(
