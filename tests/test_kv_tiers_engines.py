@@ -165,10 +165,10 @@ def test_tier_settings_that_cannot_help_are_refused() -> None:
     )  # useful
 
 
-async def mocker(**knobs: Any) -> tuple[MockerEngine, list[KvEvent]]:
+async def mocker(speedup: float = 1000, **knobs: Any) -> tuple[MockerEngine, list[KvEvent]]:
     events: list[KvEvent] = []
     engine = MockerEngine(
-        num_blocks=32, block_size=BS, context_length=512, speedup=1000, vocab_size=1000,
+        num_blocks=32, block_size=BS, context_length=512, speedup=speedup, vocab_size=1000,
         on_events=events.extend, **knobs,
     )  # fmt: skip
     await engine.start()
@@ -314,5 +314,27 @@ async def test_mocker_full_disk_budget_evicts_instead_of_failing(tmp_path: Path)
         assert len(list(tmp_path.rglob("*.kv"))) <= 20
         removed = [e for e in events if isinstance(e, BlockRemoved) and e.medium == "DISK"]
         assert sum(len(e.block_hashes) for e in removed) == disk.evicted_blocks
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_request_queued_behind_a_full_device_still_loads_from_the_host() -> None:
+    """The queue's head is asked about the tiers when the device can take it, not before:
+    one that waited for blocks gets its history from the host once they free up."""
+    engine, _ = await mocker(speedup=10, host_kv_blocks=200)  # the hog decodes for ~20 ms
+    try:
+        history = conversations(1, 130, seed=11)[0]
+        await turn(engine, history, "first")
+        for i, p in enumerate(conversations(4, 130, seed=12)):  # evict it from the device
+            await turn(engine, p, f"evict-{i}")
+        assert engine.cached_prefix_tokens(history) == 128  # on the host now
+        hog = make_request(conversations(1, 400, seed=13)[0], 40, request_id="hog",
+                           ignore_eos=True)  # fmt: skip  # 25 of the 32 device blocks
+        hogging = asyncio.create_task(collect(engine, hog))
+        await asyncio.sleep(0.005)
+        assert engine.stats().running == 1
+        outputs = await turn(engine, [*history, 5, 6], "queued")
+        await hogging
+        assert outputs[0].cached_tokens == 128
     finally:
         await engine.shutdown()

@@ -268,9 +268,16 @@ class Scheduler:
         self.finish_remote(seq, num_tokens)
 
     def _try_onboarding(self, seq: Sequence) -> bool:
-        """Admit the queue's head to load its prompt's KV from below (True), if worth it."""
+        """Admit the queue's head to load its prompt's KV from below (True), if worth it.
+
+        The head is asked about once per admission, when the device can take it: while it
+        cannot, it waits (FIFO) and is asked again later, since what the tiers hold for it
+        then is what counts.
+        """
         onboarder, bm = self.onboarder, self.block_manager
         assert onboarder is not None
+        if not bm.can_allocate(seq.tokens):
+            return False  # not checked yet: asked again once blocks free up
         seq.onboard_checked = True
         bs = bm.block_size
         hits, hashes = bm.match(seq.tokens)
@@ -278,7 +285,7 @@ class Scheduler:
         if not candidates:
             return False
         plan = onboarder.offer(seq, candidates)
-        if plan is None or not bm.can_allocate(seq.tokens):
+        if plan is None:
             return False
         alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
         self.waiting.popleft()
