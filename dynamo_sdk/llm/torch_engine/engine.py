@@ -548,10 +548,11 @@ class TorchEngine(Engine):
             while True:
                 if inflight is None:
                     if not sched.has_work:
-                        if tiers is not None:  # the last step's blocks go down now
-                            await self._copy_out(tiers, idle=True)
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
+                        self._wakeup.clear()  # before any await: a request arriving during
+                        if tiers is not None:  # the copy below is not missed
+                            await self._copy_out(tiers, idle=True)  # the last blocks go down
+                        if not sched.has_work:
+                            await self._wakeup.wait()
                         continue
                     work = sched.schedule()
                     if not work:  # every request waits for KV being loaded
