@@ -389,7 +389,7 @@ def test_host_weight_decides_between_many_host_blocks_and_few_gpu_blocks() -> No
     assert decision.worker_id == 1  # 10 * 0.75 = 7.5 blocks credited beat 4
     assert decision.costs == {1: 2.5, 2: 6.0}
     assert decision.tiers == TierOverlap(host=10) and decision.overlap_blocks == 0
-    assert router.inflight_blocks(1) == 11  # host-loaded blocks still take GPU blocks (+1 decode)
+    assert router.inflight_blocks(1) == 3  # prefill work: 10 - round(0.75 * 10 host) + 1 decode
 
     router = router_with(RouterConfig(block_size=BS, host_weight=0.3), HOST_10, DEVICE_4)
     decision = router.choose(PROMPT, [1, 2])

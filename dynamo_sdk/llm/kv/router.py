@@ -156,8 +156,16 @@ class KvRouter:
             self._anonymous += 1
             request_id = f"_anonymous-{self._anonymous}"
         self.release(request_id)  # a retried id must not count twice
-        # Only GPU hits save GPU blocks: one loaded from host or disk is allocated all the same.
-        blocks = len(hashes) - decision.overlap_blocks + 1  # +1: the block decode grows into
+        # The load a request adds is the prefill work it brings (what `load` weighs against
+        # overlap): a block loaded from host or disk is credited as in the cost. Counting it
+        # in full made a worker that holds its sessions' history below the device look busy
+        # and pushed their next turns elsewhere (kv_tiers_bench: half the follow-ups moved).
+        credited = decision.overlap_blocks
+        if decision.tiers is not None:
+            t, c = decision.tiers, self.config
+            credited = round(t.device + c.host_weight * t.host + c.disk_weight * t.disk
+                             + c.shared_weight * t.shared)  # fmt: skip
+        blocks = len(hashes) - credited + 1  # +1: the block decode grows into
         self._active[request_id] = (decision.worker_id, blocks, now)
         self._inflight[decision.worker_id] = self._inflight.get(decision.worker_id, 0) + blocks
         return decision
