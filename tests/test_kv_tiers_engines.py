@@ -338,3 +338,28 @@ async def test_a_request_queued_behind_a_full_device_still_loads_from_the_host()
         assert outputs[0].cached_tokens == 128
     finally:
         await engine.shutdown()
+
+
+async def test_torch_write_back_keeps_evicted_blocks_exact_when_only_loads_are_running(
+    model_dir: Path,
+) -> None:
+    """A load's allocation evicts cached blocks (write-back copies them to the host); when
+    no step runs because every request is loading, those copies must still go before the
+    load overwrites the blocks, or the host keeps the new KV under the old hash."""
+    p, *qs = conversations(5, 130, seed=21)
+    plain = await torch_engine(model_dir)
+    try:
+        expected = [tokens(await turn(plain, [*x, 3], f"ref-{i}")) for i, x in enumerate(qs)]
+    finally:
+        await plain.shutdown()
+    engine = await torch_engine(model_dir, host_kv_blocks=64, offload_policy="write_back")
+    try:
+        for i, x in enumerate((p, *qs)):  # 45 blocks through 24: P goes to the host
+            await turn(engine, x, f"first-{i}")
+        await turn(engine, [*p, 3], "p-again")  # a lone load, evicting cached Q blocks
+        assert tier(engine, "CPU").hit_tokens >= 128
+        got = [tokens(await turn(engine, [*x, 3], f"again-{i}")) for i, x in enumerate(qs)]
+        assert got == expected
+        assert tier(engine, "CPU").hit_tokens >= 3 * 128
+    finally:
+        await engine.shutdown()

@@ -392,6 +392,9 @@ class MockerEngine(Engine):
                     continue
                 work = self.scheduler.schedule()
                 if not work:  # every request waits for KV being loaded
+                    if tiers is not None:  # blocks the loads evicted go down first
+                        tiers.begin_step()
+                        tiers.end_step()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue

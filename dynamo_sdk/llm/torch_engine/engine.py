@@ -557,6 +557,8 @@ class TorchEngine(Engine):
                     work = sched.schedule()
                     if not work:  # every request waits for KV being loaded
                         self._wakeup.clear()
+                        if tiers is not None:  # blocks the loads evicted go out first,
+                            await self._copy_out(tiers)  # before a load overwrites them
                         await self._wakeup.wait()
                         continue
                     chunks = [self._chunk_input(c) for c in work]
