@@ -69,18 +69,16 @@ Engines
   token for token (the device arm's answers do not depend on its cache size: checked with a
   1200-block device, which never evicts).
 
-Workaround (a library bug; on by default, ``--no-workarounds`` measures without)
---------------------------------------------------------------------------------
-`watch_wakeups`: the torch engine's step loop can go to sleep with a request queued (a lost
-wakeup while it copies the last step's blocks to the host tier); it is woken within 10 ms
-(without the workaround: after 1 s, so that the run ends), and the stalls are counted.
-
-Not worked around: a load can write into a device block whose copy to the host tier is still
-due, so the host (and the disk, shared storage) keep the loaded bytes under the evicted
-block's hash; the torch exactness target catches the answers that then differ, and
-`count_load_races` (observation only) counts the loads at risk. (``lost``
-below exposed a third bug, since fixed in ``Scheduler._try_onboarding``: a queued request
-that had to wait for device blocks was never loaded from the tiers.)
+Guards (three library bugs this benchmark found, all fixed since)
+-----------------------------------------------------------------
+`watch_wakeups`: the torch engine's step loop could go to sleep with a request queued (a lost
+wakeup while it copied the last step's blocks to the host tier; fixed in 489f1de). The guard
+still wakes a stalled engine within 10 ms (``--no-workarounds``: after 1 s) and counts stalls,
+so a regression shows as a count instead of a hang. `count_load_races` counts loads started
+into device blocks whose copy out of the device was still due (a load alone in the engine used
+to overwrite them first; fixed in ad7107f); the torch exactness target would catch the
+answers that then differ. ``lost`` below exposed the third: a queued request that had to wait
+for device blocks was never loaded from the tiers (fixed in ``Scheduler._try_onboarding``).
 
 Measures (per arm)
 ------------------
@@ -1018,7 +1016,7 @@ def format_report(results: Results) -> str:
     out.append("")
     if results.settings.get("workarounds"):
         out.append(
-            "workaround (a library bug; --no-workarounds measures without): a torch engine "
+            "guard (a fixed library bug; --no-workarounds measures without): a torch engine "
             f"asleep with a request queued is woken within {WATCHDOG_S * 1000:.0f} ms "
             "(watch_wakeups)"
         )
