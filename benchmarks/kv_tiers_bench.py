@@ -295,7 +295,7 @@ class RequestRecord:
     prompt_tokens: int
     system_tokens: int
     cached_tokens: int
-    reusable_tokens: int  # prefix computed before by ANY request: one infinite cache
+    reusable_tokens: int  # prefix any request computed before its first token: the ceiling
     available_tokens: int  # held by the chosen worker on device/host/disk when routed
     predicted_tokens: int  # the router's overlap of the chosen worker, every tier it credits
     output_tokens: int
