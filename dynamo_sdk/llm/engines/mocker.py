@@ -284,8 +284,7 @@ class MockerEngine(Engine):
         if isinstance(onboarder, TierOnboarder):
             await onboarder.close()
         if self.tiers is not None:  # the last blocks go down, and their writes finish
-            self.tiers.begin_step(idle=True)
-            self.tiers.end_step()
+            _step_boundary(self.tiers, idle=True)
             await asyncio.to_thread(self.tiers.close)
             self.tiers = None
 
@@ -385,22 +384,19 @@ class MockerEngine(Engine):
             while True:
                 if not self.scheduler.has_work:
                     if tiers is not None:  # the last step's blocks go down now
-                        tiers.begin_step(idle=True)
-                        tiers.end_step()
+                        _step_boundary(tiers, idle=True)
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
                 work = self.scheduler.schedule()
                 if not work:  # every request waits for KV being loaded
                     if tiers is not None:  # blocks the loads evicted go down first
-                        tiers.begin_step()
-                        tiers.end_step()
+                        _step_boundary(tiers)
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
                 if tiers is not None:
-                    tiers.begin_step()
-                    tiers.end_step()
+                    _step_boundary(tiers)
                 self._step_ms = self._step_time_ms(work)
                 self._step_started = loop.time()
                 await asyncio.sleep(self._step_ms / 1000 / self.speedup)
@@ -460,6 +456,12 @@ class MockerEngine(Engine):
                 seen.add(alt)
                 top.append(TokenLogprob(alt, logprob - i))
         return top
+
+
+def _step_boundary(tiers: TierStack, *, idle: bool = False) -> None:
+    """A step boundary for the tiers: the mocker's blocks have no bytes to copy."""
+    tiers.begin_step(idle=idle)
+    tiers.end_step()
 
 
 async def _nothing_to_generate() -> AsyncIterator[EngineOutput]:

@@ -159,6 +159,10 @@ class TierStack:
         self._epoch = 0
         self._in_shared: dict[bytes, None] = {}  # hashes this worker knows are in shared
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kv-tier-io")
+        self._loop: asyncio.AbstractEventLoop | None = None  # see bind_loop
+        self._folder: ClaimedFolder | None = None  # the disk tier's, while it is held
+        # the host slots `begin_step` handed out, for `end_step`: (blocks, slots, hashes)
+        self._pending_copy: tuple[list[int], list[int], list[bytes]] | None = None
         self._open_stores()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -304,8 +308,7 @@ class TierStack:
 
     def end_step(self) -> None:
         """The copies `begin_step` returned were issued: unpin, then pass blocks further down."""
-        pending = getattr(self, "_pending_copy", None)
-        self._pending_copy = None
+        pending, self._pending_copy = self._pending_copy, None
         if not pending:
             return
         _, slots, stored = pending
@@ -403,10 +406,6 @@ class TierStack:
             loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is left to tell
             pass
-
-    _loop: asyncio.AbstractEventLoop | None = None
-    _folder: ClaimedFolder | None = None
-    _pending_copy: tuple[list[int], list[int], list[bytes]] | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop the stack's state lives on (I/O threads report back to it)."""
