@@ -17,18 +17,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, EntryPoints
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dynamo_sdk.llm.kv.tiers import shared
 from dynamo_sdk.llm.kv.tiers.disk import AdmissionFilter, DiskStore
 from dynamo_sdk.llm.kv.tiers.keys import block_key
-from dynamo_sdk.llm.kv.tiers.record import HEADER_BYTES, CorruptBlockError, decode_record
+from dynamo_sdk.llm.kv.tiers.record import (
+    HEADER_BYTES,
+    CorruptBlockError,
+    check_record,
+    decode_record,
+)
 from dynamo_sdk.llm.kv.tiers.record import encode_record as encode
 from dynamo_sdk.llm.kv.tiers.shared import (
+    REDIS_KEY_PREFIX,
     RedisStore,
     SharedDirectoryStore,
     open_shared_store,
@@ -510,6 +519,280 @@ def test_redis_stopped_mid_run_fails_fast(redis_server: RedisServer) -> None:
             call()
         assert time.monotonic() - began < 2.0
     store.close()
+
+
+# --- check_record and get_into: a record read in two parts, straight into a block ---------
+
+
+def halves(record: bytes) -> tuple[bytes, memoryview]:
+    """A record as `get_into` leaves it: its header, and its payload (a block's memory)."""
+    return record[:HEADER_BYTES], memoryview(record)[HEADER_BYTES:]
+
+
+def test_check_record_passes_a_whole_record_read_in_two_parts() -> None:
+    for size in (0, 1, 256, 4097):
+        record = record_of(5, size)
+        head, payload = halves(record)
+        check_record(head, payload, len(record), NS, block_hash(5))  # raises if not
+        check_record(
+            bytearray(head), memoryview(bytearray(payload)), len(record), NS, block_hash(5)
+        )
+        # decode_record goes through the same checks
+        assert bytes(decode_record(record, NS, block_hash(5))) == bytes(payload)
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    out = bytearray(data)
+    out[offset] ^= 0x04
+    return bytes(out)
+
+
+def crc_suffix(data: bytes, target: int) -> bytes:
+    """Four bytes that, appended to ``data``, give it the CRC-32 ``target`` (CRC-32 is affine
+    over GF(2) in the appended bits: solve for them), so a payload of the wrong length can
+    carry the right checksum."""
+    base = zlib.crc32(data + bytes(4))
+    basis: dict[int, tuple[int, int]] = {}  # top bit -> (CRC change, appended bits giving it)
+    for i in range(32):
+        change, bits = zlib.crc32(data + (1 << i).to_bytes(4, "little")) ^ base, 1 << i
+        while change:
+            top = change.bit_length() - 1
+            if top not in basis:
+                basis[top] = (change, bits)
+                break
+            change, bits = change ^ basis[top][0], bits ^ basis[top][1]
+    want, suffix = target ^ base, 0
+    while want:
+        change, bits = basis[want.bit_length() - 1]
+        want, suffix = want ^ change, suffix ^ bits
+    forged = suffix.to_bytes(4, "little")
+    assert zlib.crc32(data + forged) == target
+    return forged
+
+
+RECORD_0 = record_of(0)
+PAYLOAD_0 = RECORD_0[HEADER_BYTES:]
+CRC_0 = int.from_bytes(RECORD_0[HEADER_BYTES - 4 : HEADER_BYTES], "little")
+GOOD_PARTS: dict[str, Any] = {
+    "head": RECORD_0[:HEADER_BYTES],
+    "payload": memoryview(PAYLOAD_0),
+    "size": len(RECORD_0),
+    "namespace": NS,
+    "block_hash": block_hash(0),
+}
+BAD_PARTS: dict[str, dict[str, Any]] = {  # what differs from GOOD_PARTS
+    "first payload bit": {"payload": memoryview(_flip(PAYLOAD_0, 0))},
+    "a payload bit": {"payload": memoryview(_flip(PAYLOAD_0, 100))},
+    "last payload bit": {"payload": memoryview(_flip(PAYLOAD_0, 255))},
+    "magic": {"head": _flip(RECORD_0, 0)[:HEADER_BYTES]},
+    "length field": {"head": _flip(RECORD_0, 56)[:HEADER_BYTES]},
+    "checksum": {"head": _flip(RECORD_0, 65)[:HEADER_BYTES]},
+    "namespace": {"namespace": OTHER_NS},
+    "hash": {"block_hash": block_hash(1)},
+    "size one byte longer": {"size": len(RECORD_0) + 1},
+    "size one byte shorter": {"size": len(RECORD_0) - 1},
+    "size shorter than a header": {"size": HEADER_BYTES - 1},
+    "size 0": {"size": 0},
+    "payload buffer a byte short": {"payload": memoryview(PAYLOAD_0)[:-1]},
+    "payload buffer a byte long": {"payload": memoryview(PAYLOAD_0 + b"\0")},
+    "payload buffer empty": {"payload": memoryview(b"")},
+    # the checksum alone would pass these: only the payload's length gives them away
+    "payload buffer long, same checksum": {
+        "payload": memoryview(
+            PAYLOAD_0 + crc_suffix(RECORD_0[: HEADER_BYTES - 4] + PAYLOAD_0, CRC_0)
+        )
+    },
+    "payload buffer short, same checksum": {
+        "payload": memoryview(
+            PAYLOAD_0[:-8] + crc_suffix(RECORD_0[: HEADER_BYTES - 4] + PAYLOAD_0[:-8], CRC_0)
+        )
+    },
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_PARTS))
+def test_check_record_rejects_a_bad_part(bad: str) -> None:
+    check_record(**GOOD_PARTS)  # the good parts pass
+    with pytest.raises(CorruptBlockError):
+        check_record(**{**GOOD_PARTS, **BAD_PARTS[bad]})
+
+
+@dataclass
+class Backend:
+    """A store, and a way to replace a stored record's bytes behind its back."""
+
+    store: BlockStore
+    overwrite: Callable[[str, bytes], object]
+
+
+@pytest.fixture(params=["disk", "shared", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "disk":
+        yield Backend(
+            DiskStore(tmp_path, budget_bytes=1 << 20),
+            lambda key, data: file_of(tmp_path, key).write_bytes(data),
+        )
+    elif request.param == "shared":
+        yield Backend(
+            SharedDirectoryStore(tmp_path),
+            lambda key, data: file_of(tmp_path, key).write_bytes(data),
+        )
+    else:
+        import redis
+
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisStore(server.url())
+        with redis.Redis(port=server.port) as client:
+            yield Backend(store, lambda key, data: client.set(REDIS_KEY_PREFIX + key, data))
+        store.close()
+
+
+def read_into(store: BlockStore, key: str, payload_bytes: int) -> tuple[int | None, bytes, bytes]:
+    """`get_into` into fresh buffers (filled with 0xA5 first, so what it wrote shows)."""
+    head = bytearray(b"\xa5" * HEADER_BYTES)
+    body = bytearray(b"\xa5" * payload_bytes)
+    size = store.get_into(key, head, memoryview(body))
+    return size, bytes(head), bytes(body)
+
+
+def test_get_into_fills_the_header_and_the_block_exactly(backend: Backend) -> None:
+    store = backend.store
+    for i, payload_bytes in enumerate([0, 1, 256, 70_000]):
+        record = record_of(i, payload_bytes)
+        store.put(key_of(i), record)
+        size, head, body = read_into(store, key_of(i), payload_bytes)
+        assert size == len(record)
+        assert head == record[:HEADER_BYTES]
+        assert body == record[HEADER_BYTES:] == random.Random(i).randbytes(payload_bytes)
+        check_record(head, memoryview(body), size, NS, block_hash(i))
+    # a payload buffer into a larger memory (a host slot's view): only the view is written
+    slot = bytearray(b"\xa5" * 300)
+    into = bytearray(HEADER_BYTES)
+    assert store.get_into(key_of(2), into, memoryview(slot)[10:266]) == len(record_of(2))
+    assert into == record_of(2)[:HEADER_BYTES]
+    assert slot[:10] == b"\xa5" * 10 and slot[266:] == b"\xa5" * 34
+    assert bytes(slot[10:266]) == random.Random(2).randbytes(256)
+
+
+def test_get_into_a_missing_key_is_none_and_writes_nothing(backend: Backend) -> None:
+    store = backend.store
+    store.put(key_of(0), record_of(0))
+    assert read_into(store, key_of(1), 256) == (None, b"\xa5" * HEADER_BYTES, b"\xa5" * 256)
+    store.discard(key_of(0))
+    assert read_into(store, key_of(0), 256)[0] is None
+
+
+@pytest.mark.parametrize("cut", [1, 255, 256, 257, HEADER_BYTES + 256 - 1, HEADER_BYTES + 256])
+def test_get_into_a_truncated_record_is_short_and_fails_its_check(
+    backend: Backend, cut: int
+) -> None:
+    store, record = backend.store, record_of(0)
+    store.put(key_of(0), record)
+    backend.overwrite(key_of(0), record[: len(record) - cut])
+    size, head, body = read_into(store, key_of(0), 256)
+    assert size == len(record) - cut
+    with pytest.raises(CorruptBlockError):
+        check_record(head, memoryview(body), size, NS, block_hash(0))
+
+
+@pytest.mark.parametrize("extra", [1, 2, 5000])
+def test_get_into_a_record_with_trailing_bytes_is_long_and_fails_its_check(
+    backend: Backend, extra: int
+) -> None:
+    store, record = backend.store, record_of(0)
+    store.put(key_of(0), record)
+    backend.overwrite(key_of(0), record + b"\0" * extra)
+    size, head, body = read_into(store, key_of(0), 256)
+    assert size is not None and size > len(record)
+    if extra == 1 or not isinstance(store, RedisStore):  # a file is read one byte past
+        assert size == len(record) + 1
+    assert head == record[:HEADER_BYTES] and body == record[HEADER_BYTES:]  # no overflow
+    with pytest.raises(CorruptBlockError):
+        check_record(head, memoryview(body), size, NS, block_hash(0))
+
+
+def test_get_into_a_flipped_or_misfiled_record_fails_its_check(backend: Backend) -> None:
+    store, record = backend.store, record_of(0)
+    store.put(key_of(0), record)
+    backend.overwrite(key_of(0), _flip(record, HEADER_BYTES + 7))
+    size, head, body = read_into(store, key_of(0), 256)
+    assert size == len(record)
+    with pytest.raises(CorruptBlockError, match="checksum"):
+        check_record(head, memoryview(body), size, NS, block_hash(0))
+    backend.overwrite(key_of(0), record_of(1))  # another block's record under block 0's key
+    size, head, body = read_into(store, key_of(0), 256)
+    assert size == len(record)
+    with pytest.raises(CorruptBlockError, match="block"):
+        check_record(head, memoryview(body), size, NS, block_hash(0))
+
+
+def test_disk_get_into_continues_short_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that returns fewer bytes than asked (NFS, a signal) is continued, not torn."""
+    record = record_of(0, 1000)
+    real = os.preadv
+    calls = []
+
+    def seven_at_a_time(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        calls.append(offset)
+        return real(fd, [memoryview(buffers[0])[:7]], offset)
+
+    for store in (DiskStore(tmp_path / "d", 1 << 20), SharedDirectoryStore(tmp_path / "s")):
+        store.put(key_of(0), record)
+        calls.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "preadv", seven_at_a_time)
+            size, head, body = read_into(store, key_of(0), 1000)
+        assert size == len(record) and head + body == record
+        assert len(calls) > len(record) // 7
+        check_record(head, memoryview(body), size, NS, block_hash(0))
+
+
+def test_disk_get_into_keeps_the_index_as_get_does(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, budget_bytes=1 << 20)
+    for i in range(3):
+        store.put(key_of(i), record_of(i))
+    assert read_into(store, key_of(0), 256)[0] == len(record_of(0))  # most recent now
+    assert store.keys() == [key_of(1), key_of(2), key_of(0)]
+    file_of(tmp_path, key_of(1)).unlink()  # gone behind the store's back
+    assert store.contains([key_of(1)]) == [True]
+    assert read_into(store, key_of(1), 256)[0] is None
+    assert store.contains([key_of(1)]) == [False]
+    assert store.num_blocks == 2 and store.used_bytes == 2 * len(record_of(0))
+    # a read that fails for another reason than a missing file
+    path = file_of(tmp_path, key_of(2))
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(StoreError, match="cannot read"):
+        read_into(store, key_of(2), 256)
+
+
+def test_shared_folder_get_into_reads_a_replaced_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS: ESTALE (replaced under an open handle on another host) is read once more."""
+    store = SharedDirectoryStore(tmp_path)
+    store.put(key_of(0), record_of(0))
+    real = os.preadv
+    stale = [1]
+
+    def once_stale(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        if stale:
+            stale.pop()
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", once_stale)
+    size, head, body = read_into(store, key_of(0), 256)
+    assert size == len(record_of(0)) and head + body == record_of(0)
+
+    def always_eio(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", always_eio)
+    with pytest.raises(StoreError, match="EIO"):
+        read_into(store, key_of(0), 256)
 
 
 # --- the registry ------------------------------------------------------------------------

@@ -44,19 +44,36 @@ def decode_record(data: bytes | memoryview, namespace: bytes, block_hash: bytes)
     view = memoryview(data)
     if len(view) < HEADER_BYTES:
         raise CorruptBlockError(f"record of {len(view)} bytes is shorter than its header")
-    magic, version, _, ns, h, length = _HEAD.unpack_from(view)
+    payload = view[HEADER_BYTES:]
+    check_record(view[:HEADER_BYTES], payload, len(view), namespace, block_hash)
+    return payload
+
+
+def check_record(
+    head: bytes | bytearray | memoryview,
+    payload: memoryview,
+    size: int,
+    namespace: bytes,
+    block_hash: bytes,
+) -> None:
+    """Check a record read in two parts: its header (`HEADER_BYTES`) and its payload, of
+    ``size`` bytes in all as found in storage (a reader that reads straight into a block's
+    memory; `decode_record` for one that holds the whole record)."""
+    if size < HEADER_BYTES:
+        raise CorruptBlockError(f"record of {size} bytes is shorter than its header")
+    magic, version, _, ns, h, length = _HEAD.unpack_from(head)
     if magic != MAGIC or version != VERSION:
         raise CorruptBlockError(f"not a KV block record (magic {magic!r}, version {version})")
     if ns != namespace:
         raise CorruptBlockError(f"record of layout {ns.hex()}, expected {namespace.hex()}")
     if h != block_hash:
         raise CorruptBlockError(f"record of block {h.hex()[:16]}, expected {block_hash.hex()[:16]}")
-    if len(view) != HEADER_BYTES + length:
+    if size != HEADER_BYTES + length:
         raise CorruptBlockError(
-            f"record holds {len(view) - HEADER_BYTES} payload bytes, its header says {length}"
+            f"record holds {size - HEADER_BYTES} payload bytes, its header says {length}"
         )
-    payload = view[HEADER_BYTES:]
-    crc = zlib.crc32(payload, zlib.crc32(view[: _HEAD.size]))
-    if crc != int.from_bytes(view[_HEAD.size : HEADER_BYTES], "little"):
+    if length != len(payload):
+        raise CorruptBlockError(f"a {length}-byte payload where {len(payload)} were expected")
+    crc = zlib.crc32(payload, zlib.crc32(memoryview(head)[: _HEAD.size]))
+    if crc != int.from_bytes(memoryview(head)[_HEAD.size : HEADER_BYTES], "little"):
         raise CorruptBlockError("record checksum mismatch")
-    return payload

@@ -32,6 +32,7 @@ from dynamo_sdk.llm.kv.tiers.disk import (
     os_error_text,
     prepare_folder,
     read_record,
+    read_record_into,
     record_path,
     write_atomically,
 )
@@ -180,6 +181,15 @@ class SharedDirectoryStore(BlockStore):
             if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESTALE):
                 raise
         return read_record(path)
+
+    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
+        path = record_path(self._root, key)
+        try:
+            return read_record_into(path, head, body)
+        except StoreError as exc:  # as in get
+            if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESTALE):
+                raise
+        return read_record_into(path, head, body)
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         return [os.path.exists(record_path(self._root, key)) for key in keys]

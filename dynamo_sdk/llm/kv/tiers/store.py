@@ -46,6 +46,23 @@ class BlockStore(abc.ABC):
     def get(self, key: str) -> bytes | None:
         """The record under ``key``, or None if it is not there."""
 
+    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
+        """Read the record under ``key`` into ``head`` (its first ``len(head)`` bytes) and
+        ``body`` (the rest); returns the record's size in storage (more or less than the two
+        buffers hold: the caller's checks reject it), or None if it is not there.
+
+        The default goes through `get`; a file-backed store reads straight into the buffers
+        (a load then lands in the host tier's memory with no copy in between)."""
+        data = self.get(key)
+        if data is None:
+            return None
+        view = memoryview(data)
+        n = min(len(head), len(view))
+        head[:n] = view[:n]
+        m = min(len(body), len(view) - n)
+        body[:m] = view[n : n + m]
+        return len(view)
+
     @abc.abstractmethod
     def contains(self, keys: Sequence[str]) -> list[bool]:
         """Which of ``keys`` are stored (one round trip for a remote store)."""
