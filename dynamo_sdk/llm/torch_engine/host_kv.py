@@ -5,19 +5,46 @@ CUDA so copies run asynchronously. A slot holds one block contiguously, so its b
 plain view (what the disk and shared tiers write and read) and a slot is filled from a record
 with one memcpy.
 
-On CUDA the copies run on their own stream, batched per step: out of the device after the
-step that computed the blocks was queued (the copy stream waits for the compute stream), into
-the device before the step that reads them (the compute stream waits for the copy). Reading a
-slot's bytes on the host first waits for the copy that filled it.
+On CUDA the copies run on their own stream, batched per step, and neither direction makes the
+engine's thread wait for the DMA:
+
+* out of the device: the step's blocks are gathered on the compute stream (after the steps
+  that computed them, before any later step can overwrite a block that was just evicted),
+  then copied to their slots on the copy stream while the next steps run;
+* into the device: the slots are copied to a device staging buffer on the copy stream (runs of
+  adjacent slots in one copy each), then scattered into the cache blocks once the compute
+  stream's work so far is done (a block being reused may still be read by the step in
+  flight). The caller gets a function that waits for the copy; the tier stack calls it off
+  the engine's thread, and only then schedules the request that reads the blocks, so no step
+  waits on the stream either.
+
+Reading or writing a slot's bytes on the host first waits for every copy issued so far.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
 from dynamo_sdk.llm.kv.block_copy import gather_blocks, scatter_blocks
+
+LOAD_CHUNK_BLOCKS = 256
+"""Blocks per staging buffer on a load (bounds the device memory a load borrows: 512 MiB for a
+Llama-3-8B block of 2 MiB)."""
+
+
+def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """``(first index, first slot, length)`` of each run of consecutive slots, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for i, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            start, first, n = runs[-1]
+            runs[-1] = (start, first, n + 1)
+        else:
+            runs.append((i, slot, 1))
+    return runs
 
 
 class HostKvPool:
@@ -27,62 +54,78 @@ class HostKvPool:
         self.kv = kv
         self.device = kv.device
         cuda = kv.device.type == "cuda"
-        block_shape = (kv.shape[0], kv.shape[1], *kv.shape[3:])
-        self.pool = torch.empty((slots, *block_shape), dtype=kv.dtype, pin_memory=cuda)
+        self.block_shape = (kv.shape[0], kv.shape[1], *kv.shape[3:])
+        self.pool = torch.empty((slots, *self.block_shape), dtype=kv.dtype, pin_memory=cuda)
         self._bytes = self.pool.view(slots, -1).view(torch.uint8)
+        self._np = self._bytes.numpy()  # the same memory, for one-memcpy slot writes
         self.block_nbytes = int(self._bytes.shape[1])
         self._stream = torch.cuda.Stream(kv.device) if cuda else None
-        self._done: torch.cuda.Event | None = None  # the latest copy out of the device
+        self._last: torch.cuda.Event | None = None  # the latest copy issued, either way
         self._lock = threading.Lock()
 
     # -- called where the engine's steps run -------------------------------------------------
 
     def device_to_host(self, block_ids: list[int], slots: list[int]) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         if self._stream is None:
-            picked = gather_blocks(self.kv, idx)  # [layers, 2, n, ...]
-            self.pool[slots] = picked.movedim(2, 0)
+            idx = torch.tensor(block_ids, dtype=torch.long)
+            self.pool[slots] = gather_blocks(self.kv, idx).movedim(2, 0)
             return
-        compute = torch.cuda.current_stream(self.device)
+        compute = torch.cuda.current_stream(self.device)  # (inside the `with`: the copy's)
+        idx = self._device_index(block_ids)
+        # On the compute stream: in order with the steps before and after it.
+        picked = gather_blocks(self.kv, idx).movedim(2, 0).contiguous()
         with torch.cuda.stream(self._stream):
-            self._stream.wait_stream(compute)  # after the steps that computed the blocks
-            picked = gather_blocks(self.kv, idx).movedim(2, 0).contiguous()
-            for i, slot in enumerate(slots):
-                self.pool[slot].copy_(picked[i], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        picked.record_stream(self._stream)
-        with self._lock:
-            self._done = done
+            self._stream.wait_stream(compute)  # the gather is done
+            for start, first, n in slot_runs(slots):
+                self.pool[first : first + n].copy_(picked[start : start + n], non_blocking=True)
+            self._record()
+        picked.record_stream(self._stream)  # freed only once the copy has read it
 
-    def host_to_device(self, slots: list[int], block_ids: list[int]) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+    def host_to_device(self, slots: list[int], block_ids: list[int]) -> Callable[[], None] | None:
         if self._stream is None:
+            idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
             scatter_blocks(self.kv, idx, self.pool[slots].movedim(0, 2))
-            return
+            return None
         compute = torch.cuda.current_stream(self.device)
-        staged = self.pool[slots].pin_memory()
         with torch.cuda.stream(self._stream):
-            on_device = staged.to(self.device, non_blocking=True)
-            scatter_blocks(self.kv, idx, on_device.movedim(0, 2))
-        compute.wait_stream(self._stream)  # later steps read the blocks after the copy
-        self._stream.synchronize()  # `staged` may be freed once we return
+            for lo in range(0, len(slots), LOAD_CHUNK_BLOCKS):
+                part = slots[lo : lo + LOAD_CHUNK_BLOCKS]
+                shape = (len(part), *self.block_shape)
+                staged = torch.empty(shape, dtype=self.kv.dtype, device=self.device)
+                for start, first, n in slot_runs(part):
+                    staged[start : start + n].copy_(self.pool[first : first + n], non_blocking=True)
+                idx = self._device_index(block_ids[lo : lo + len(part)])
+                self._stream.wait_stream(compute)  # the target blocks' old readers are done
+                scatter_blocks(self.kv, idx, staged.movedim(0, 2))
+            done = self._record()
+        return done.synchronize
+
+    def _device_index(self, ids: list[int]) -> torch.Tensor:
+        """``ids`` on the device, copied on the current stream without waiting for it (a
+        plain ``torch.tensor(..., device=...)`` copies from pageable memory and waits for the
+        stream: for the step in flight, or for the loads queued before)."""
+        staged = torch.tensor(ids, dtype=torch.long, pin_memory=True)
+        return staged.to(self.device, non_blocking=True)
+
+    def _record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        with self._lock:
+            self._last = event
+        return event
 
     # -- any thread, pinned slots ------------------------------------------------------------
 
     def read_slot(self, slot: int) -> bytes:
         self._wait_copies()
-        return self._bytes[slot].numpy().tobytes()
+        return self._np[slot].tobytes()
 
-    def write_slot(self, slot: int, payload: memoryview) -> None:
-        if len(payload) != self.block_nbytes:
-            raise ValueError(f"{len(payload)} bytes for a block of {self.block_nbytes}")
+    def slot_buffer(self, slot: int) -> memoryview:
         self._wait_copies()
-        src = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        self._bytes[slot].copy_(src)
+        return memoryview(self._np[slot])
 
     def _wait_copies(self) -> None:
         with self._lock:
-            done = self._done
-        if done is not None:
-            done.synchronize()
+            last = self._last
+        if last is not None:
+            last.synchronize()

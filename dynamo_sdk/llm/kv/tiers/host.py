@@ -70,6 +70,9 @@ class HostTier:
         """Keep a slot from being reused while a load copies from it."""
         self._pinned[slot] = self._pinned.get(slot, 0) + 1
 
+    def is_pinned(self, slot: int) -> bool:
+        return slot in self._pinned
+
     def unpin(self, slot: int) -> None:
         left = self._pinned[slot] - 1
         if left:

@@ -22,10 +22,11 @@ Blocks flow down by policy (``offload_policy``):
 Blocks flow up on a prompt's arrival (`plan_load` and `load`): the leading blocks past the
 device hit are looked up in host, then disk (both in memory, instantly), then, for the rest,
 shared storage (one round trip); what is found is copied into the request's device blocks
-while other requests keep running, and the engine computes only the remainder. Every read is
-checked (`record.decode_record`): a torn, flipped or foreign block is counted, deleted and
-recomputed, never used. A store that fails is switched off with one log line; its blocks are
-recomputed from then on.
+while other requests keep running, and the engine computes only the remainder. Disk and
+shared blocks are read straight into host slots reserved for them, on several threads, and
+every read is checked (`record.check_record`): a torn, flipped or foreign block is counted,
+deleted and recomputed, never used. A store that fails is switched off with one log line;
+its blocks are recomputed from then on.
 
 Every move is announced as KV events with the tier's ``medium`` (``CPU``, ``DISK``,
 ``SHARED``), so the router knows what each worker can load; after a restart the disk tier's
@@ -42,10 +43,12 @@ scheduled is copied before step k+1 overwrites it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -59,7 +62,7 @@ from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity, block_key, split_key
 from dynamo_sdk.llm.kv.tiers.record import (
     HEADER_BYTES,
     CorruptBlockError,
-    decode_record,
+    check_record,
     encode_record,
 )
 from dynamo_sdk.llm.kv.tiers.shared import open_shared_store
@@ -70,6 +73,11 @@ log = logging.getLogger(__name__)
 
 OffloadPolicy = Literal["write_through", "write_back"]
 HOST, DISK, SHARED = "CPU", "DISK", "SHARED"
+READ_THREADS = min(8, max(4, (os.cpu_count() or 4) // 2))
+"""Threads a load reads disk or shared blocks on (their own: loads never wait for writes);
+half the cores, 4 to 8 (a 16k-token Llama-3-8B prompt is 2 GB of records)."""
+READ_SLICE_MIN_BLOCKS = 8
+"""The fewest blocks one read thread takes (smaller loads use fewer threads)."""
 MEDIUMS = (HOST, DISK, SHARED)
 
 
@@ -77,19 +85,26 @@ class KvBlockIO(Protocol):
     """How the stack reaches an engine's KV bytes (the engine implements it).
 
     ``device_to_host`` and ``host_to_device`` are called where the engine's steps run, in
-    order with them; ``read_slot`` and ``write_slot`` from any thread, for slots the stack has
-    pinned (no copy into them is pending).
+    order with them; ``read_slot`` and ``slot_buffer`` from any thread, for slots the stack has
+    pinned (no copy into them is pending). ``host_to_device`` may return before its copy is
+    done, with a function that waits for it: the stack calls that off the engine's thread and
+    schedules nothing that reads the blocks before it returns.
     """
 
     block_nbytes: int
 
     def device_to_host(self, block_ids: list[int], slots: list[int]) -> None: ...
 
-    def host_to_device(self, slots: list[int], block_ids: list[int]) -> None: ...
+    def host_to_device(
+        self, slots: list[int], block_ids: list[int]
+    ) -> Callable[[], None] | None: ...
 
     def read_slot(self, slot: int) -> bytes: ...
 
-    def write_slot(self, slot: int, payload: memoryview) -> None: ...
+    def slot_buffer(self, slot: int) -> memoryview:
+        """The slot's bytes, writable (a block read from disk lands there), once the copies
+        issued so far are done."""
+        ...
 
 
 RunOnEngine = Callable[[Callable[[], None]], Awaitable[None]]
@@ -158,7 +173,11 @@ class TierStack:
         self._evicted: list[tuple[int, bytes]] = []  # device evictions to copy (write-back)
         self._epoch = 0
         self._in_shared: dict[bytes, None] = {}  # hashes this worker knows are in shared
-        self._io = ThreadPoolExecutor(2, thread_name_prefix="kv-tier-io")
+        self._io = ThreadPoolExecutor(2, thread_name_prefix="kv-tier-io")  # writes below
+        # loads read on threads of their own: never queued behind offload writes
+        self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kv-tier-read")
+        self._writes: set[Future[None]] = set()  # writes below not done yet (drain_writes)
+        self._filling: set[bytes] = set()  # host blocks reserved for a load, not read in yet
         self._loop: asyncio.AbstractEventLoop | None = None  # see bind_loop
         self._folder: ClaimedFolder | None = None  # the disk tier's, while it is held
         # the host slots `begin_step` handed out, for `end_step`: (blocks, slots, hashes)
@@ -220,6 +239,7 @@ class TierStack:
         """Wait for the writes under way, then release the stores (blocking: call it off the
         event loop, which still takes the I/O threads' last reports)."""
         self._io.shutdown(wait=True, cancel_futures=False)
+        self._reads.shutdown(wait=True, cancel_futures=False)
         for store in (self.disk, self.shared):
             if store is not None:
                 store.close()
@@ -273,6 +293,8 @@ class TierStack:
         stored: list[bytes] = []
         removed: list[bytes] = []
         for block_id, h in due:
+            if h in self._filling:
+                continue  # a load is reading this very block in
             if h in self.host:
                 self.host.touch(h)
                 slot = self.host.slot_of(h)
@@ -338,10 +360,33 @@ class TierStack:
             self._remember_shared(h)
         if snapshot:  # the slot is about to be reused: take the bytes now
             payload = self.io.read_slot(slot)
-            self._io.submit(self._store_below, h, None, payload, to_disk, to_shared)
+            write = self._io.submit(self._store_below, h, None, payload, to_disk, to_shared)
         else:
             self.host.pin(slot)
-            self._io.submit(self._store_below, h, slot, None, to_disk, to_shared)
+            write = self._io.submit(self._store_below, h, slot, None, to_disk, to_shared)
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def drain_writes(self) -> None:
+        """Wait for the writes to disk and shared storage queued so far (a benchmark's or a
+        test's barrier between storing blocks and loading them elsewhere)."""
+        pending = list(self._writes)
+        if pending:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in pending))
+
+    def clear_host(self) -> None:
+        """Forget every unpinned host block, as a long absence would (the tiers below keep
+        theirs); the router hears the removals."""
+        dropped = []
+        for h in self.host.hashes():
+            slot = self.host.slot_of(h)
+            if slot is None or self.host.is_pinned(slot) or h in self._filling:
+                continue  # a load or a write below is using it
+            self.host.remove(h)
+            dropped.append(h)
+        self.stats[HOST].used_blocks = len(self.host)
+        if dropped:
+            self._emit([self._removed_event(dropped, HOST)])
 
     def _store_below(
         self, h: bytes, slot: int | None, payload: bytes | None, to_disk: bool, to_shared: bool
@@ -420,7 +465,7 @@ class TierStack:
         disk = self.disk
         keys = disk.contains([block_key(self.namespace, h) for h in hashes]) if disk else []
         for i, h in enumerate(hashes):
-            if h in self.host:
+            if h in self.host and h not in self._filling:
                 out.append(HOST)
             elif disk is not None and keys[i]:
                 out.append(DISK)
@@ -448,134 +493,179 @@ class TierStack:
             return 0
 
     async def _load(self, plan: LoadPlan, block_ids: list[int]) -> int:
-        loop = asyncio.get_running_loop()
         hashes = plan.hashes[: len(block_ids)]
         planned = plan.mediums[: len(hashes)]
-        pinned: list[int] = []
+        run: list[tuple[bytes, str, int]] = []  # (hash, where from, host slot), prompt order
+        removed: list[bytes] = []  # host blocks evicted for the slots reserved below
         try:
-            # Pin the host blocks first: the I/O below yields, and loads or copies may evict.
-            host_slots: dict[bytes, int] = {}
-            for h, medium in zip(hashes, planned, strict=False):
-                if medium == HOST:
-                    slot = self.host.slot_of(h)
-                    if slot is None:
-                        break  # evicted since the plan: the run ends here
-                    self.host.pin(slot)
-                    pinned.append(slot)
-                    host_slots[h] = slot
-                    if self.plan.policy == "write_back":
-                        self._admission.admit(block_key(self.namespace, h))  # a hit: an offer
-            started = time.perf_counter()
-            fetched: dict[bytes, tuple[str, memoryview]] = {}
-            disk_run = [h for h, m in zip(hashes, planned, strict=False) if m == DISK]
-            if disk_run and self.disk is not None:
-                got = await loop.run_in_executor(self._io, self._fetch, self.disk, disk_run)
-                fetched.update((h, (DISK, data)) for h, data in got)
-            after = hashes[len(planned) :]
-            whole = len(host_slots) + len(fetched) == len(planned)
-            if after and whole and plan.probe_shared and self.shared is not None:
-                got = await loop.run_in_executor(self._io, self._fetch, self.shared, after)
-                fetched.update((h, (SHARED, data)) for h, data in got)
-            below_s = time.perf_counter() - started
-            # Walk the blocks in order; the first one not in hand ends the run.
-            slots: list[int] = []
-            sources: list[str] = []
-            promoted: list[bytes] = []
-            removed: list[bytes] = []
-            for h in hashes:
-                if h in host_slots:
-                    slots.append(host_slots[h])
-                    sources.append(HOST)
-                    continue
-                if h not in fetched:
-                    break
-                medium, payload = fetched[h]
-                slot = self.host.slot_of(h)
-                if slot is None:
-                    got_slot = self.host.insert(h)
-                    if got_slot is None:
-                        break  # every slot pinned: load what we have
-                    slot, evicted = got_slot
-                    if evicted is not None:
-                        self._host_evicted(evicted, slot)
-                        removed.append(evicted)
-                    try:
-                        self.io.write_slot(slot, payload)
-                    except ValueError as exc:
-                        self.host.remove(h)
-                        self._corrupt(medium, h, str(exc))
-                        break
-                    promoted.append(h)
+            # Pin the host blocks and reserve host slots for the disk ones first: the reads
+            # below yield, and loads or copies may evict meanwhile.
+            for h, planned_from in zip(hashes, planned, strict=False):
+                got = self._host_or_reserve(h, planned_from == HOST, removed)
+                if got is None:
+                    break  # evicted since the plan, being read in by another load, or every
+                medium, slot = got  # slot pinned: the run ends here
+                if medium == HOST and self.plan.policy == "write_back":
+                    self._admission.admit(block_key(self.namespace, h))  # a hit: an offer
                 self.host.pin(slot)
-                pinned.append(slot)
-                slots.append(slot)
-                sources.append(medium)
-            self._announce_promoted(promoted, removed, fetched)
-            if not slots:
+                run.append((h, medium, slot))
+            started = time.perf_counter()
+            from_disk = [(h, slot) for h, medium, slot in run if medium == DISK]
+            read = {DISK: await self._read_run(self.disk, from_disk), SHARED: 0}
+            after = hashes[len(planned) :]
+            whole = len(run) == len(planned) and read[DISK] == len(from_disk)
+            if after and whole and plan.probe_shared and self.shared is not None:
+                from_shared = []
+                for h in after:
+                    got = self._host_or_reserve(h, False, removed)
+                    if got is None:
+                        break
+                    medium, slot = got
+                    self.host.pin(slot)
+                    run.append((h, SHARED if medium == DISK else HOST, slot))
+                    if medium == DISK:
+                        from_shared.append((h, slot))
+                read[SHARED] = await self._read_run(self.shared, from_shared)
+            below_s = time.perf_counter() - started
+            kept = self._keep_read(run, read)
+            self._announce_promoted(run[:kept], removed)
+            if not kept:
                 return 0
+            slots = [slot for _, _, slot in run[:kept]]
             copy_started = time.perf_counter()
-            targets = block_ids[: len(slots)]
-            await self._run_on_engine(lambda: self.io.host_to_device(slots, targets))
-            self._count_loads(sources, time.perf_counter() - copy_started, below_s)
-            for h in hashes[: len(slots)]:
-                self.host.touch(h)
-            return len(slots)
+            targets = block_ids[:kept]
+            waits: list[Callable[[], None] | None] = []
+            await self._run_on_engine(lambda: waits.append(self.io.host_to_device(slots, targets)))
+            if waits and waits[0] is not None:
+                await _uncancelled(asyncio.to_thread(waits[0]))
+            self._count_loads([m for _, m, _ in run[:kept]], time.perf_counter() - copy_started,
+                              below_s)  # fmt: skip
+            for h, _, slot in run[:kept]:
+                if self.host.slot_of(h) == slot:
+                    self.host.touch(h)
+            return kept
         finally:
-            for slot in pinned:
+            for h, medium, slot in run:
+                if medium != HOST:
+                    self._filling.discard(h)
                 self.host.unpin(slot)
 
-    def _fetch(self, store: BlockStore, hashes: list[bytes]) -> list[tuple[bytes, memoryview]]:
-        """(I/O thread) Read and check the leading ``hashes`` from one store, stopping at the
-        first one missing or bad."""
-        out: list[tuple[bytes, memoryview]] = []
-        medium = store.medium
-        for h in hashes:
-            key = block_key(self.namespace, h)
-            try:
-                data = store.get(key)
-            except StoreError as exc:
-                self._call_soon(self._store_failed, medium, exc)
-                break
-            if data is None:
-                break
-            try:
-                payload = decode_record(data, self.namespace, h)
-            except CorruptBlockError as exc:
-                self._call_soon(self._corrupt, medium, h, str(exc))
-                try:
-                    store.discard(key)
-                except StoreError:
-                    pass
-                break
-            if len(payload) != self.io.block_nbytes:
-                self._call_soon(self._corrupt, medium, h, f"{len(payload)} bytes, not a block")
-                break
-            out.append((h, payload))
-        return out
+    def _ready_slot(self, h: bytes) -> int | None:
+        """The host slot holding ``h``'s KV, unless that is still being read in."""
+        return None if h in self._filling else self.host.slot_of(h)
+
+    def _host_or_reserve(
+        self, h: bytes, host_only: bool, removed: list[bytes]
+    ) -> tuple[str, int] | None:
+        """Where a load takes ``h`` from: ``(HOST, slot)`` if the host holds it now (also a
+        block planned from below that another load brought up meanwhile), else ``(DISK,
+        slot)`` with a slot reserved to read it into (the caller reads it from disk or shared
+        storage); None if it cannot be had now: gone from the host (``host_only``), being
+        read in by another load, or every slot pinned."""
+        slot = self._ready_slot(h)
+        if slot is not None:
+            return HOST, slot
+        if host_only or h in self._filling:
+            return None
+        slot = self._reserve(h, removed)
+        return None if slot is None else (DISK, slot)
+
+    def _reserve(self, h: bytes, removed: list[bytes]) -> int | None:
+        """A host slot for a block about to be read from below (evicting the least recently
+        used block; None if every slot is pinned). Until `_keep_read` settles it, the block
+        counts as absent from the host tier: nothing copies it out or loads it from there."""
+        got = self.host.insert(h)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted is not None:
+            self._host_evicted(evicted, slot)
+            removed.append(evicted)
+        self._filling.add(h)
+        return slot
+
+    def _keep_read(self, run: list[tuple[bytes, str, int]], read: dict[str, int]) -> int:
+        """How many leading blocks of ``run`` are in hand (host blocks, and each tier's blocks
+        up to the first it could not read); the reserved slots past that are given back."""
+        kept, taken = len(run), {DISK: 0, SHARED: 0}
+        for i, (_, medium, _) in enumerate(run):
+            if medium != HOST:
+                if taken[medium] == read[medium]:
+                    kept = i
+                    break
+                taken[medium] += 1
+        for h, medium, slot in run[kept:]:
+            if medium != HOST and self.host.slot_of(h) == slot:
+                self.host.remove(h)  # reserved, never announced: nothing to tell
+        return kept
+
+    async def _read_run(self, store: BlockStore | None, items: list[tuple[bytes, int]]) -> int:
+        """Read ``items`` (hash, reserved host slot) from ``store`` straight into their slots,
+        in up to `READ_THREADS` slices at once (reads and checksums release the GIL: a long
+        prompt loads at several times one thread's rate); returns how many leading ones were
+        read and checked."""
+        if not items or store is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        per = max(READ_SLICE_MIN_BLOCKS, -(-len(items) // READ_THREADS))
+        parts = [items[i : i + per] for i in range(0, len(items), per)]
+        counts = await asyncio.gather(
+            *(loop.run_in_executor(self._reads, self._read_part, store, part) for part in parts)
+        )
+        total = 0
+        for part, n in zip(parts, counts, strict=True):
+            total += n
+            if n < len(part):
+                break  # the run ends at the first block missing or bad
+        return total
+
+    def _read_part(self, store: BlockStore, items: list[tuple[bytes, int]]) -> int:
+        """(read thread) Read and check ``items`` in order, up to the first missing or bad."""
+        for i, (h, slot) in enumerate(items):
+            if not self._read_one(store, h, slot):
+                return i
+        return len(items)
+
+    def _read_one(self, store: BlockStore, h: bytes, slot: int) -> bool:
+        key = block_key(self.namespace, h)
+        head = bytearray(HEADER_BYTES)
+        body = self.io.slot_buffer(slot)
+        try:
+            size = store.get_into(key, head, body)
+        except StoreError as exc:
+            self._call_soon(self._store_failed, store.medium, exc)
+            return False
+        if size is None:
+            return False
+        try:
+            check_record(head, body, size, self.namespace, h)
+        except CorruptBlockError as exc:
+            self._call_soon(self._corrupt, store.medium, h, str(exc))
+            with contextlib.suppress(StoreError):
+                store.discard(key)
+            return False
+        return True
 
     def _corrupt(self, medium: str, h: bytes, why: str) -> None:
         self.stats[medium].corrupt_blocks += 1
         log.warning("KV %s block %s skipped: %s", medium.lower(), h.hex()[:16], why)
         self._emit([self._removed_event([h], medium)])
 
-    def _announce_promoted(
-        self,
-        promoted: list[bytes],
-        removed: list[bytes],
-        fetched: dict[bytes, tuple[str, memoryview]],
-    ) -> None:
+    def _announce_promoted(self, run: list[tuple[bytes, str, int]], removed: list[bytes]) -> None:
         """Blocks read from disk or shared storage now sit on the host: say so; a block from
         shared storage is also offered to the local disk (it was wanted here)."""
+        promoted = [(h, m) for h, m, slot in run if m != HOST and self.host.slot_of(h) == slot]
         events: list[KvEvent] = []
         if removed:
             events.append(self._removed_event(removed, HOST))
         if promoted:
-            events.append(self._stored_event(promoted, HOST))
+            events.append(self._stored_event([h for h, _ in promoted], HOST))
         self.stats[HOST].used_blocks = len(self.host)
         if events:
             self._emit(events)
-        for h in promoted:
-            if fetched[h][0] == SHARED:
+        for h, medium in promoted:
+            self._filling.discard(h)  # settled: a host block like any other from here
+            if medium == SHARED:
                 self._remember_shared(h)
                 slot = self.host.slot_of(h)
                 if slot is not None:
@@ -617,3 +707,14 @@ class TierStack:
 
 async def _run_inline(fn: Callable[[], None]) -> None:
     fn()
+
+
+async def _uncancelled(wait: Awaitable[None]) -> None:
+    """Await ``wait`` to its end even if the caller is cancelled meanwhile (then re-raise): a
+    copy into device blocks must end before a timed-out load gives them back for recompute."""
+    task = asyncio.ensure_future(wait)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
