@@ -95,11 +95,31 @@ def test_unified_attention_matches_sdpa(
     kernels: ModuleType, heads: tuple[int, int], tile_q: int | None
 ) -> None:
     """Decode, prefill-after-context and fresh-prompt chunks in one step, random block tables."""
+    check_attention(kernels, heads, tile_q, [1, 9, 13, 1], [37, 29, 13, 80])
+    if tile_q == 1:  # small batches split each sequence's keys over several programs
+        assert kernels.num_kv_splits(4, heads[1], decode=True) > 1
+
+
+def test_a_short_chunk_over_a_long_context_splits_its_keys(kernels: ModuleType) -> None:
+    """16 new tokens after 1,500 cached (a prefix loaded from the KV tiers) and one decode."""
+    q_lens, seq_lens = [16, 1], [1516, 40]
+    assert kernels.num_kv_splits(1, 2, decode=False, max_keys=max(seq_lens)) > 1
+    check_attention(kernels, (4, 2), None, q_lens, seq_lens)
+
+
+def check_attention(
+    kernels: ModuleType,
+    heads: tuple[int, int],
+    tile_q: int | None,
+    q_lens: list[int],
+    seq_lens: list[int],
+) -> None:
+    """One step's attention through the Triton kernel against the portable ops."""
     hq, hkv = heads
-    d, bs, nb = 64, 16, 40
+    d, bs = 64, 16
+    nb = sum(-(-n // bs) for n in seq_lens) + 4
     rng = random.Random(hq * 10 + hkv)
     k_cache, v_cache = torch.randn(nb + 1, bs, hkv, d), torch.randn(nb + 1, bs, hkv, d)
-    q_lens, seq_lens = [1, 9, 13, 1], [37, 29, 13, 80]
     blocks = list(range(nb))
     rng.shuffle(blocks)
     tables, width = [], max(-(-n // bs) for n in seq_lens)
@@ -127,12 +147,13 @@ def test_unified_attention_matches_sdpa(
     ours = kernels.unified_attention(q, k_cache, v_cache, meta, d**-0.5)
     ref = OPS.attention(q, k_cache, v_cache, meta, d**-0.5)
     assert rel(ours, ref) < 1e-5
-    if tq == 1:  # small batches split each sequence's keys over several programs
-        assert kernels.num_kv_splits(len(tile_seq), hkv, decode=True) > 1
 
 
 def test_kv_splits_fill_the_gpu_only_when_needed(kernels: ModuleType) -> None:
     assert kernels.num_kv_splits(1, 8, decode=True) == 16
     assert kernels.num_kv_splits(8, 8, decode=True) == 4
     assert kernels.num_kv_splits(64, 8, decode=True) == 1
-    assert kernels.num_kv_splits(1, 8, decode=False) == 1
+    assert kernels.num_kv_splits(1, 8, decode=False) == 1  # a short fresh prompt
+    assert kernels.num_kv_splits(1, 8, decode=False, max_keys=16384) == 16
+    assert kernels.num_kv_splits(1, 8, decode=False, max_keys=2048) == 4  # 512 keys each
+    assert kernels.num_kv_splits(256, 8, decode=False, max_keys=16384) == 1  # a full chunk
