@@ -68,6 +68,12 @@ Engines
   every answer with tiers must equal the device arm's answer to the same (session, turn),
   token for token (the device arm's answers do not depend on its cache size: checked with a
   1200-block device, which never evicts).
+* ``--torch-device cuda`` (the GPU-measurements issue): the torch engine on one GPU, the
+  Llama-3-8B shape with dummy bf16 weights, histories of 8-24k tokens (`torch_gpu_scale`:
+  18 sessions x 4 turns, a 2,048-block device cache, a working set ~8.7x it), arms
+  ``device``, ``host``, ``host+disk`` and ``shared`` on 2 workers (sharing the GPU). bf16
+  answers depend on the batch, so the exactness target is the CPU run's only;
+  ``kv_tiers_gpu_bench.py`` checks the GPU copies bit for bit and times each tier's TTFT.
 
 Guards (three library bugs this benchmark found, all fixed since)
 -----------------------------------------------------------------
@@ -242,8 +248,15 @@ def mocker_arms(scale: Scale, adm1: bool) -> list[Arm]:
     return arms
 
 
-def torch_arms(scale: Scale) -> list[Arm]:
+def torch_arms(scale: Scale, gpu: bool) -> list[Arm]:
     w = scale.workers
+    if gpu:  # the GPU-measurements issue's four arms
+        return [
+            Arm(DEVICE, w),
+            Arm(HOST, w, host=True),
+            Arm(HOST_DISK, w, host=True, disk=True, admission=scale.disk_admission),
+            Arm(SHARED, scale.shared_workers, host=True, shared=True),
+        ]
     return [
         Arm(DEVICE, w),
         Arm(DEVICE_BIG, w, device_blocks=TORCH_BIG_DEVICE_BLOCKS),
@@ -634,17 +647,33 @@ def mocker_ttft(engine: Engine, rid: str, wall_ms: float) -> float:
     return math.nan if ttft is None else ttft
 
 
-def torch_factory(scale: Scale, model_dir: Path) -> EngineFactory:
+def torch_factory(scale: Scale, model_dir: Path | None) -> EngineFactory:
+    """Engines on the tiny model's folder, or (``model_dir`` None: the GPU scale) the
+    Llama-3-8B shape with dummy bf16 weights on CUDA."""
     from dynamo_sdk.llm.torch_engine.engine import TorchEngine
 
     def make(arm: Arm, root: Path) -> list[Engine]:
+        if model_dir is None:
+            from engine_bench import LLAMA3_8B
+
+            where: dict[str, Any] = dict(
+                model_config=LLAMA3_8B,
+                load_format="dummy",
+                device="cuda",
+                dtype="bfloat16",
+                max_num_batched_tokens=8192,
+                cuda_graph_sizes=[1, 2, 4, 8, 16, 32],
+                kv_load_timeout_s=60.0,
+            )
+        else:
+            where = dict(device="cpu")
         return [
             TorchEngine(
-                str(model_dir),
+                None if model_dir is None else str(model_dir),
                 num_blocks=arm.device_blocks or scale.num_blocks,
                 block_size=scale.block_size,
                 max_model_len=scale.context,
-                device="cpu",
+                **where,
                 **tier_knobs(arm, scale, root, w),
             )
             for w in range(arm.workers)
@@ -786,6 +815,18 @@ def evaluate(results: Results) -> None:
         ),
     ]
     torch_arms = {r.arm: r for r in results.torch}
+    tdev = torch_arms.get(DEVICE)
+    if tdev is not None and tdev.device_blocks:
+        results.checks.append(
+            check(
+                f"torch KV working set >= {WORKING_SET_RATIO:g}x the device cache (all workers)",
+                tdev.working_set_blocks / tdev.device_blocks,
+                "x",
+                lambda v: v >= WORKING_SET_RATIO,
+                f"{tdev.working_set_blocks:,} blocks / {tdev.device_blocks:,}",
+                digits=1,
+            )
+        )
     big = torch_arms.get(DEVICE_BIG)
     if big is not None and DEVICE in torch_arms:
         results.checks.append(
@@ -799,7 +840,11 @@ def evaluate(results: Results) -> None:
             )
         )
     tiered = [r for r in results.torch if r.arm not in (DEVICE, DEVICE_BIG)]
-    if results.torch and tiered:
+    # bf16 on a GPU: an answer depends on the batch it was computed in (the arms batch
+    # differently; first turns with nothing cached already differ), so exactness is the fp32
+    # CPU run's target; kv_tiers_gpu_bench checks the GPU copies bit for bit instead.
+    exact = results.settings.get("torch_device", "cpu") == "cpu"
+    if results.torch and tiered and exact:
         bad = sum(results.torch_mismatches.get(r.arm, 0) for r in tiered)
         total = sum(r.requests for r in tiered)
         targets.append(
@@ -938,6 +983,12 @@ def _races_line(arms: list[ArmResult]) -> str:
     return f"loads started into blocks whose copy out of the device was still due: {cells or '-'}"
 
 
+def _torch_where(results: Results) -> str:
+    if results.settings.get("torch_device") == "cuda":
+        return "CUDA, Llama-3-8B shape, dummy bf16 weights"
+    return "CPU, tiny model"
+
+
 def _scale_line(s: dict[str, Any]) -> str:
     return (
         f"{s['sessions']} sessions x {s['turns']} turns, {s['rate']:g} sessions/s, think "
@@ -995,7 +1046,7 @@ def format_report(results: Results) -> str:
         out.append("")
     if results.torch and results.torch_scale:
         s = results.torch_scale
-        out.append(f"torch (CPU, tiny model, wall clock): {_scale_line(s)}")
+        out.append(f"torch ({_torch_where(results)}, wall clock): {_scale_line(s)}")
         out.append("")
         out += _engine_table(results.torch, "wall ms")
         out.append("")
@@ -1092,7 +1143,7 @@ def write_png(results: Results, path: Path) -> bool:
             f"mocker: {m['sessions']} sessions x {m['turns']} turns, {m['workers']} workers"
         )
     if t:
-        parts.append(f"torch (CPU, tiny model): {t['sessions']} x {t['turns']}")
+        parts.append(f"torch ({_torch_where(results)}): {t['sessions']} x {t['turns']}")
     fig.suptitle("KV tiers under multi-turn chat, kv router; " + "; ".join(parts))
     save(fig, path)
     return True
@@ -1161,6 +1212,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--torch-rate", type=float, default=4.0, help="sessions per second")
     t.add_argument("--torch-think", type=float, default=1.0, help="mean think time, s")
     t.add_argument("--torch-num-blocks", type=int, default=40, help="device blocks per worker")
+    t.add_argument(
+        "--torch-device",
+        default="cpu",
+        help="cuda: the Llama-3-8B shape (dummy bf16 weights) and 8-24k-token histories "
+        "(see torch_gpu_scale; --torch-* set its sessions, workers and device blocks)",
+    )
     p.add_argument(
         "--no-workarounds",
         dest="workarounds",
@@ -1260,6 +1317,34 @@ def torch_scale(args: argparse.Namespace) -> Scale:
     )
 
 
+def torch_gpu_scale(args: argparse.Namespace) -> Scale:
+    """The GPU-measurements issue's run: Llama-3-8B-shaped KV (2 MiB a block), histories of
+    8-24k tokens, a working set >= 8x the device cache; ``--torch-num-blocks`` (default
+    2,048 here: 32k tokens, 4 GiB) per worker, a host tier 4x that (16 GiB pinned), a disk
+    tier for the whole working set, the shared arm on 2 workers."""
+    blocks = args.torch_num_blocks if args.torch_num_blocks != 40 else 2048
+    bs = args.block_size
+    sessions = args.torch_sessions if args.torch_sessions != 20 else 18
+    working = 4 * 4000 + sessions * (10000 + 3 * 3000 + 4 * 64)  # tokens, at most
+    return replace(
+        torch_scale(args),
+        sessions=sessions,
+        workers=1 if args.torch_workers == 2 else args.torch_workers,
+        rate=0.5 if args.torch_rate == 4.0 else args.torch_rate,
+        think=2.0 if args.torch_think == 1.0 else args.torch_think,
+        osl=(32, 64),
+        system_prompts=4,
+        system_tokens=(2000, 4000),
+        first_user_tokens=(6000, 10000),
+        user_tokens=(1500, 3000),
+        max_prompt=blocks * bs - 64 - bs,
+        num_blocks=blocks,
+        host_blocks=4 * blocks,
+        disk_blocks=working // bs + 256,
+        shared_workers=2,
+    )
+
+
 def load_model_summary() -> dict[str, float]:
     cfg = MockerConfig()
     mb = cfg.kv_bytes_per_block / 1e6
@@ -1335,15 +1420,19 @@ def run_parts(args: argparse.Namespace, results: Results) -> None:
         from dynamo_sdk.llm.torch_engine.config import ModelConfig
 
         t0 = time.monotonic()
-        model_dir = build_tiny_model()
-        scale = torch_scale(args)
+        gpu = args.torch_device == "cuda"
+        model_dir = None if gpu else build_tiny_model()
+        scale = torch_gpu_scale(args) if gpu else torch_scale(args)
         results.torch_scale = _plain(scale)
-        vocab = ModelConfig.from_folder(str(model_dir)).vocab_size
+        vocab = VOCAB if model_dir is None else ModelConfig.from_folder(str(model_dir)).vocab_size
         workload = workload_for(scale, vocab)
+        arms = torch_arms(scale, gpu)
+        if args.arms:
+            arms = [a for a in arms if a.name in args.arms.split(",")]
         results.torch = uvloop.run(
             run_arms(
                 scale,
-                torch_arms(scale),
+                arms,
                 workload,
                 torch_factory(scale, model_dir),
                 wall_ttft,
