@@ -585,14 +585,14 @@ def count_load_races() -> Callable[[], None]:
     shared load may still land after the copy."""
     original = TierStack._load
 
-    async def load(self: TierStack, plan: LoadPlan, block_ids: list[int]) -> int:
+    async def load(self: TierStack, plan: LoadPlan, block_ids: list[int], hits: bool) -> int:
         due = {e[0] for e in (*getattr(self, "_stored", ()), *getattr(self, "_evicted", ()))}
         hit = due.intersection(block_ids)
         counts = LOAD_RACES.setdefault(id(self), [0, 0, 0])
         counts[0] += 1
         counts[1] += bool(hit)
         counts[2] += len(hit)
-        return await original(self, plan, block_ids)
+        return await original(self, plan, block_ids, hits)
 
     setattr(TierStack, "_load", load)  # noqa: B010
     return lambda: setattr(TierStack, "_load", original)

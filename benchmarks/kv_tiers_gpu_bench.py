@@ -128,10 +128,10 @@ def time_loads() -> Callable[[], None]:
     returns the undo."""
     load = TierStack.load
 
-    async def timed(self: TierStack, plan: Any, block_ids: list[int]) -> int:
+    async def timed(self: TierStack, plan: Any, block_ids: list[int], **kw: Any) -> int:
         t0 = time.perf_counter()
         try:
-            return await load(self, plan, block_ids)
+            return await load(self, plan, block_ids, **kw)
         finally:
             LOADS.append((t0, time.perf_counter()))
 

@@ -63,6 +63,16 @@ def test_second_identical_prompt_hits_prefix() -> None:
     bm.check_invariants()
 
 
+def test_a_lookup_not_queried_leaves_the_hit_rate_alone() -> None:
+    bm, _ = make()
+    prompt = list(range(10))
+    bm.allocate("a", prompt)
+    bm.free("a")
+    again = bm.allocate("a", prompt, query=False)  # a preempted sequence, re-admitted
+    assert again.num_cached_tokens == 8
+    assert bm.stats() == (10, 0)
+
+
 def test_never_caches_the_whole_prompt() -> None:
     bm, calls = make()
     prompt = list(range(8))  # exactly two full blocks

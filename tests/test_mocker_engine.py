@@ -269,6 +269,8 @@ async def test_preemption_under_a_tiny_cache_completes_everything() -> None:
         expected = [tokens(await collect(roomy, r)) for r in reqs]
         assert engine.num_preemptions > 0
         assert [tokens(r) for r in results] == expected  # recomputation changes nothing
+        # the hit rate counts each prompt once: re-admissions after preemption are left out
+        assert engine.stats().prefix_queried_tokens == sum(len(r.token_ids) for r in reqs)
         assert all(r[-1].finish_reason == "length" for r in results)
         assert engine.stats().kv_usage == 0.0
         engine.block_manager.check_invariants()

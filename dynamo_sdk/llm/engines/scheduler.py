@@ -113,6 +113,7 @@ class Sequence:
     onboard_checked: bool = False  # the tiers below were asked about this admission's prompt
     loading: bool = False  # KV is being copied into its blocks (REMOTE, by the onboarder)
     free_after_load: bool = False  # aborted while loading: its blocks go once the copy ends
+    readmitted: bool = False  # preempted once: its next admissions are not prefix-cache queries
 
     @property
     def num_generated(self) -> int:
@@ -235,7 +236,7 @@ class Scheduler:
         bm = self.block_manager
         if not bm.can_allocate(seq.tokens):
             return None
-        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0, query=not seq.readmitted)
         seq.state = SeqState.REMOTE
         seq.num_computed = seq.cached_tokens = alloc.num_cached_tokens
         self.remote.append(seq)
@@ -287,7 +288,7 @@ class Scheduler:
         plan = onboarder.offer(seq, candidates)
         if plan is None:
             return False
-        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+        alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0, query=not seq.readmitted)
         self.waiting.popleft()
         seq.state = SeqState.REMOTE
         seq.num_computed = alloc.num_cached_tokens
@@ -324,7 +325,9 @@ class Scheduler:
             if not bm.can_allocate(seq.tokens):
                 break  # FIFO: later requests do not overtake the head of the queue
             try:
-                alloc = bm.allocate(seq.seq_id, seq.tokens, num_computed=0)
+                alloc = bm.allocate(
+                    seq.seq_id, seq.tokens, num_computed=0, query=not seq.readmitted
+                )
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()
@@ -444,6 +447,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.reserved = 0
         seq.onboard_checked = False  # its blocks may have gone below meanwhile
+        seq.readmitted = True  # its recompute is not a new prompt: hit rates leave it out
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

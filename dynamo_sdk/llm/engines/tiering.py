@@ -42,12 +42,7 @@ def tier_plan(config: KvTierConfig, block_bytes: int, device_blocks: int) -> Tie
             "disk_kv and shared_kv need a host tier (host_kv_gb or host_kv_blocks): blocks "
             "reach disk and shared storage through host memory"
         )
-    if host and config.offload_policy == "write_through" and host <= device_blocks:
-        raise EngineConfigError(
-            f"a host KV tier of {host} blocks under write_through holds only what the device "
-            f"cache ({device_blocks} blocks) already has: make it larger, or use "
-            f"offload_policy: write_back"
-        )
+    check_host_size(host, device_blocks, config.offload_policy)
     path = config.disk_kv_path or str(default_disk_path())
     return TierPlan(
         host_blocks=host,
@@ -58,6 +53,17 @@ def tier_plan(config: KvTierConfig, block_bytes: int, device_blocks: int) -> Tie
         disk_admission=config.disk_kv_admission,
         load_timeout_s=config.kv_load_timeout_s,
     )
+
+
+def check_host_size(host_blocks: int, device_blocks: int, policy: str) -> None:
+    """`EngineConfigError` for a host tier that cannot help: under write_through it holds
+    copies of what the device cache has, so it must be larger (the KVBM guide's warning)."""
+    if host_blocks and policy == "write_through" and host_blocks <= device_blocks:
+        raise EngineConfigError(
+            f"a host KV tier of {host_blocks} blocks under write_through holds only what the "
+            f"device cache ({device_blocks} blocks) already has: make it larger, or use "
+            f"offload_policy: write_back"
+        )
 
 
 def cached_prefix_tokens(
@@ -113,7 +119,7 @@ class TierOnboarder:
         loop = asyncio.get_running_loop()
         try:
             started = loop.time()
-            loaded = await self.stack.load(plan, block_ids)
+            loaded = await self.stack.load(plan, block_ids, hits=not seq.readmitted)
             if self._delay is not None and loaded:
                 await self._delay(seq, plan, loaded, loop.time() - started)
         except asyncio.CancelledError:

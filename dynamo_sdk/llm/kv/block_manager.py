@@ -164,13 +164,20 @@ class BlockManager:
         return self._blocks_needed(len(token_ids), hits) <= self._available_with(hits)
 
     def allocate(
-        self, seq_id: str, token_ids: Sequence[int], num_computed: int | None = None
+        self,
+        seq_id: str,
+        token_ids: Sequence[int],
+        num_computed: int | None = None,
+        *,
+        query: bool = True,
     ) -> Allocation:
         """Give a prompt its blocks, reusing its cached prefix.
 
         ``num_computed`` is how many of its tokens will have KV by the end of the current step
         (default: all); full blocks below it are registered in the prefix cache now, the rest
-        when ``mark_computed`` reaches them.
+        when ``mark_computed`` reaches them. ``query``: count the lookup in the prefix-cache
+        hit rate (not for a preempted sequence's re-admission, as vLLM counts them apart:
+        its own blocks found again would inflate the rate).
         """
         assert seq_id not in self._seqs, f"sequence {seq_id!r} already allocated"
         hits, hashes = self._match_prefix(token_ids)
@@ -192,8 +199,9 @@ class BlockManager:
         self._seqs[seq_id] = seq
         computed = len(token_ids) if num_computed is None else num_computed
         self._raise_watermark(seq, max(computed, num_cached), events)
-        self._queried_tokens += len(token_ids)
-        self._hit_tokens += num_cached
+        if query:
+            self._queried_tokens += len(token_ids)
+            self._hit_tokens += num_cached
         self._emit(events)
         return Allocation(list(block_ids), num_cached)
 

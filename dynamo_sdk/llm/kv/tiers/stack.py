@@ -479,11 +479,15 @@ class TierStack:
         probe = self.shared is not None and len(mediums) < len(hashes)
         return LoadPlan(mediums, probe, hashes)
 
-    async def load(self, plan: LoadPlan, block_ids: list[int]) -> int:
+    async def load(self, plan: LoadPlan, block_ids: list[int], *, hits: bool = True) -> int:
         """Copy the planned blocks into ``block_ids`` (one per hash, in order); returns how many
-        leading ones are on the device now. Never raises: a failure ends the run there."""
+        leading ones are on the device now. Never raises: a failure ends the run there.
+        ``hits``: count the loaded tokens as tier hits (not for a preempted sequence's reload:
+        the hit rate counts each prompt once; its blocks and bytes are counted either way)."""
         try:
-            return await asyncio.wait_for(self._load(plan, block_ids), self.plan.load_timeout_s)
+            return await asyncio.wait_for(
+                self._load(plan, block_ids, hits), self.plan.load_timeout_s
+            )
         except TimeoutError:
             log.warning("KV load of %d blocks timed out; recomputing them", len(block_ids))
             self.stats[SHARED if plan.probe_shared else DISK].errors += 1
@@ -492,7 +496,7 @@ class TierStack:
             log.exception("KV load failed; recomputing")
             return 0
 
-    async def _load(self, plan: LoadPlan, block_ids: list[int]) -> int:
+    async def _load(self, plan: LoadPlan, block_ids: list[int], hits: bool) -> int:
         hashes = plan.hashes[: len(block_ids)]
         planned = plan.mediums[: len(hashes)]
         run: list[tuple[bytes, str, int]] = []  # (hash, where from, host slot), prompt order
@@ -538,8 +542,8 @@ class TierStack:
             await self._run_on_engine(lambda: waits.append(self.io.host_to_device(slots, targets)))
             if waits and waits[0] is not None:
                 await _uncancelled(asyncio.to_thread(waits[0]))
-            self._count_loads([m for _, m, _ in run[:kept]], time.perf_counter() - copy_started,
-                              below_s)  # fmt: skip
+            sources = [m for _, m, _ in run[:kept]]
+            self._count_loads(sources, time.perf_counter() - copy_started, below_s, hits)
             for h, _, slot in run[:kept]:
                 if self.host.slot_of(h) == slot:
                     self.host.touch(h)
@@ -671,7 +675,7 @@ class TierStack:
                 if slot is not None:
                     self._save_below(h, slot)
 
-    def _count_loads(self, sources: list[str], copy_s: float, below_s: float) -> None:
+    def _count_loads(self, sources: list[str], copy_s: float, below_s: float, hits: bool) -> None:
         """Per-tier hits and load time of one load (the copy's time shared by its blocks)."""
         nbytes, bs = self.block_bytes, self.block_size
         counts = {m: sources.count(m) for m in MEDIUMS}
@@ -679,7 +683,8 @@ class TierStack:
             if not n:
                 continue
             st = self.stats[medium]
-            st.hit_tokens += n * bs
+            if hits:
+                st.hit_tokens += n * bs
             st.onboard_blocks += n
             st.onboard_bytes += n * nbytes
             st.loads += 1
