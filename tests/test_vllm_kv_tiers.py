@@ -16,7 +16,7 @@ import pytest
 
 from dynamo_sdk.llm.engines.base import EngineConfigError
 from dynamo_sdk.llm.engines.configs import VllmConfig, settings
-from dynamo_sdk.llm.engines.vllm_engine import VllmEngine
+from dynamo_sdk.llm.engines.vllm_engine import VllmEngine, vllm_block_bytes
 from dynamo_sdk.llm.kv.events import BlockStored, KvEvent
 from dynamo_sdk.llm.protocol import (
     PreprocessedRequest,
@@ -96,6 +96,8 @@ async def test_host_tier_brings_back_an_evicted_prompt(model_path: str) -> None:
     fanout.subscribe(events.extend)
     await engine.start()
     try:
+        # the tiny model: 4 layers x K/V x 2 heads x 64 dims x 128 tokens x 4 bytes
+        assert vllm_block_bytes(engine._llm) == 4 * 2 * 2 * 64 * 128 * 4
         cached, first = await run(engine, "a-1", PROMPT)
         assert cached == 0
         await evict(engine, "host")
@@ -103,6 +105,11 @@ async def test_host_tier_brings_back_an_evicted_prompt(model_path: str) -> None:
         assert cached >= 384, "the prompt's three full blocks come back from host memory"
         assert again == first
         assert await tier_hits(engine, "CPU") >= 384
+        host = {t.medium: t for t in engine.stats().kv_tiers}["CPU"]
+        block = vllm_block_bytes(engine._llm)
+        assert host.onboard_blocks >= 3 and host.onboard_bytes == host.onboard_blocks * block
+        assert host.offload_blocks >= 3 + 5 * 3  # the prompt's and the fillers' full blocks
+        assert host.loads >= 1 and host.load_seconds > 0
         for _ in range(50):  # the bridge hands events over on the event loop
             if any(isinstance(e, BlockStored) and e.medium == "CPU" for e in events):
                 break
@@ -191,3 +198,15 @@ def test_tier_settings_vllm_cannot_honour_are_refused(model_path: str) -> None:
     args = {**ENGINE_ARGS, "kv_transfer_config": own}
     with pytest.raises(EngineConfigError, match="cannot be combined"):
         VllmEngine(model_path, settings(VllmConfig, {"engine_args": args, "host_kv_blocks": 10}))
+
+
+async def test_a_host_tier_no_larger_than_the_device_cache_is_refused_at_start(
+    model_path: str,
+) -> None:
+    """vLLM sizes its device cache at start (8 blocks here); a host tier of as many blocks,
+    in blocks or in GB, would only hold copies of it: start fails with the reason."""
+    for knobs in ({"host_kv_blocks": 8}, {"host_kv_gb": 8 * 4 * 2 * 2 * 64 * 128 * 4 / 2**30}):
+        engine = VllmEngine(model_path, config(**knobs))
+        with pytest.raises(EngineConfigError, match="holds only what the device cache"):
+            await engine.start()
+        assert engine._llm is None  # shut down again

@@ -41,7 +41,7 @@ from dynamo_sdk.llm.engines.base import (
     KvConnector,
 )
 from dynamo_sdk.llm.engines.configs import KvTierConfig, VllmConfig
-from dynamo_sdk.llm.engines.tiering import GB, default_disk_path
+from dynamo_sdk.llm.engines.tiering import GB, check_host_size, default_disk_path
 from dynamo_sdk.llm.kv.events import MEDIUM_DISK, MEDIUM_HOST, MEDIUM_SHARED, KvEventFanout
 from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
@@ -230,6 +230,21 @@ def offload_transfer_config(config: KvTierConfig, kv_events: bool = False) -> di
     }
 
 
+def vllm_block_bytes(llm: Any) -> int:
+    """Bytes of one device KV block of a started vLLM engine, all layers, K and V (0 if the
+    model's attention is not the plain kind this formula covers)."""
+    try:
+        model, parallel = llm.model_config, llm.vllm_config.parallel_config
+        cache = llm.vllm_config.cache_config
+        dtype = str(cache.cache_dtype)
+        elem = 1 if dtype.startswith("fp8") else int(model.dtype.itemsize)
+        per_token = model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
+        return int(2 * per_token * model.get_head_size() * int(cache.block_size) * elem)
+    except Exception:  # a hybrid or MLA model: its block has another shape; skip the check
+        log.debug("vLLM block size not derived", exc_info=True)
+        return 0
+
+
 def _tiers_of(config: KvTierConfig) -> list[KvTierStats]:
     """The tiers an engine reports (`EngineStats.kv_tiers`): host, and disk and shared as set."""
     return [
@@ -257,6 +272,7 @@ class _StatsState:
 
     def __init__(self) -> None:
         self.tier_hits: dict[str, int] = {}  # prompt tokens loaded from each tier below
+        self.offload: dict[str, float] = {}  # vLLM's host<->device transfer totals, by metric
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
@@ -265,6 +281,32 @@ class _StatsState:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.max_running = 0
+
+
+# vLLM's OffloadingConnector metrics (vllm/.../offloading/metrics.py) that fill our host tier's
+# stats: device<->host transfer bytes and seconds, and one histogram sample per transfer
+OFFLOAD_LOAD_BYTES = "vllm:kv_offload_load_bytes"
+OFFLOAD_LOAD_TIME = "vllm:kv_offload_load_time"
+OFFLOAD_LOAD_SIZE = "vllm:kv_offload_load_size"
+OFFLOAD_STORE_BYTES = "vllm:kv_offload_store_bytes"
+_OFFLOAD_METRICS = (OFFLOAD_LOAD_BYTES, OFFLOAD_LOAD_TIME, OFFLOAD_LOAD_SIZE, OFFLOAD_STORE_BYTES)
+
+
+def add_offload_stats(totals: dict[str, float], payload: Any) -> None:
+    """Add one step's connector stats (``{"types": .., "data": {name: {labels: value}}}``,
+    counters as numbers, histograms as lists of samples) to ``totals``, summed over labels;
+    a histogram adds its sample count. Anything else in the payload is left alone."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return
+    for name in _OFFLOAD_METRICS:
+        by_labels = data.get(name)
+        if not isinstance(by_labels, dict):
+            continue
+        for value in by_labels.values():
+            n = len(value) if isinstance(value, list) else value
+            if isinstance(n, int | float):
+                totals[name] = totals.get(name, 0) + n
 
 
 def _make_stat_logger_factory(state: _StatsState) -> Any:
@@ -301,6 +343,9 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
                     medium = _MEDIUM_OF_SOURCE.get(str(getattr(source, "value", source)))
                     if medium is not None:
                         state.tier_hits[medium] = state.tier_hits.get(medium, 0) + int(hits)
+                add_offload_stats(
+                    state.offload, getattr(scheduler_stats, "kv_connector_stats", None)
+                )
             if iteration_stats is not None:
                 state.prompt_tokens += iteration_stats.num_prompt_tokens
                 state.generation_tokens += iteration_stats.num_generation_tokens
@@ -331,11 +376,14 @@ class VllmEngine(Engine):
     ) -> None:
         kv_events = False
         tiers: dict[str, Any] | None = None
+        self._tier_config: KvTierConfig | None = None
+        self._block_bytes = 0  # one device block's KV, once started (tier stats in blocks)
         if isinstance(config, VllmConfig):
             engine_args: Mapping[str, Any] | None = config.engine_args
             kv_events = config.kv_events
             tiers = offload_transfer_config(config, kv_events)
             self._tier_stats = _tiers_of(config) if tiers is not None else []
+            self._tier_config = config if tiers is not None else None
         else:
             self._tier_stats = []
             engine_args = config
@@ -363,6 +411,19 @@ class VllmEngine(Engine):
         self._llm: AsyncLLM | None = None
         self._stats = _StatsState()
         self._inflight = 0
+
+    @staticmethod
+    def _check_host_tier(llm: Any, config: KvTierConfig) -> None:
+        """The torch engine's start check, once vLLM has sized its device cache: a host tier
+        no larger than it is refused (vLLM offloads write-through only)."""
+        device_blocks = int(llm.vllm_config.cache_config.num_gpu_blocks or 0)
+        host = config.host_kv_blocks
+        if not host:
+            block_bytes = vllm_block_bytes(llm)
+            if not block_bytes:
+                return
+            host = int(config.host_kv_gb * GB // block_bytes)
+        check_host_size(host, device_blocks, "write_through")
 
     def effective_engine_args(self) -> dict[str, Any]:
         """The engine args `start()` gives vLLM: the configured ones plus this adapter's
@@ -416,6 +477,13 @@ class VllmEngine(Engine):
                 f"vLLM failed to start model {self.model!r}: {type(exc).__name__}: {exc}"
             ) from exc
         self._llm = llm
+        if self._tier_config is not None:
+            self._block_bytes = vllm_block_bytes(llm)
+            try:
+                self._check_host_tier(llm, self._tier_config)
+            except EngineConfigError:
+                await self.shutdown()
+                raise
         self.context_length = int(llm.model_config.max_model_len)
         log.info("vLLM engine ready: model=%s context_length=%d", self.model, self.context_length)
 
@@ -480,6 +548,19 @@ class VllmEngine(Engine):
             msgspec.structs.replace(t, hit_tokens=s.tier_hits.get(t.medium, 0))
             for t in self._tier_stats
         ]
+        if tiers and s.offload:  # the host tier: what vLLM's connector moved to and from it
+            loaded = s.offload.get(OFFLOAD_LOAD_BYTES, 0)
+            stored = s.offload.get(OFFLOAD_STORE_BYTES, 0)
+            per_block = self._block_bytes or 1
+            tiers[0] = msgspec.structs.replace(
+                tiers[0],
+                onboard_bytes=int(loaded),
+                onboard_blocks=int(loaded // per_block),
+                offload_bytes=int(stored),
+                offload_blocks=int(stored // per_block),
+                loads=int(s.offload.get(OFFLOAD_LOAD_SIZE, 0)),
+                load_seconds=float(s.offload.get(OFFLOAD_LOAD_TIME, 0.0)),
+            )
         return EngineStats(
             running=running,
             waiting=waiting,

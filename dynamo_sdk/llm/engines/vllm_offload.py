@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -172,15 +173,16 @@ class TorchCopyWorker(OffloadingWorker):
     ) -> bool:
         assert isinstance(src_spec, (GPULoadStoreSpec, CPULoadStoreSpec))
         assert isinstance(dst_spec, (GPULoadStoreSpec, CPULoadStoreSpec))
+        started = time.perf_counter()
         rows_from = torch.from_numpy(src_spec.block_ids).long()
         rows_to = torch.from_numpy(dst_spec.block_ids).long()
         if len(rows_from) != len(rows_to):
             raise ValueError(f"copy of {len(rows_from)} blocks into {len(rows_to)}")
         for s, d in zip(src, dst, strict=True):
             d[rows_to] = s[rows_from]
-        self._done.append(
-            TransferResult(job_id, True, len(rows_from) * sum(t.shape[1] for t in src))
-        )
+        size = len(rows_from) * sum(t.shape[1] for t in src)
+        # size and time: vLLM's transfer metrics (and the worker's tier stats) count them
+        self._done.append(TransferResult(job_id, True, size, time.perf_counter() - started))
         return True
 
     def get_finished(self) -> list[TransferResult]:
