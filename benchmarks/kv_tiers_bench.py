@@ -180,6 +180,19 @@ DEVICE, HOST, HOST_DISK, HOST_DISK_ADM1, GPU_ROUTER, SHARED = (
 )
 DEVICE_BIG = "device, no eviction"  # torch: the reference whose answers the device arm's match
 TORCH_BIG_DEVICE_BLOCKS = 1200
+# The mocker's timing fitted to one H200 (benchmarks/NOTES.md, 2026-12-02, Llama-3-8B shape):
+# recompute of 8k/16k/32k-token prompts in 280/680/1,940 ms (a + b * context per token:
+# within 5%), the host pool's loads at 46 GB/s (+0.08 ms a load at 16 blocks), records read
+# from the page cache at 6.9 GB/s on 8 threads. Decode and shared storage keep the defaults.
+MOCKER_TIMINGS: dict[str, dict[str, float]] = {
+    "h200": {
+        "prefill_ms_per_token": 0.027,
+        "prefill_ms_quadratic": 1.8e-6,
+        "host_kv_gbps": 46.0,
+        "host_kv_latency_ms": 0.08,
+        "disk_kv_gbps": 6.9,
+    },
+}
 
 
 # ---- settings --------------------------------------------------------------------------------
@@ -214,6 +227,7 @@ class Scale:
     metrics_interval: float
     watchdog_s: float  # how often a stalled torch engine is woken (see watch_wakeups)
     seed: int
+    timing: str = "default"  # the mocker's timing model: MockerConfig's defaults, or MOCKER_TIMINGS
 
     @property
     def context(self) -> int:
@@ -633,6 +647,7 @@ def mocker_factory(scale: Scale) -> EngineFactory:
                 speedup=scale.speedup,
                 seed=scale.seed,
                 vocab_size=VOCAB,
+                **MOCKER_TIMINGS.get(scale.timing, {}),
                 **tier_knobs(arm, scale, root, w),
             )
             for w in range(arm.workers)
@@ -1014,7 +1029,8 @@ def format_report(results: Results) -> str:
             f"({dev.device_blocks:,} blocks over {dev.workers} workers)"
         )
         out.append(
-            f"  load-time model (MockerConfig defaults): {lm['kv_bytes_per_block'] / 2**20:g} MiB"
+            f"  load-time model (--mocker-timing {s['timing']}): "
+            f"{lm['kv_bytes_per_block'] / 2**20:g} MiB"
             f"/block; host {lm['host_kv_gbps']:g} GB/s + {lm['host_kv_latency_ms']:g} ms, disk "
             f"{lm['disk_kv_gbps']:g} GB/s + {lm['disk_kv_latency_ms']:g} ms, shared "
             f"{lm['shared_kv_gbps']:g} GB/s + {lm['shared_kv_latency_ms']:g} ms (+ the host copy)"
@@ -1204,6 +1220,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--overlap-weight", type=float, default=1.0, help="RouterConfig.overlap_weight")
     g.add_argument("--speedup", type=float, default=5.0, help="simulated s per wall s")
+    g.add_argument(
+        "--mocker-timing",
+        choices=("default", *MOCKER_TIMINGS),
+        default="default",
+        help="the mocker's prefill and load times: MockerConfig's defaults, or h200 (fitted "
+        "to kv_tiers_gpu_bench on one H200)",
+    )
     g.add_argument("--metrics-interval", type=float, default=0.05, help="wall s")
     t = p.add_argument_group("torch engine (CPU, tiny model; wall clock)")
     t.add_argument("--torch-sessions", type=int, default=20)
@@ -1285,6 +1308,7 @@ def mocker_scale(args: argparse.Namespace) -> Scale:
         metrics_interval=args.metrics_interval,
         watchdog_s=WATCHDOG_S if args.workarounds else WATCHDOG_AS_IS_S,
         seed=args.seed,
+        timing=args.mocker_timing,
     )
 
 
@@ -1345,8 +1369,8 @@ def torch_gpu_scale(args: argparse.Namespace) -> Scale:
     )
 
 
-def load_model_summary() -> dict[str, float]:
-    cfg = MockerConfig()
+def load_model_summary(timing: str = "default") -> dict[str, float]:
+    cfg = MockerConfig(**MOCKER_TIMINGS.get(timing, {}))
     mb = cfg.kv_bytes_per_block / 1e6
     host = mb / cfg.host_kv_gbps
     return {
@@ -1376,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
     }
     results.settings.update(python=platform.python_version(), cpus=os.cpu_count())
-    results.load_model = load_model_summary()
+    results.load_model = load_model_summary(args.mocker_timing)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     undo = count_load_races()

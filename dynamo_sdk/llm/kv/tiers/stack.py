@@ -505,7 +505,8 @@ class TierStack:
             # Pin the host blocks and reserve host slots for the disk ones first: the reads
             # below yield, and loads or copies may evict meanwhile.
             for h, planned_from in zip(hashes, planned, strict=False):
-                got = self._host_or_reserve(h, planned_from == HOST, removed)
+                below = None if planned_from == HOST else DISK
+                got = self._host_or_reserve(h, below, removed)
                 if got is None:
                     break  # evicted since the plan, being read in by another load, or every
                 medium, slot = got  # slot pinned: the run ends here
@@ -521,13 +522,13 @@ class TierStack:
             if after and whole and plan.probe_shared and self.shared is not None:
                 from_shared = []
                 for h in after:
-                    got = self._host_or_reserve(h, False, removed)
+                    got = self._host_or_reserve(h, SHARED, removed)
                     if got is None:
                         break
                     medium, slot = got
                     self.host.pin(slot)
-                    run.append((h, SHARED if medium == DISK else HOST, slot))
-                    if medium == DISK:
+                    run.append((h, medium, slot))
+                    if medium == SHARED:
                         from_shared.append((h, slot))
                 read[SHARED] = await self._read_run(self.shared, from_shared)
             below_s = time.perf_counter() - started
@@ -559,20 +560,20 @@ class TierStack:
         return None if h in self._filling else self.host.slot_of(h)
 
     def _host_or_reserve(
-        self, h: bytes, host_only: bool, removed: list[bytes]
+        self, h: bytes, below: str | None, removed: list[bytes]
     ) -> tuple[str, int] | None:
         """Where a load takes ``h`` from: ``(HOST, slot)`` if the host holds it now (also a
-        block planned from below that another load brought up meanwhile), else ``(DISK,
-        slot)`` with a slot reserved to read it into (the caller reads it from disk or shared
-        storage); None if it cannot be had now: gone from the host (``host_only``), being
-        read in by another load, or every slot pinned."""
+        block planned from below that another load brought up meanwhile), else ``(below,
+        slot)`` with a slot reserved to read it into from that tier; None if it cannot be had
+        now: gone from the host (``below`` None), being read in by another load, or every
+        slot pinned."""
         slot = self._ready_slot(h)
         if slot is not None:
             return HOST, slot
-        if host_only or h in self._filling:
+        if below is None or h in self._filling:
             return None
         slot = self._reserve(h, removed)
-        return None if slot is None else (DISK, slot)
+        return None if slot is None else (below, slot)
 
     def _reserve(self, h: bytes, removed: list[bytes]) -> int | None:
         """A host slot for a block about to be read from below (evicting the least recently
