@@ -336,7 +336,7 @@ async def test_blocks_being_read_in_are_not_host_blocks_yet(tmp_path: Path) -> N
     load = asyncio.ensure_future(tiers.load(plan, list(range(12))))
     try:
         assert await asyncio.to_thread(entered.wait, 10)
-        assert set(hashes) <= tiers._filling
+        assert set(hashes) <= tiers._filling.keys()
         assert all(x in tiers.host for x in hashes)  # slots reserved ...
         assert tiers.local_prefix(hashes) == [DISK] * 12  # ... but not reported as HOST
         assert tiers.plan_load(hashes).mediums == [DISK] * 12
@@ -400,7 +400,8 @@ async def test_a_second_load_of_blocks_being_read_in_fails_no_load(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two prompts with the same prefix arrive together (each load is a task of its own):
-    both plans say DISK; the second load finds the blocks reserved by the first."""
+    both plans say DISK; the second load waits for the first's reads, then takes the
+    blocks from the host instead of recomputing them."""
     events: list[KvEvent] = []
     io, tiers, payloads = disk_stack(tmp_path, events, blocks=12)
     entered, release = pause_reads(tiers)
@@ -413,10 +414,12 @@ async def test_a_second_load_of_blocks_being_read_in_fails_no_load(
             await asyncio.sleep(0.05)
     finally:
         release.set()
+    assert not second.done()  # waiting for the first load's reads
     assert await first == 12
-    n = await second
+    assert await second == 12
     assert io.device[:12] == payloads
-    assert io.device[12 : 12 + n] == payloads[:n]  # what it loaded (if any) is bit-exact
+    assert io.device[12:24] == payloads
+    assert tiers.stats[HOST].onboard_blocks == 12 and tiers.stats[DISK].onboard_blocks == 12
     assert load_errors(caplog) == []
     assert len(tiers.host) == 12 and not tiers._filling
     await asyncio.to_thread(tiers.close)

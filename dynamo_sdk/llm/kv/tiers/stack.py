@@ -177,7 +177,8 @@ class TierStack:
         # loads read on threads of their own: never queued behind offload writes
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kv-tier-read")
         self._writes: set[Future[None]] = set()  # writes below not done yet (drain_writes)
-        self._filling: set[bytes] = set()  # host blocks reserved for a load, not read in yet
+        # host blocks reserved for a load, not read in yet; set once settled (kept or not)
+        self._filling: dict[bytes, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # see bind_loop
         self._folder: ClaimedFolder | None = None  # the disk tier's, while it is held
         # the host slots `begin_step` handed out, for `end_step`: (blocks, slots, hashes)
@@ -501,6 +502,7 @@ class TierStack:
         planned = plan.mediums[: len(hashes)]
         run: list[tuple[bytes, str, int]] = []  # (hash, where from, host slot), prompt order
         removed: list[bytes] = []  # host blocks evicted for the slots reserved below
+        await self._wait_for_fills(hashes)
         try:
             # Pin the host blocks and reserve host slots for the disk ones first: the reads
             # below yield, and loads or copies may evict meanwhile.
@@ -552,8 +554,22 @@ class TierStack:
         finally:
             for h, medium, slot in run:
                 if medium != HOST:
-                    self._filling.discard(h)
+                    self._settle(h)
                 self.host.unpin(slot)
+
+    def _settle(self, h: bytes) -> None:
+        """A reserved block's read ended (kept on the host, or given back): wake the loads
+        that wait for it."""
+        event = self._filling.pop(h, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_for_fills(self, hashes: list[bytes]) -> None:
+        """Wait until no block of ``hashes`` is being read in by another load: prompts that
+        share a prefix often arrive together, and the second then loads from the host what
+        the first read from below, instead of recomputing it (bounded by the load timeout)."""
+        while pending := [self._filling[h] for h in hashes if h in self._filling]:
+            await pending[0].wait()
 
     def _ready_slot(self, h: bytes) -> int | None:
         """The host slot holding ``h``'s KV, unless that is still being read in."""
@@ -586,7 +602,7 @@ class TierStack:
         if evicted is not None:
             self._host_evicted(evicted, slot)
             removed.append(evicted)
-        self._filling.add(h)
+        self._filling[h] = asyncio.Event()
         return slot
 
     def _keep_read(self, run: list[tuple[bytes, str, int]], read: dict[str, int]) -> int:
@@ -669,7 +685,7 @@ class TierStack:
         if events:
             self._emit(events)
         for h, medium in promoted:
-            self._filling.discard(h)  # settled: a host block like any other from here
+            self._settle(h)  # a host block like any other from here
             if medium == SHARED:
                 self._remember_shared(h)
                 slot = self.host.slot_of(h)
