@@ -31,8 +31,10 @@ from dynamo_sdk.llm.kv.tiers.disk import AdmissionFilter, DiskStore
 from dynamo_sdk.llm.kv.tiers.keys import block_key
 from dynamo_sdk.llm.kv.tiers.record import (
     HEADER_BYTES,
+    VERSION,
     CorruptBlockError,
     check_record,
+    checksum,
     decode_record,
 )
 from dynamo_sdk.llm.kv.tiers.record import encode_record as encode
@@ -547,32 +549,15 @@ def _flip(data: bytes, offset: int) -> bytes:
     return bytes(out)
 
 
-def crc_suffix(data: bytes, target: int) -> bytes:
-    """Four bytes that, appended to ``data``, give it the CRC-32 ``target`` (CRC-32 is affine
-    over GF(2) in the appended bits: solve for them), so a payload of the wrong length can
-    carry the right checksum."""
-    base = zlib.crc32(data + bytes(4))
-    basis: dict[int, tuple[int, int]] = {}  # top bit -> (CRC change, appended bits giving it)
-    for i in range(32):
-        change, bits = zlib.crc32(data + (1 << i).to_bytes(4, "little")) ^ base, 1 << i
-        while change:
-            top = change.bit_length() - 1
-            if top not in basis:
-                basis[top] = (change, bits)
-                break
-            change, bits = change ^ basis[top][0], bits ^ basis[top][1]
-    want, suffix = target ^ base, 0
-    while want:
-        change, bits = basis[want.bit_length() - 1]
-        want, suffix = want ^ change, suffix ^ bits
-    forged = suffix.to_bytes(4, "little")
-    assert zlib.crc32(data + forged) == target
-    return forged
+def head_checking(payload: bytes) -> bytes:
+    """RECORD_0's header (its length field unchanged) with the checksum ``payload`` would
+    give: only the payload's length can give such a record away."""
+    head = RECORD_0[: HEADER_BYTES - 4]
+    return head + checksum(VERSION, head, payload).to_bytes(4, "little")
 
 
 RECORD_0 = record_of(0)
 PAYLOAD_0 = RECORD_0[HEADER_BYTES:]
-CRC_0 = int.from_bytes(RECORD_0[HEADER_BYTES - 4 : HEADER_BYTES], "little")
 GOOD_PARTS: dict[str, Any] = {
     "head": RECORD_0[:HEADER_BYTES],
     "payload": memoryview(PAYLOAD_0),
@@ -598,16 +583,27 @@ BAD_PARTS: dict[str, dict[str, Any]] = {  # what differs from GOOD_PARTS
     "payload buffer empty": {"payload": memoryview(b"")},
     # the checksum alone would pass these: only the payload's length gives them away
     "payload buffer long, same checksum": {
-        "payload": memoryview(
-            PAYLOAD_0 + crc_suffix(RECORD_0[: HEADER_BYTES - 4] + PAYLOAD_0, CRC_0)
-        )
+        "head": head_checking(PAYLOAD_0 + b"\0" * 8),
+        "payload": memoryview(PAYLOAD_0 + b"\0" * 8),
     },
     "payload buffer short, same checksum": {
-        "payload": memoryview(
-            PAYLOAD_0[:-8] + crc_suffix(RECORD_0[: HEADER_BYTES - 4] + PAYLOAD_0[:-8], CRC_0)
-        )
+        "head": head_checking(PAYLOAD_0[:-8]),
+        "payload": memoryview(PAYLOAD_0[:-8]),
     },
 }
+
+
+def test_records_of_format_1_crc32_are_still_read() -> None:
+    """Version 2 checks with XXH3; a folder written by version 1 (CRC-32) stays readable."""
+    head = bytearray(RECORD_0[: HEADER_BYTES - 4])
+    head[4:6] = (1).to_bytes(2, "little")
+    v1 = bytes(head) + zlib.crc32(PAYLOAD_0, zlib.crc32(head)).to_bytes(4, "little") + PAYLOAD_0
+    assert bytes(decode_record(v1, NS, block_hash(0))) == PAYLOAD_0
+    assert int.from_bytes(RECORD_0[4:6], "little") == VERSION == 2
+    assert checksum(1, bytes(head), PAYLOAD_0) != checksum(2, bytes(head), PAYLOAD_0)
+    with pytest.raises(CorruptBlockError, match="version 3"):
+        head[4:6] = (3).to_bytes(2, "little")
+        decode_record(bytes(head) + v1[HEADER_BYTES - 4 :], NS, block_hash(0))
 
 
 @pytest.mark.parametrize("bad", list(BAD_PARTS))

@@ -11,7 +11,7 @@ creates in a directory of millions of entries are slow on most file systems.
 A record is written to a unique temporary name in its own directory and renamed over the final
 name (`os.replace`, atomic within a directory), so a reader sees a whole record or none, never a
 half-written one. There is no fsync: this is a cache, and a record torn by a power loss fails
-its CRC when read (`record.decode_record`) and is discarded. A crash can leave ``*.tmp`` files;
+its checksum when read (`record.decode_record`) and is discarded. A crash can leave ``*.tmp`` files;
 a `DiskStore` deletes those older than a minute when it opens the folder (a younger one may be
 another process's write in flight: a write takes milliseconds).
 """

@@ -123,7 +123,7 @@ class SharedDirectoryStore(BlockStore):
     ``SharedDirectoryStore("file:///mnt/kv")`` or ``SharedDirectoryStore("/mnt/kv")``;
     ``?fsync=true`` (or ``fsync=True``) syncs each record before its rename, for storage that
     must survive a server crash (off by default: a lost record is a miss, a torn one fails
-    its CRC).
+    its checksum).
 
     Each write goes to a temporary name unique across hosts (hostname, pid, thread, random
     suffix) in the record's own directory, then is renamed over the final name: atomic
