@@ -15,9 +15,10 @@ of an 8B model in bf16 is 2 MiB), from one page-aligned source buffer in DRAM, w
 fresh folder under ``--dir`` and read back into a destination buffer. The paths:
 
 * ``ours 1T`` / ``ours 2T``: ``DiskStore.put(key, encode_record(...))`` per block, and
-  ``decode_record(DiskStore.get(key))`` (CRC checked) plus the copy of the payload into the
-  destination buffer (the stack copies it into a host slot), from one thread or two (the tier
-  stack runs 2 I/O threads). One file per block, written to a temporary name and renamed.
+  ``decode_record(DiskStore.get(key))`` (checksum checked: CRC-32 when this ran, XXH3 since)
+  plus the copy of the payload into the destination buffer (the stack copies it into a host
+  slot), from one thread or two (the tier stack ran 2 I/O threads then). One file per
+  block, written to a temporary name and renamed.
 * ``plain pwrite 1T``: a control, not a tier: ``os.pwrite`` / ``os.preadv`` of each block at
   its offset in one pre-allocated pool file, no header, CRC or rename. It separates what the
   I/O engine costs from what our file-per-block layout and checksum cost.
