@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import random
 import statistics
 import sys
@@ -438,10 +439,11 @@ def report(out: dict[str, Any]) -> None:
         if "context" not in row:
             continue
         lo, hi = row["ttft_ms_range"]
+        parts = (row["before_load_ms"], row["load_ms"], row["after_load_ms"])
+        split_ms = " ".join("      -" if math.isnan(x) else f"{x:>7.1f}" for x in parts)
         print(
             f"{row['context']:>8} {row['source']:>10} {row['ttft_ms']:>9.1f} "
-            f"{lo:>8.1f}-{hi:<8.1f} {row['speedup']:>12.1f} {row['cached_tokens']:>7} "
-            f"{row['before_load_ms']:>7.1f} {row['load_ms']:>7.1f} {row['after_load_ms']:>7.1f}"
+            f"{lo:>8.1f}-{hi:<8.1f} {row['speedup']:>12.1f} {row['cached_tokens']:>7} {split_ms}"
         )
     if not out["itl"]["off"]:
         print(f"\n(ITL not measured) wall {out['wall_s']:.0f} s")
