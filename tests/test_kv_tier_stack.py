@@ -557,3 +557,30 @@ def real_get(store: BlockStore, key: str) -> bytes:
     data = store.get(key)
     assert data is not None
     return data
+
+
+async def test_a_load_timed_out_while_reading_leaves_no_unread_block_on_the_host(
+    tmp_path: Path,
+) -> None:
+    """The load's timeout fires while its reads are under way: it waits for the read threads
+    (they write into the reserved slots) and gives every reserved slot back, so no hash sits
+    on the host over bytes that were never read; a later load reads them again, bit-exact."""
+    events: list[KvEvent] = []
+    io, tiers, payloads = disk_stack(tmp_path, events, blocks=20, load_timeout_s=0.2)
+    for slot in range(len(io.host)):
+        io.host[slot][:] = b"\xee" * BLOCK  # stale bytes: what an unread slot would hand out
+    entered, release = pause_reads(tiers)
+    hashes = [h(i) for i in range(20)]
+    load = asyncio.ensure_future(tiers.load(tiers.plan_load(hashes), list(range(20))))
+    assert await asyncio.to_thread(entered.wait, 10)
+    await asyncio.sleep(0.4)  # past the timeout; the read threads are still held
+    assert not load.done()  # it waits for them before giving the slots back
+    release.set()
+    assert await load == 0  # timed out: recomputed
+    assert not tiers._filling and len(tiers.host) == 0
+    assert tiers.local_prefix(hashes) == [DISK] * 20
+    assert not hashes_of(events, BlockStored, HOST)
+    assert all(tiers.host.is_pinned(s) is False for s in range(len(io.host)))
+    assert await tiers.load(tiers.plan_load(hashes), list(range(20, 40))) == 20
+    assert io.device[20:40] == payloads
+    await asyncio.to_thread(tiers.close)

@@ -231,16 +231,20 @@ def offload_transfer_config(config: KvTierConfig, kv_events: bool = False) -> di
 
 
 def vllm_block_bytes(llm: Any) -> int:
-    """Bytes of one device KV block of a started vLLM engine, all layers, K and V (0 if the
-    model's attention is not the plain kind this formula covers)."""
+    """Bytes of one KV block of a started vLLM engine, all layers, K and V, summed over its
+    workers (tensor and pipeline ranks: what host memory holds per block, and what vLLM's
+    transfer counters add up); 0 where this formula does not hold (MLA, hybrid models)."""
     try:
         model, parallel = llm.model_config, llm.vllm_config.parallel_config
+        if getattr(model, "use_mla", False) or getattr(model, "is_hybrid", False):
+            return 0
         cache = llm.vllm_config.cache_config
         dtype = str(cache.cache_dtype)
         elem = 1 if dtype.startswith("fp8") else int(model.dtype.itemsize)
         per_token = model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
-        return int(2 * per_token * model.get_head_size() * int(cache.block_size) * elem)
-    except Exception:  # a hybrid or MLA model: its block has another shape; skip the check
+        per_worker = 2 * per_token * model.get_head_size() * int(cache.block_size) * elem
+        return int(per_worker * int(parallel.world_size))
+    except Exception:  # another attention shape: skip what needs the size
         log.debug("vLLM block size not derived", exc_info=True)
         return 0
 
@@ -416,7 +420,10 @@ class VllmEngine(Engine):
     def _check_host_tier(llm: Any, config: KvTierConfig) -> None:
         """The torch engine's start check, once vLLM has sized its device cache: a host tier
         no larger than it is refused (vLLM offloads write-through only)."""
-        device_blocks = int(llm.vllm_config.cache_config.num_gpu_blocks or 0)
+        # the front end sums the device blocks of data-parallel engines; the tier is each's
+        parallel = llm.vllm_config.parallel_config
+        dp = max(1, int(getattr(parallel, "data_parallel_size", 1) or 1))
+        device_blocks = int(llm.vllm_config.cache_config.num_gpu_blocks or 0) // dp
         host = config.host_kv_blocks
         if not host:
             block_bytes = vllm_block_bytes(llm)

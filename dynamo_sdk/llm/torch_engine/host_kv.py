@@ -30,9 +30,11 @@ import torch
 
 from dynamo_sdk.llm.kv.block_copy import gather_blocks, scatter_blocks
 
-LOAD_CHUNK_BLOCKS = 256
-"""Blocks per staging buffer on a load (bounds the device memory a load borrows: 512 MiB for a
-Llama-3-8B block of 2 MiB)."""
+LOAD_CHUNK_BLOCKS = 128
+"""Blocks per staging buffer on a load. It bounds the device memory a load borrows: the
+buffer and its transposed copy for the scatter, 2 x 256 MiB for Llama-3-8B blocks of 2 MiB,
+held in the copy stream's pool: within the share of device memory the KV cache leaves free
+(1 - gpu_memory_utilization)."""
 
 
 def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:

@@ -225,7 +225,7 @@ def _unified_attention_kernel(
     TILE_Q: tl.constexpr,  # query tokens per program
     BLOCK_M: tl.constexpr,  # next power of two >= TILE_Q * GROUP (and >= 16)
     BLOCK_N: tl.constexpr,  # keys per inner iteration (a multiple of PAGE)
-    SPLITS: tl.constexpr,  # >1: this program covers 1/SPLITS of the keys (decode only)
+    SPLITS: tl.constexpr,  # >1: this program covers 1/SPLITS of the keys (num_kv_splits)
     NUM_HEADS: tl.constexpr,
 ):
     tile = tl.program_id(0)

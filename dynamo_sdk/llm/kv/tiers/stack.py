@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -503,6 +504,7 @@ class TierStack:
         run: list[tuple[bytes, str, int]] = []  # (hash, where from, host slot), prompt order
         removed: list[bytes] = []  # host blocks evicted for the slots reserved below
         await self._wait_for_fills(hashes)
+        announced = False  # the host evictions and promotions told to the router
         try:
             # Pin the host blocks and reserve host slots for the disk ones first: the reads
             # below yield, and loads or copies may evict meanwhile.
@@ -536,15 +538,21 @@ class TierStack:
             below_s = time.perf_counter() - started
             kept = self._keep_read(run, read)
             self._announce_promoted(run[:kept], removed)
+            announced = True
             if not kept:
                 return 0
             slots = [slot for _, _, slot in run[:kept]]
             copy_started = time.perf_counter()
             targets = block_ids[:kept]
             waits: list[Callable[[], None] | None] = []
-            await self._run_on_engine(lambda: waits.append(self.io.host_to_device(slots, targets)))
-            if waits and waits[0] is not None:
-                await _uncancelled(asyncio.to_thread(waits[0]))
+            try:  # issued copies end before the blocks can go back to a recompute
+                issue = self._run_on_engine(
+                    lambda: waits.append(self.io.host_to_device(slots, targets))
+                )
+                await _uncancelled(issue)
+            finally:
+                if waits and waits[0] is not None:
+                    await _uncancelled(asyncio.to_thread(waits[0]))
             sources = [m for _, m, _ in run[:kept]]
             self._count_loads(sources, time.perf_counter() - copy_started, below_s, hits)
             for h, _, slot in run[:kept]:
@@ -553,9 +561,14 @@ class TierStack:
             return kept
         finally:
             for h, medium, slot in run:
-                if medium != HOST:
+                if medium != HOST and h in self._filling:  # never settled: the load failed
+                    if self.host.slot_of(h) == slot:  # or timed out while reading; the slot
+                        self.host.remove(h)  # holds no such block
                     self._settle(h)
                 self.host.unpin(slot)
+            if not announced and removed:  # the evictions for the reserved slots happened
+                self._emit([self._removed_event(removed, HOST)])
+                self.stats[HOST].used_blocks = len(self.host)
 
     def _settle(self, h: bytes) -> None:
         """A reserved block's read ended (kept on the host, or given back): wake the loads
@@ -630,9 +643,18 @@ class TierStack:
         loop = asyncio.get_running_loop()
         per = max(READ_SLICE_MIN_BLOCKS, -(-len(items) // READ_THREADS))
         parts = [items[i : i + per] for i in range(0, len(items), per)]
-        counts = await asyncio.gather(
-            *(loop.run_in_executor(self._reads, self._read_part, store, part) for part in parts)
-        )
+        stop = threading.Event()
+        reads = [
+            loop.run_in_executor(self._reads, self._read_part, store, part, stop) for part in parts
+        ]
+        all_done = asyncio.ensure_future(asyncio.wait(reads))
+        try:
+            await asyncio.shield(all_done)
+        except asyncio.CancelledError:  # (a timeout) the threads write into the reserved
+            stop.set()  # slots: they stop after their current block, and end before the
+            await all_done  # slots are given back
+            raise
+        counts = [f.result() for f in reads]  # a read's unexpected error, once all ended
         total = 0
         for part, n in zip(parts, counts, strict=True):
             total += n
@@ -640,10 +662,13 @@ class TierStack:
                 break  # the run ends at the first block missing or bad
         return total
 
-    def _read_part(self, store: BlockStore, items: list[tuple[bytes, int]]) -> int:
-        """(read thread) Read and check ``items`` in order, up to the first missing or bad."""
+    def _read_part(
+        self, store: BlockStore, items: list[tuple[bytes, int]], stop: threading.Event
+    ) -> int:
+        """(read thread) Read and check ``items`` in order, up to the first missing or bad
+        (or ``stop``: the load was given up)."""
         for i, (h, slot) in enumerate(items):
-            if not self._read_one(store, h, slot):
+            if stop.is_set() or not self._read_one(store, h, slot):
                 return i
         return len(items)
 
