@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import json_safe
 from benchmarks.engine_bench import LLAMA3_8B, SMALL
 from dynamo_sdk.llm.kv.events import BlockRemoved, BlockStored, KvEvent
 from dynamo_sdk.llm.kv.tiers.stack import DISK, HOST, SHARED, TierStack
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         undo()
     report(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(json_safe(out), indent=2, default=str) + "\n")
     return 0
 
 
