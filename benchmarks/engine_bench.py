@@ -263,19 +263,23 @@ async def check_tiny_greedy(path: str, device: torch.device) -> dict[str, Any]:
 # -- our engine ------------------------------------------------------------------------------
 
 
-async def _generate(
-    engine: TorchEngine, prompt: list[int], new: int, rid: str
-) -> tuple[list[int], list[float]]:
-    req = PreprocessedRequest(
+def greedy_request(prompt: list[int], new: int, rid: str) -> PreprocessedRequest:
+    """``new`` greedy tokens after ``prompt``, EOS ignored (every run decodes as long)."""
+    return PreprocessedRequest(
         request_id=rid,
         model="bench",
         token_ids=prompt,
         stop=StopConditions(max_tokens=new, ignore_eos=True),
         sampling=SamplingOptions(temperature=0.0),
     )
+
+
+async def _generate(
+    engine: TorchEngine, prompt: list[int], new: int, rid: str
+) -> tuple[list[int], list[float]]:
     toks: list[int] = []
     stamps: list[float] = []
-    async for out in engine.generate(req):
+    async for out in engine.generate(greedy_request(prompt, new, rid)):
         now = time.perf_counter()
         toks += out.token_ids
         stamps += [now] * len(out.token_ids)

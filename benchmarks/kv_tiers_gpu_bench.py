@@ -49,14 +49,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import json_safe
-from benchmarks.engine_bench import LLAMA3_8B, SMALL
+from benchmarks.engine_bench import LLAMA3_8B, SMALL, greedy_request
 from dynamo_sdk.llm.kv.events import BlockRemoved, BlockStored, KvEvent
 from dynamo_sdk.llm.kv.tiers.stack import DISK, HOST, SHARED, TierStack
-from dynamo_sdk.llm.protocol import (
-    PreprocessedRequest,
-    SamplingOptions,
-    StopConditions,
-)
 from dynamo_sdk.llm.torch_engine.config import ModelConfig
 from dynamo_sdk.llm.torch_engine.engine import TorchEngine
 from dynamo_sdk.llm.torch_engine.host_kv import HostKvPool
@@ -158,23 +153,15 @@ def make_engine(args: argparse.Namespace, cfg: ModelConfig, **tiers: Any) -> Tor
         max_num_seqs=64,
         max_num_batched_tokens=args.max_batched_tokens,
         cuda_graph_sizes=[1, 2, 4, 8, 16, 32, 64],
-        on_events=tiers.pop("on_events", None),
         **tiers,
     )
 
 
 async def generate(engine: TorchEngine, prompt: list[int], new: int, rid: str) -> dict[str, Any]:
-    req = PreprocessedRequest(
-        request_id=rid,
-        model="bench",
-        token_ids=prompt,
-        stop=StopConditions(max_tokens=new, ignore_eos=True),
-        sampling=SamplingOptions(temperature=0.0),
-    )
     t0 = time.perf_counter()
     stamps: list[float] = []
     cached = 0
-    async for out in engine.generate(req):
+    async for out in engine.generate(greedy_request(prompt, new, rid)):
         stamps += [time.perf_counter()] * len(out.token_ids)
         if out.cached_tokens is not None:
             cached = out.cached_tokens
