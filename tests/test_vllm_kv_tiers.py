@@ -79,6 +79,20 @@ async def evict(engine: VllmEngine, tag: str) -> None:
         assert cached == 0
 
 
+async def run_fresh(
+    model_path: str, tiers: dict[str, object], request_id: str, medium: str = ""
+) -> tuple[int, list[int], int]:
+    """A new engine with ``tiers`` answers PROMPT once and shuts down (its writes to the tiers
+    below finish first): (cached tokens, answer, tokens its stats say ``medium`` served)."""
+    engine = VllmEngine(model_path, config(**tiers))
+    await engine.start()
+    try:
+        cached, answer = await run(engine, request_id, PROMPT)
+        return cached, answer, (await tier_hits(engine, medium) if medium else 0)
+    finally:
+        await engine.shutdown()
+
+
 async def tier_hits(engine: VllmEngine, medium: str) -> int:
     for _ in range(50):  # stats arrive with the step outputs, a moment after the request
         hits = {t.medium: t.hit_tokens for t in engine.stats().kv_tiers}.get(medium, 0)
@@ -127,24 +141,14 @@ async def test_disk_tier_serves_a_restarted_engine(model_path: str, tmp_path: Pa
         "disk_kv_path": str(tmp_path),
         "disk_kv_admission": 1,  # write every block
     }
-    engine = VllmEngine(model_path, config(**tiers))
-    await engine.start()
-    try:
-        cached, first = await run(engine, "d-1", PROMPT)
-        assert cached == 0
-    finally:
-        await engine.shutdown()  # the host tier's writes to disk finish first
+    cached, first, _ = await run_fresh(model_path, tiers, "d-1")
+    assert cached == 0
     assert list(tmp_path.glob("worker-0/*/*/*.kv")), "blocks were written to the disk tier"
 
-    engine = VllmEngine(model_path, config(**tiers))
-    await engine.start()
-    try:
-        cached, again = await run(engine, "d-2", PROMPT)
-        assert cached >= 384, "the prompt's full blocks come back from disk"
-        assert again == first
-        assert await tier_hits(engine, "DISK") >= 384
-    finally:
-        await engine.shutdown()
+    cached, again, hits = await run_fresh(model_path, tiers, "d-2", "DISK")
+    assert cached >= 384, "the prompt's full blocks come back from disk"
+    assert again == first
+    assert hits >= 384
 
     # a flipped byte in every record: each fails its check, is deleted and recomputed
     corrupted = {}
@@ -153,14 +157,9 @@ async def test_disk_tier_serves_a_restarted_engine(model_path: str, tmp_path: Pa
         data[-1] ^= 0xFF
         record.write_bytes(bytes(data))
         corrupted[record] = bytes(data)
-    engine = VllmEngine(model_path, config(**tiers))
-    await engine.start()
-    try:
-        cached, again = await run(engine, "d-3", PROMPT)
-        assert cached == 0
-        assert again == first
-    finally:
-        await engine.shutdown()
+    cached, again, _ = await run_fresh(model_path, tiers, "d-3")
+    assert cached == 0
+    assert again == first
     # the first bad block was deleted, and the recomputed blocks were written anew
     assert all(not path.exists() or path.read_bytes() != bad for path, bad in corrupted.items()), (
         "a corrupt record was left on disk"
@@ -171,22 +170,11 @@ async def test_shared_tier_serves_another_engine(model_path: str, tmp_path: Path
     """One engine stores into a shared folder; a second one (its own host memory, no disk)
     loads the prompt from there, through the asynchronous lookup."""
     tiers = {"host_kv_blocks": 16, "shared_kv": f"file://{tmp_path}"}
-    engine = VllmEngine(model_path, config(**tiers))
-    await engine.start()
-    try:
-        _, first = await run(engine, "s-1", PROMPT)
-    finally:
-        await engine.shutdown()
-
-    engine = VllmEngine(model_path, config(**tiers))
-    await engine.start()
-    try:
-        cached, again = await run(engine, "s-2", PROMPT)
-        assert cached >= 384, "the prompt's full blocks come back from shared storage"
-        assert again == first
-        assert await tier_hits(engine, "SHARED") >= 384
-    finally:
-        await engine.shutdown()
+    _, first, _ = await run_fresh(model_path, tiers, "s-1")
+    cached, again, hits = await run_fresh(model_path, tiers, "s-2", "SHARED")
+    assert cached >= 384, "the prompt's full blocks come back from shared storage"
+    assert again == first
+    assert hits >= 384
 
 
 def test_tier_settings_vllm_cannot_honour_are_refused(model_path: str) -> None:
