@@ -27,10 +27,13 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from dynamo_sdk.llm.kv.tiers.store import BlockStore, StoreError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +230,22 @@ class DiskStore(BlockStore):
         return evicted
 
     def get(self, key: str) -> bytes | None:
+        return self._read_indexed(key, read_record)
+
+    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
+        return self._read_indexed(key, lambda path: read_record_into(path, head, body))
+
+    def _read_indexed(self, key: str, read: Callable[[str], T | None]) -> T | None:
+        """``read(path)`` of an indexed record, keeping the index true: a record gone behind
+        our back leaves it; one read moves to the LRU's young end (and its file's mtime, the
+        order after a restart)."""
         path = record_path(self._root, key)
         with self._lock:
             if key not in self._index:
                 return None
-        data = read_record(path)
+        got = read(path)
         with self._lock:
-            if data is None:
+            if got is None:
                 # Gone behind our back; unless a put re-created it meanwhile (a put indexes
                 # only after its rename, so an indexed key with a file is a live record).
                 if key in self._index and not os.path.exists(path):
@@ -243,24 +255,7 @@ class DiskStore(BlockStore):
                 self._index.move_to_end(key)
         with contextlib.suppress(OSError):  # best effort: the order after a restart
             os.utime(path)
-        return data
-
-    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
-        path = record_path(self._root, key)
-        with self._lock:
-            if key not in self._index:
-                return None
-        size = read_record_into(path, head, body)
-        with self._lock:
-            if size is None:  # as in get
-                if key in self._index and not os.path.exists(path):
-                    self._used -= self._index.pop(key)
-                return None
-            if key in self._index:
-                self._index.move_to_end(key)
-        with contextlib.suppress(OSError):
-            os.utime(path)
-        return size
+        return got
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         with self._lock:

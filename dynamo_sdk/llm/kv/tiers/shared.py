@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from dynamo_sdk.llm.kv.tiers.disk import (
@@ -37,6 +37,8 @@ from dynamo_sdk.llm.kv.tiers.disk import (
     write_atomically,
 )
 from dynamo_sdk.llm.kv.tiers.store import BlockStore, StoreError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import redis
@@ -172,24 +174,21 @@ class SharedDirectoryStore(BlockStore):
         return []
 
     def get(self, key: str) -> bytes | None:
+        return self._read(key, read_record)
+
+    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
+        return self._read(key, lambda path: read_record_into(path, head, body))
+
+    def _read(self, key: str, read: Callable[[str], T | None]) -> T | None:
         path = record_path(self._root, key)
         try:
-            return read_record(path)
+            return read(path)
         except StoreError as exc:
             # NFS: the file was replaced under an open handle on another host; the new one is
             # whole, read it once more.
             if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESTALE):
                 raise
-        return read_record(path)
-
-    def get_into(self, key: str, head: bytearray, body: memoryview) -> int | None:
-        path = record_path(self._root, key)
-        try:
-            return read_record_into(path, head, body)
-        except StoreError as exc:  # as in get
-            if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESTALE):
-                raise
-        return read_record_into(path, head, body)
+        return read(path)
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         return [os.path.exists(record_path(self._root, key)) for key in keys]
