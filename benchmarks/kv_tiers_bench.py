@@ -1168,6 +1168,13 @@ def write_png(results: Results, path: Path) -> bool:
 # ---- entry point -----------------------------------------------------------------------------
 
 
+# the torch part's defaults: the CPU's tiny model, or (--torch-device cuda) the 8B shape
+TORCH_DEFAULTS: dict[str, dict[str, float]] = {
+    "cpu": {"torch_sessions": 20, "torch_workers": 2, "torch_rate": 4.0, "torch_think": 1.0,
+            "torch_num_blocks": 40},
+    "cuda": {"torch_sessions": 18, "torch_workers": 1, "torch_rate": 0.5, "torch_think": 2.0,
+             "torch_num_blocks": 2048},
+}  # fmt: skip
 QUICK = {
     "sessions": 16,
     "turns": 3,
@@ -1229,12 +1236,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--metrics-interval", type=float, default=0.05, help="wall s")
     t = p.add_argument_group("torch engine (CPU, tiny model; wall clock)")
-    t.add_argument("--torch-sessions", type=int, default=20)
+    t.add_argument("--torch-sessions", type=int, default=None, help="cpu 20, cuda 18")
     t.add_argument("--torch-turns", type=int, default=4)
-    t.add_argument("--torch-workers", type=int, default=2)
-    t.add_argument("--torch-rate", type=float, default=4.0, help="sessions per second")
-    t.add_argument("--torch-think", type=float, default=1.0, help="mean think time, s")
-    t.add_argument("--torch-num-blocks", type=int, default=40, help="device blocks per worker")
+    t.add_argument("--torch-workers", type=int, default=None, help="cpu 2, cuda 1")
+    t.add_argument(
+        "--torch-rate", type=float, default=None, help="sessions per second; cpu 4, cuda 0.5"
+    )
+    t.add_argument("--torch-think", type=float, default=None, help="mean think, s; cpu 1, cuda 2")
+    t.add_argument(
+        "--torch-num-blocks",
+        type=int,
+        default=None,
+        help="device blocks a worker; cpu 40, cuda 2048",
+    )
     t.add_argument(
         "--torch-device",
         default="cpu",
@@ -1262,6 +1276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    for key, value in TORCH_DEFAULTS["cuda" if args.torch_device == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     positive = ("sessions", "turns", "workers", "num_blocks", "block_size", "torch_sessions",
                 "torch_turns", "torch_workers", "torch_num_blocks", "disk_admission")  # fmt: skip
     if any(getattr(args, k) < 1 for k in positive):
@@ -1346,16 +1363,12 @@ def torch_gpu_scale(args: argparse.Namespace) -> Scale:
     8-24k tokens, a working set >= 8x the device cache; ``--torch-num-blocks`` (default
     2,048 here: 32k tokens, 4 GiB) per worker, a host tier 4x that (16 GiB pinned), a disk
     tier for the whole working set, the shared arm on 2 workers."""
-    blocks = args.torch_num_blocks if args.torch_num_blocks != 40 else 2048
+    blocks = args.torch_num_blocks
     bs = args.block_size
-    sessions = args.torch_sessions if args.torch_sessions != 20 else 18
+    sessions = args.torch_sessions
     working = 4 * 4000 + sessions * (10000 + 3 * 3000 + 4 * 64)  # tokens, at most
     return replace(
         torch_scale(args),
-        sessions=sessions,
-        workers=1 if args.torch_workers == 2 else args.torch_workers,
-        rate=0.5 if args.torch_rate == 4.0 else args.torch_rate,
-        think=2.0 if args.torch_think == 1.0 else args.torch_think,
         osl=(32, 64),
         system_prompts=4,
         system_tokens=(2000, 4000),
