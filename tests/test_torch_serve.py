@@ -115,11 +115,15 @@ def test_concurrent_streams_batch_and_a_disconnect_frees_the_cache(
     client: Any, agg: str, servers: EmbeddedServers
 ) -> None:
     prompts = [f"request number {i} asks the torch worker" for i in range(8)]
-    single = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=24, **GREEDY)
+    # Long enough answers that all eight streams overlap in the engine even when a loaded
+    # 2-core machine staggers their arrival through Frontend -> Processor -> Worker (at 24
+    # tokens the first streams could finish before the fourth arrived: CI saw a batch of 3).
+    tokens = 160
+    single = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=tokens, **GREEDY)
 
     def stream(prompt: str) -> str:
         chunks = client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=24, stream=True, **GREEDY
+            model=MODEL, prompt=prompt, max_tokens=tokens, stream=True, **GREEDY
         )
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
