@@ -22,12 +22,14 @@ from typing import Any
 import pytest
 import torch
 
+from dynamo_sdk.llm.disagg.policy import DisaggConfig
 from dynamo_sdk.llm.engines.base import Engine, EngineConfigError
 from dynamo_sdk.llm.engines.mocker import MockerEngine
 from dynamo_sdk.llm.kv.events import BlockRemoved, BlockStored, KvEvent
 from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
 from dynamo_sdk.llm.protocol import EngineOutput, SamplingOptions
 from dynamo_sdk.llm.torch_engine.engine import TorchEngine
+from dynamo_sdk.llm.worker.decode import DecodeRole
 from tests.engine_requests import collect, make_request, tokens
 from tests.redis_server import RedisServer
 
@@ -363,3 +365,39 @@ async def test_torch_write_back_keeps_evicted_blocks_exact_when_only_loads_are_r
         assert tier(engine, "CPU").hit_tokens >= 3 * 128
     finally:
         await engine.shutdown()
+
+
+class _EmptyPrefillQueue:
+    """The prefill queue's depth, for the rule alone (no prefill worker takes anything)."""
+
+    async def depth(self) -> int:
+        return 0
+
+
+async def test_decode_worker_loads_from_shared_storage_instead_of_a_remote_prefill(
+    tmp_path: Path,
+) -> None:
+    """A prompt another worker stored in shared storage is not cached locally (the router's
+    local count says so), but the disaggregation rule asks the shared tier before it sends
+    the prompt to a prefill worker: it is loaded here, and only an unknown prompt goes."""
+    knobs = dict(host_kv_blocks=40, shared_kv=f"file://{tmp_path / 'shared'}")
+    first, _ = await mocker(**knobs)
+    second, _ = await mocker(**knobs)
+    try:
+        stored, unknown = conversations(2, 130, seed=31)
+        await turn(first, stored, "stored")
+        await first.tiers.drain_writes()  # type: ignore[union-attr]
+        assert second.cached_prefix_tokens(stored) == 0  # nothing local ...
+        assert await second.stored_prefix_tokens(stored) == 128  # ... 8 blocks shared
+        assert await second.stored_prefix_tokens(unknown) == 0
+
+        role = DecodeRole(second, DisaggConfig(remote_prefill=True, max_local_prefill_length=64))
+        role.queue = _EmptyPrefillQueue()  # type: ignore[assignment]
+        assert not await role._goes_remote(make_request([*stored, 5], 4, request_id="again"))
+        assert await role._goes_remote(make_request(unknown, 4, request_id="new"))
+        assert role.counts.local_short == 1
+        outputs = await turn(second, [*stored, 5], "again")
+        assert outputs[0].cached_tokens == 128 and tier(second, "SHARED").hit_tokens == 128
+    finally:
+        await first.shutdown()
+        await second.shutdown()

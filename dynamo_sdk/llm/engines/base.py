@@ -11,7 +11,8 @@ whose default says "not supported"; an engine overrides the ones it has:
   `kv_block_size()`: the tokens per block those events hash (the router hashes prompts alike);
 * `load_metrics()`: the load snapshot the router weighs (default: made from `stats()`);
 * `cached_prefix_tokens()`: how many leading prompt tokens are cached (the disaggregation
-  rule counts only the rest; default: none known);
+  rule counts only the rest; default: none known); `stored_prefix_tokens()` also asks shared
+  storage (a round trip) before a prompt is sent to a remote prefill;
 * `kv_port()`: direct access to its paged KV blocks (layout, export / import of prefixes,
   writes into given blocks, prefill-and-export), what block transfers between workers are
   built on;
@@ -192,6 +193,11 @@ class Engine(abc.ABC):
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading prompt tokens whose KV is cached here (0 when the engine cannot tell)."""
         return 0
+
+    async def stored_prefix_tokens(self, token_ids: list[int]) -> int:
+        """`cached_prefix_tokens` plus what it could load from storage it must ask first
+        (shared KV storage: a round trip), for decisions worth that wait."""
+        return self.cached_prefix_tokens(token_ids)
 
     def kv_port(self) -> KvPort | None:
         """Direct access to its KV blocks, if it has them."""

@@ -70,7 +70,12 @@ from dynamo_sdk.llm.engines.scheduler import (
     Sequence,
     stream_outputs,
 )
-from dynamo_sdk.llm.engines.tiering import TierOnboarder, cached_prefix_tokens, tier_plan
+from dynamo_sdk.llm.engines.tiering import (
+    TierOnboarder,
+    cached_prefix_tokens,
+    stored_prefix_tokens,
+    tier_plan,
+)
 from dynamo_sdk.llm.kv.block_manager import BlockManager
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
@@ -299,6 +304,10 @@ class MockerEngine(Engine):
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading tokens cached here: on the device, then in the local tiers below."""
         return cached_prefix_tokens(self.block_manager, self.tiers, token_ids)
+
+    async def stored_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens cached here or loadable from shared storage."""
+        return await stored_prefix_tokens(self.block_manager, self.tiers, token_ids)
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block no request uses (emits `AllBlocksCleared`/`BlockRemoved`)."""

@@ -81,6 +81,19 @@ def cached_prefix_tokens(
     return (device + len(tiers.local_prefix(hashes[device:]))) * bm.block_size
 
 
+async def stored_prefix_tokens(
+    bm: BlockManager | None, tiers: TierStack | None, token_ids: list[int]
+) -> int:
+    """`cached_prefix_tokens`, continued by shared storage (one round trip to ask it): what a
+    decode worker can load instead of asking for a remote prefill."""
+    if bm is None or tiers is None or tiers.shared is None:
+        return cached_prefix_tokens(bm, tiers, token_ids)
+    device = len(bm.cached_prefix(token_ids))
+    _, hashes = bm.match(token_ids)
+    local = device + len(tiers.local_prefix(hashes[device:]))
+    return (local + await tiers.shared_prefix(hashes[local:])) * bm.block_size
+
+
 LoadDelay = Callable[[Sequence, LoadPlan, int, float], Awaitable[None]]
 """Extra time a finished load takes (the mocker's simulated copy time); gets the sequence, the
 plan, the number of blocks loaded and the seconds the real load took."""

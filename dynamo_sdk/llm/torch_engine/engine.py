@@ -55,7 +55,12 @@ from dynamo_sdk.llm.engines.scheduler import (
     Sequence,
     stream_outputs,
 )
-from dynamo_sdk.llm.engines.tiering import TierOnboarder, cached_prefix_tokens, tier_plan
+from dynamo_sdk.llm.engines.tiering import (
+    TierOnboarder,
+    cached_prefix_tokens,
+    stored_prefix_tokens,
+    tier_plan,
+)
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
@@ -525,6 +530,10 @@ class TorchEngine(Engine):
         """Leading prompt tokens whose KV is here: on the device, then in the host and disk
         tiers (for the disaggregation rule: a stored prompt is loaded, not prefilled remotely)."""
         return cached_prefix_tokens(self.block_manager, self.tiers, token_ids)
+
+    async def stored_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens cached here or loadable from shared storage."""
+        return await stored_prefix_tokens(self.block_manager, self.tiers, token_ids)
 
     # -- the step loop -------------------------------------------------------------------------
 

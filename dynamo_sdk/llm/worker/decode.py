@@ -70,12 +70,16 @@ class DecodeRole:
 
     async def _goes_remote(self, request: PreprocessedRequest) -> bool:
         """The conditional-disaggregation rule, logged and counted (except "remote", counted
-        once a prefill is actually sent). An engine that cannot say what it has cached (vLLM)
+        once a prefill is actually sent). Tokens the engine can load from shared KV storage
+        count as cached (asked only for a prompt that would otherwise go remote: a round
+        trip). An engine that cannot say what it has cached (vLLM)
         counts every prompt token as uncached: a prompt cached there still goes remote when it
         is long, and the connector then loads nothing."""
         assert self.queue is not None
         tokens = request.token_ids
         uncached = len(tokens) - self.engine.cached_prefix_tokens(tokens)
+        if uncached > self.config.max_local_prefill_length:  # before sending it away: can it
+            uncached = len(tokens) - await self.engine.stored_prefix_tokens(tokens)  # be loaded?
         depth = await self.queue.depth() if uncached > self.config.max_local_prefill_length else 0
         decision = self.config.decide(uncached, depth)
         log.debug("%s: %s prefill (%d uncached tokens, queue %d)",

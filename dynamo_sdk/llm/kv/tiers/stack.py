@@ -475,6 +475,26 @@ class TierStack:
                 break
         return out
 
+    async def shared_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading ``hashes`` shared storage holds (one round trip, on a read thread;
+        0 without a shared tier or when the store fails, which switches it off)."""
+        store = self.shared
+        if store is None or not hashes:
+            return 0
+        keys = [block_key(self.namespace, h) for h in hashes]
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(self._reads, store.contains, keys)
+        except StoreError as exc:
+            self._store_failed(SHARED, exc)
+            return 0
+        n = 0
+        for hit in found:
+            if not hit:
+                break
+            n += 1
+        return n
+
     def plan_load(self, hashes: list[bytes]) -> LoadPlan:
         """What to load for a prompt whose device hit ends where ``hashes`` begin."""
         mediums = self.local_prefix(hashes) if hashes else []
