@@ -100,7 +100,8 @@ p50/p90/p99 (mocker: its simulated clock, ``simulated_ttft_ms``; torch: wall ms)
 tokens/s (mocker: over simulated seconds, wall x ``--speedup``); the GPUs' busy share (mocker:
 simulated step time over the run); preemptions; errors; wall time of the arm and of its
 teardown; host CPU use. Per tier: hits, loads, blocks onboarded, offloaded, evicted, corrupt,
-errors, real load time.
+errors, declined (prompts whose blocks there were recomputed: the timing model says reading
+them is slower, see ``kv/tiers/costs.py``), real load time.
 
 Targets (mocker; the issue's): ``host+disk`` reaches >= 95% of the ceiling while ``device``
 stays below 40% of it; ``device`` TTFT p50 >= 5x ``host+disk``'s; the GPU-only router >= 20
@@ -964,6 +965,7 @@ def _tier_table(arms: list[ArmResult], lm: dict[str, float], speedup: float | No
         "evicted blk",
         "corrupt",
         "errors",
+        "declined",
         "load s (real)",
         *(("real/sim",) if speedup else ()),
     )
@@ -984,6 +986,7 @@ def _tier_table(arms: list[ArmResult], lm: dict[str, float], speedup: float | No
                     f"{t.get('evicted_blocks', 0):,.0f}",
                     f"{t.get('corrupt_blocks', 0):,.0f}",
                     f"{t.get('errors', 0):,.0f}",
+                    f"{t.get('declined_loads', 0):,.0f}",
                     f"{t.get('load_seconds', 0):.2f}",
                     *((("-" if math.isnan(ratio) else f"{ratio:.2f}"),) if speedup else ()),
                 )

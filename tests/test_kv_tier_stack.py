@@ -577,6 +577,7 @@ async def test_a_load_timed_out_while_reading_leaves_no_unread_block_on_the_host
     assert not load.done()  # it waits for them before giving the slots back
     release.set()
     assert await load == 0  # timed out: recomputed
+    assert tiers.costs.read_ms[DISK] >= 200 / 20  # the cost model saw how slow that was
     assert not tiers._filling and len(tiers.host) == 0
     assert tiers.local_prefix(hashes) == [DISK] * 20
     assert not hashes_of(events, BlockStored, HOST)

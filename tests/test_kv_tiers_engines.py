@@ -229,7 +229,8 @@ async def test_mocker_shared_redis_stopped_mid_run_degrades_to_recompute(
 ) -> None:
     """Two workers share Redis: the second loads what the first stored; with Redis gone,
     every request still succeeds (recomputed), and the tier switches itself off."""
-    knobs = dict(host_kv_blocks=40, shared_kv=redis_server.url("timeout=0.3"))
+    knobs = dict(host_kv_blocks=40, shared_kv=redis_server.url("timeout=0.3"),
+                 shared_kv_gbps=25.0)  # fmt: skip  # faster than recompute: worth reading
     first, _ = await mocker(**knobs)
     second, _ = await mocker(**knobs)
     try:
@@ -380,7 +381,7 @@ async def test_decode_worker_loads_from_shared_storage_instead_of_a_remote_prefi
     """A prompt another worker stored in shared storage is not cached locally (the router's
     local count says so), but the disaggregation rule asks the shared tier before it sends
     the prompt to a prefill worker: it is loaded here, and only an unknown prompt goes."""
-    knobs = dict(host_kv_blocks=40, shared_kv=f"file://{tmp_path / 'shared'}")
+    knobs = dict(host_kv_blocks=40, shared_kv=f"file://{tmp_path / 'shared'}", shared_kv_gbps=25.0)
     first, _ = await mocker(**knobs)
     second, _ = await mocker(**knobs)
     try:
@@ -401,3 +402,29 @@ async def test_decode_worker_loads_from_shared_storage_instead_of_a_remote_prefi
     finally:
         await first.shutdown()
         await second.shutdown()
+
+
+async def test_mocker_recomputes_shared_blocks_slower_to_read_than_to_compute(
+    tmp_path: Path,
+) -> None:
+    """At the timing model's defaults a shared block takes 2.2 ms to read and 0.8 ms to
+    recompute: the prompt is recomputed (counted as a declined load), and the disaggregation
+    rule does not count it as loadable; at 25 GB/s the same blocks are read."""
+    firsts = conversations(2, 130, seed=41)
+    for gbps, loaded in ((1.0, 0), (25.0, 128)):
+        knobs = dict(host_kv_blocks=40, shared_kv=f"file://{tmp_path / str(gbps)}",
+                     shared_kv_gbps=gbps)  # fmt: skip
+        first, _ = await mocker(**knobs)
+        second, _ = await mocker(**knobs)
+        try:
+            await turn(first, firsts[0], "stored")
+            await first.tiers.drain_writes()  # type: ignore[union-attr]
+            assert await second.stored_prefix_tokens(firsts[0]) == loaded
+            outputs = await turn(second, [*firsts[0], 5], "again")
+            assert outputs[0].cached_tokens == loaded
+            shared = tier(second, "SHARED")
+            assert shared.hit_tokens == loaded
+            assert (shared.declined_loads > 0) == (loaded == 0)
+        finally:
+            await first.shutdown()
+            await second.shutdown()

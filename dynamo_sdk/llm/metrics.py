@@ -131,6 +131,7 @@ _TIER_COUNTERS = (
     ("skipped_blocks", "Blocks not copied in because every slot was busy (a write backlog)"),
     ("corrupt_blocks", "Blocks that failed their checks on load (deleted, recomputed)"),
     ("errors", "Tier operations that failed"),
+    ("declined_loads", "Prompts whose blocks in the tier were recomputed: reading was slower"),
 )
 
 

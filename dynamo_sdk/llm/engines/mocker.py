@@ -31,7 +31,9 @@ KV tiers (``host_kv_gb`` ... ``shared_kv``, as on the torch engine) are the real
 the same host index, disk files, shared folder or Redis, the same events. Only a block's bytes
 are left out (its records carry an empty payload) and a load's time is simulated: per tier,
 ``*_kv_latency_ms`` plus the blocks' ``kv_bytes_per_block`` at ``*_kv_gbps``, charged on the
-simulated clock (time the host spent on the real, tiny I/O is not charged).
+simulated clock (time the host spent on the real, tiny I/O is not charged). The same model
+decides whether a disk or shared block is worth reading at all (`kv/tiers/costs.py`): at the
+defaults a shared block (2.2 ms) costs more than recomputing it (0.8 ms), so it is recomputed.
 
 Generated tokens are pseudo-random but deterministic: token `i` of a request is a hash of
 (`seed`, prompt, `i`) modulo `vocab_size`, so equal prompts give equal outputs (good for cache
@@ -78,6 +80,7 @@ from dynamo_sdk.llm.engines.tiering import (
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.tiers.costs import ModelLoadCosts
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
 from dynamo_sdk.llm.kv.tiers.stack import DISK, HOST, SHARED, LoadPlan, TierStack
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
@@ -234,6 +237,7 @@ class MockerEngine(Engine):
             _NoBytes(),
             self._kv_events.publish,
             block_bytes=self.config.kv_bytes_per_block,
+            costs=self._load_costs(),
         )
         stack.bind_loop(asyncio.get_running_loop())
         self.tiers = stack
@@ -257,6 +261,18 @@ class MockerEngine(Engine):
                 self._clock_ms = max(self._clock_ms, started + sim_ms)
         elif isinstance(seq, _Seq):
             seq.arrival_ms += real_ms - sim_ms
+
+    def _load_costs(self) -> ModelLoadCosts:
+        """The timing model's read cost per block of each tier below the host (a load's fixed
+        latency left out) against recomputing a block at ``prefill_ms_per_token``."""
+        cfg = self.config
+        per_block = cfg.kv_bytes_per_block / 1e6  # MB; GB/s = MB/ms
+        host_ms = per_block / cfg.host_kv_gbps
+        read_ms = {
+            DISK: per_block / cfg.disk_kv_gbps + host_ms,
+            SHARED: per_block / cfg.shared_kv_gbps + host_ms,
+        }
+        return ModelLoadCosts(read_ms, cfg.prefill_ms_per_token * self.block_size)
 
     def _load_ms(self, plan: LoadPlan, loaded: int) -> float:
         """Simulated milliseconds to bring ``loaded`` planned blocks to the device."""

@@ -15,7 +15,7 @@ from dynamo_sdk.llm.engines.base import EngineConfigError
 from dynamo_sdk.llm.engines.configs import KvTierConfig
 from dynamo_sdk.llm.engines.scheduler import Scheduler, Sequence
 from dynamo_sdk.llm.kv.block_manager import BlockManager
-from dynamo_sdk.llm.kv.tiers.stack import LoadPlan, TierPlan, TierStack
+from dynamo_sdk.llm.kv.tiers.stack import SHARED, LoadPlan, TierPlan, TierStack
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,12 @@ def cached_prefix_tokens(
 async def stored_prefix_tokens(
     bm: BlockManager | None, tiers: TierStack | None, token_ids: list[int]
 ) -> int:
-    """`cached_prefix_tokens`, continued by shared storage (one round trip to ask it): what a
-    decode worker can load instead of asking for a remote prefill."""
+    """`cached_prefix_tokens`, continued by shared storage (one round trip to ask it) where
+    reading it beats recomputing: what a decode worker loads instead of asking for a remote
+    prefill."""
     if bm is None or tiers is None or tiers.shared is None:
+        return cached_prefix_tokens(bm, tiers, token_ids)
+    if not tiers.costs.worth_reading(SHARED):
         return cached_prefix_tokens(bm, tiers, token_ids)
     device = len(bm.cached_prefix(token_ids))
     _, hashes = bm.match(token_ids)

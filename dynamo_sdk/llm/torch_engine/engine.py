@@ -64,6 +64,7 @@ from dynamo_sdk.llm.engines.tiering import (
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
 from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.tiers.costs import MeasuredLoadCosts
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
 from dynamo_sdk.llm.kv.tiers.stack import TierStack
 from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
@@ -89,6 +90,8 @@ class _Step:
     chunks: list[ChunkInput]
     handle: StepHandle
     chained: bool = False  # planned before the previous step's tokens were known
+    prefill_tokens: int = 0  # prompt tokens it computes
+    launched: float = 0.0  # perf_counter() at launch
 
 
 @dataclass(eq=False)
@@ -172,6 +175,7 @@ class TorchEngine(Engine):
         self.num_chained_steps = 0
         """Decode steps launched ahead, before the previous step's tokens were known."""
         self.launch_ahead_on_cpu = False
+        self._load_costs: MeasuredLoadCosts | None = None  # the tiers' read-or-recompute costs
         """Pipeline decode steps on CPU too (no gain there; lets CPU tests cover the path)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -240,7 +244,10 @@ class TorchEngine(Engine):
             await loop.run_in_executor(self._executor, fn)
 
         pool = HostKvPool(runner.kv, plan.host_blocks)
-        stack = TierStack(plan, identity, pool, self._kv_events.publish, on_engine)
+        self._load_costs = MeasuredLoadCosts(self.block_size)  # prefill times from the steps
+        stack = TierStack(
+            plan, identity, pool, self._kv_events.publish, on_engine, costs=self._load_costs
+        )
         stack.bind_loop(loop)
         self.tiers = stack
         bm.tiers = stack
@@ -571,13 +578,13 @@ class TorchEngine(Engine):
                         await self._wakeup.wait()
                         continue
                     chunks = [self._chunk_input(c) for c in work]
-                    for c in work:
-                        if c.seq.prefilling:
-                            self.computed_prompt_tokens += c.num_tokens
+                    prefill = sum(c.num_tokens for c in work if c.seq.prefilling)
+                    self.computed_prompt_tokens += prefill
                     if tiers is not None:
                         await self._copy_out(tiers)
+                    launched = time.perf_counter()
                     handle = await loop.run_in_executor(self._executor, runner.launch, chunks)
-                    inflight = _Step(work, chunks, handle)
+                    inflight = _Step(work, chunks, handle, False, prefill, launched)
                 ahead = self._launch_ahead(inflight)
                 if ahead is not None:
                     ahead_work, ahead_chunks = ahead
@@ -593,6 +600,10 @@ class TorchEngine(Engine):
                     self._executor, runner.collect, inflight.handle
                 )
                 self.num_steps += 1
+                if inflight.prefill_tokens and self._load_costs is not None:
+                    self._load_costs.observe_prefill(
+                        inflight.prefill_tokens, time.perf_counter() - inflight.launched
+                    )
                 self._apply(inflight, sampled)
                 if nxt is not None:  # its tokens' ids are known now: register their blocks
                     self.num_chained_steps += 1

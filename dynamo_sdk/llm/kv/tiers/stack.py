@@ -57,6 +57,7 @@ import msgspec
 
 from dynamo_sdk.llm.kv.events import BlockRemoved, BlockStored, KvEvent
 from dynamo_sdk.llm.kv.hashing import hash_to_int
+from dynamo_sdk.llm.kv.tiers.costs import LoadCosts, MeasuredLoadCosts
 from dynamo_sdk.llm.kv.tiers.disk import AdmissionFilter, ClaimedFolder, DiskStore
 from dynamo_sdk.llm.kv.tiers.host import HostTier
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity, block_key, split_key
@@ -152,8 +153,11 @@ class TierStack:
         emit: Callable[[list[KvEvent]], None],
         run_on_engine: RunOnEngine | None = None,
         block_bytes: int | None = None,
+        costs: LoadCosts | None = None,
     ) -> None:
-        """``block_bytes``: a block's KV size as metrics count it (default: its payload's)."""
+        """``block_bytes``: a block's KV size as metrics count it (default: its payload's);
+        ``costs``: whether a tier's blocks are worth reading (default: measured reads, and
+        prefill times if the engine reports them to ``costs``; see `kv/tiers/costs.py`)."""
         if not plan.enabled:
             raise ValueError("a tier stack needs a host tier (host_kv_gb or host_kv_blocks)")
         self.plan = plan
@@ -164,6 +168,7 @@ class TierStack:
         self.block_bytes = io.block_nbytes if block_bytes is None else block_bytes
         self._emit = emit
         self._run_on_engine = run_on_engine or _run_inline
+        self.costs: LoadCosts = costs or MeasuredLoadCosts(identity.block_size)
         self.host = HostTier(plan.host_blocks)
         self.disk: DiskStore | None = None
         self.shared: BlockStore | None = None
@@ -496,9 +501,16 @@ class TierStack:
         return n
 
     def plan_load(self, hashes: list[bytes]) -> LoadPlan:
-        """What to load for a prompt whose device hit ends where ``hashes`` begin."""
+        """What to load for a prompt whose device hit ends where ``hashes`` begin: the host
+        blocks, then disk and shared ones while reading them beats recomputing (`costs`)."""
         mediums = self.local_prefix(hashes) if hashes else []
+        if DISK in mediums and not self.costs.worth_reading(DISK):
+            self.stats[DISK].declined_loads += 1
+            return LoadPlan(mediums[: mediums.index(DISK)], False, hashes)
         probe = self.shared is not None and len(mediums) < len(hashes)
+        if probe and not self.costs.worth_reading(SHARED):
+            self.stats[SHARED].declined_loads += 1
+            probe = False
         return LoadPlan(mediums, probe, hashes)
 
     async def load(self, plan: LoadPlan, block_ids: list[int], *, hits: bool = True) -> int:
@@ -540,7 +552,7 @@ class TierStack:
                 run.append((h, medium, slot))
             started = time.perf_counter()
             from_disk = [(h, slot) for h, medium, slot in run if medium == DISK]
-            read = {DISK: await self._read_run(self.disk, from_disk), SHARED: 0}
+            read = {DISK: await self._timed_read(DISK, from_disk), SHARED: 0}
             after = hashes[len(planned) :]
             whole = len(run) == len(planned) and read[DISK] == len(from_disk)
             if after and whole and plan.probe_shared and self.shared is not None:
@@ -554,7 +566,7 @@ class TierStack:
                     run.append((h, medium, slot))
                     if medium == SHARED:
                         from_shared.append((h, slot))
-                read[SHARED] = await self._read_run(self.shared, from_shared)
+                read[SHARED] = await self._timed_read(SHARED, from_shared)
             below_s = time.perf_counter() - started
             kept = self._keep_read(run, read)
             self._announce_promoted(run[:kept], removed)
@@ -652,6 +664,18 @@ class TierStack:
             if medium != HOST and self.host.slot_of(h) == slot:
                 self.host.remove(h)  # reserved, never announced: nothing to tell
         return kept
+
+    async def _timed_read(self, medium: str, items: list[tuple[bytes, int]]) -> int:
+        """`_read_run` from ``medium``'s store, its time per block told to `costs`."""
+        started = time.perf_counter()
+        try:
+            n = await self._read_run(self.disk if medium == DISK else self.shared, items)
+        except asyncio.CancelledError:  # timed out: at least this slow per block
+            self.costs.observe_read(medium, len(items), time.perf_counter() - started)
+            raise
+        if n:
+            self.costs.observe_read(medium, n, time.perf_counter() - started)
+        return n
 
     async def _read_run(self, store: BlockStore | None, items: list[tuple[bytes, int]]) -> int:
         """Read ``items`` (hash, reserved host slot) from ``store`` straight into their slots,

@@ -21,5 +21,6 @@ class KvTierStats(msgspec.Struct, kw_only=True):
     skipped_blocks: int = 0  # not copied in: every slot was busy (a backlog of writes below)
     corrupt_blocks: int = 0  # failed their checks on load: deleted, recomputed
     errors: int = 0  # store operations that failed
+    declined_loads: int = 0  # prompts whose blocks here were recomputed: reading was slower
     load_seconds: float = 0.0  # time spent loading from this tier, summed over loads
     loads: int = 0
