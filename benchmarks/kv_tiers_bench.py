@@ -8,18 +8,28 @@ in host memory, on disk and in shared storage), load metrics copied into the rou
 
 Workload
 --------
-``router_bench.make_workload`` (seeded by ``--seed``; its defaults for the prompts):
-``--system-prompts`` 8 shared system prompts of 500-1500 tokens; ``--sessions`` 200
-conversations of ``--turns`` 6 turns; turn k's prompt is the system prompt, every earlier
-user message and the answer the engine generated, then a new user message (300-1000 tokens
-first, 100-500 after; 64-128 output tokens; prompts capped at ``--max-prompt`` 4096).
-Sessions arrive at ``--rate`` 10 per simulated second and think ``--think`` 20 simulated
-seconds (exponential mean) between an answer and the next turn: long enough that the other
+``router_bench.make_workload`` (seeded by ``--seed``): ``--sessions`` 200 conversations of
+``--turns`` 6 turns; turn k's prompt is a shared system prompt (one of ``--system-prompts``
+8), every earlier user message and the answer the engine generated, then a new user message
+(64-128 output tokens). ``--workload`` picks the prompts' lengths:
+
+* ``context`` (the default): what the tiers are for, a long private context per session
+  (a document, a code base, an agent's notes) followed by short questions: system prompts of
+  100-400 tokens, a first message of 1500-3000, then 50-200; prompts up to 8192 tokens.
+* ``chat``: ``router_bench.py``'s chat mix: system prompts of 500-1500 tokens (their hits
+  stay on the device: ~40% of prompt tokens), a first message of 300-1000, then 100-500; up to
+  4096. Here a tier's gain is bounded by the history's share of each prompt, and device-only
+  keeps ~48% of the ceiling.
+
+``--system-tokens``, ``--first-user-tokens``, ``--user-tokens`` and ``--max-prompt`` override
+a preset's lengths. Sessions arrive at ``--rate`` 10 per simulated second and think
+``--think`` 20 simulated seconds (exponential mean) between an answer and the next turn:
+long enough that the other
 sessions' traffic evicts a session's KV from the device before it comes back (checked: the
 share of follow-up turns' reusable history that the device-only arm did not find on the
-device), at a moderate load (the device-only GPUs ~40% busy). The KV working set (distinct
-blocks computed, ~34k) is >= 8x the cluster's device cache (``--num-blocks`` 960 per worker;
-checked and printed).
+device), at a moderate load (the device-only GPUs ~30-40% busy). The KV working set
+(distinct blocks computed: ~42k for ``context``, ~34k for ``chat``) is >= 8x the cluster's
+device cache (``--num-blocks`` 960 per worker; checked and printed).
 
 Arms (one run; fresh engines, router and storage folders per arm; the same workload)
 ------------------------------------------------------------------------------------
@@ -28,10 +38,11 @@ Arms (one run; fresh engines, router and storage folders per arm; the same workl
   cache: ``write_through``, the default policy, needs it larger than the device).
 * ``host+disk``: plus a local-disk tier (G3) of ``--disk-blocks`` per worker (default: room for
   the whole working set), each worker in its own folder, with the library's default admission
-  (``disk_kv_admission`` 2, ``--disk-admission``: a block goes to disk once offered twice).
-* ``host+disk adm1``: the same with ``disk_kv_admission`` 1 (every block goes to disk): in
-  multi-turn chat a turn's new blocks are offered once before the next turn, so under
-  admission 2 those the host dropped meanwhile are on no tier (``--no-adm1`` skips this arm).
+  (``disk_kv_admission`` 2, ``--disk-admission``: once the disk is full, a block goes to disk
+  only once offered twice; any block while it has room).
+* ``host+disk adm1`` (``--adm1``): the same with ``disk_kv_admission`` 1 (every block goes to
+  disk); differs from ``host+disk`` only once the disk fills (a ``--disk-blocks`` below the
+  working set).
 * ``host+disk GPU-router``: the ``host+disk`` engines under ``RouterConfig(tier_aware=False)``:
   the router as it was before tiers, crediting device hits only.
 * ``shared``: host memory plus one shared folder (G4: ``file://<tmp>``, or ``--shared-uri``,
@@ -42,8 +53,10 @@ Arms (one run; fresh engines, router and storage folders per arm; the same workl
   between workers anyway (the ``moved`` column: follow-ups served by another worker than the
   previous turn, ~55% under the kv router's default weights).
 
-Every arm routes with the kv router (``RouterConfig(mode="kv")``, its default weights,
-``--overlap-weight`` 1.0; tier-aware unless noted).
+Every arm routes with the kv router (``RouterConfig(mode="kv")``, its default weights but
+``--overlap-weight`` 2.0, as ``configs/agg_router_tiers.yaml`` sets it: at the router's
+default 1.0, ~31% of follow-ups move to another worker and leave their host blocks behind;
+tier-aware unless noted).
 
 Engines
 -------
@@ -1026,7 +1039,8 @@ def format_report(results: Results) -> str:
         dev = results.mocker[0]
         ratio = dev.working_set_blocks / dev.device_blocks if dev.device_blocks else math.nan
         lm = results.load_model
-        out.append(f"mocker: {_scale_line(s)}; speedup {s['speedup']:g}")
+        workload = results.settings.get("workload", "?")
+        out.append(f"mocker, workload {workload}: {_scale_line(s)}; speedup {s['speedup']:g}")
         out.append(
             f"  working set {dev.working_set_blocks:,} blocks = {ratio:.1f}x the device cache "
             f"({dev.device_blocks:,} blocks over {dev.workers} workers)"
@@ -1159,7 +1173,8 @@ def write_png(results: Results, path: Path) -> bool:
     parts = []
     if m:
         parts.append(
-            f"mocker: {m['sessions']} sessions x {m['turns']} turns, {m['workers']} workers"
+            f"mocker ({results.settings.get('workload', '?')}): {m['sessions']} sessions x "
+            f"{m['turns']} turns, {m['workers']} workers"
         )
     if t:
         parts.append(f"torch ({_torch_where(results)}): {t['sessions']} x {t['turns']}")
@@ -1178,12 +1193,28 @@ TORCH_DEFAULTS: dict[str, dict[str, float]] = {
     "cuda": {"torch_sessions": 18, "torch_workers": 1, "torch_rate": 0.5, "torch_think": 2.0,
              "torch_num_blocks": 2048},
 }  # fmt: skip
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "context": {  # a long private context per session, then short questions
+        "system_tokens": (100, 400),
+        "first_user_tokens": (1500, 3000),
+        "user_tokens": (50, 200),
+        "max_prompt": 8192,
+    },
+    "chat": {  # router_bench.py's mix: long shared system prompts, longer turns
+        "system_tokens": (500, 1500),
+        "first_user_tokens": (300, 1000),
+        "user_tokens": (100, 500),
+        "max_prompt": 4096,
+    },
+}
+
 QUICK = {
     "sessions": 16,
     "turns": 3,
     "rate": 20.0,
     "think": 2.0,
     "num_blocks": 320,
+    "max_prompt": 4096,
     "speedup": 40.0,
     "torch_sessions": 4,
     "torch_turns": 2,
@@ -1205,11 +1236,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rate", type=float, default=10.0, help="sessions per simulated second")
     g.add_argument("--think", type=float, default=20.0, help="mean think time, simulated s")
     g.add_argument("--osl", type=_span, default=(64, 128), help="output tokens, N or LO-HI")
+    g.add_argument("--workload", choices=tuple(WORKLOADS), default="context", help="prompt lengths")
     g.add_argument("--system-prompts", type=int, default=8)
-    g.add_argument("--system-tokens", type=_span, default=(500, 1500))
-    g.add_argument("--first-user-tokens", type=_span, default=(300, 1000))
-    g.add_argument("--user-tokens", type=_span, default=(100, 500))
-    g.add_argument("--max-prompt", type=int, default=4096)
+    g.add_argument("--system-tokens", type=_span, default=None, help="LO-HI (preset's)")
+    g.add_argument("--first-user-tokens", type=_span, default=None, help="LO-HI (preset's)")
+    g.add_argument("--user-tokens", type=_span, default=None, help="LO-HI (preset's)")
+    g.add_argument("--max-prompt", type=int, default=None, help="(preset's)")
     g.add_argument("--num-blocks", type=int, default=960, help="device KV blocks per worker")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--host-blocks", type=int, default=0, help="per worker; 0 = 4x --num-blocks")
@@ -1217,7 +1249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--disk-blocks", type=int, default=0, help="per worker; 0 = the whole workload's"
     )
     g.add_argument("--disk-admission", type=int, default=2, help="disk_kv_admission")
-    g.add_argument("--no-adm1", action="store_true", help="skip the host+disk adm1 arm")
+    g.add_argument("--adm1", action="store_true", help="add the host+disk adm1 arm")
     g.add_argument("--arms", default="", help="comma-separated arm names to run ('' = all)")
     g.add_argument("--shared-workers", type=int, default=0, help="0 = --workers")
     g.add_argument(
@@ -1228,7 +1260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="/dev/shm" if os.path.isdir("/dev/shm") else "",
         help="folder for the mocker's disk and shared folders ('' = the temp dir)",
     )
-    g.add_argument("--overlap-weight", type=float, default=1.0, help="RouterConfig.overlap_weight")
+    g.add_argument(
+        "--overlap-weight",
+        type=float,
+        default=2.0,
+        help="RouterConfig.overlap_weight (configs/agg_router_tiers.yaml's)",
+    )
     g.add_argument("--speedup", type=float, default=5.0, help="simulated s per wall s")
     g.add_argument(
         "--mocker-timing",
@@ -1280,6 +1317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     for key, value in TORCH_DEFAULTS["cuda" if args.torch_device == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in WORKLOADS[args.workload].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     positive = ("sessions", "turns", "workers", "num_blocks", "block_size", "torch_sessions",
@@ -1447,7 +1487,7 @@ def run_parts(args: argparse.Namespace, results: Results) -> None:
         scale = mocker_scale(args)
         results.mocker_scale = _plain(scale)
         workload = workload_for(scale, VOCAB)
-        arms = mocker_arms(scale, adm1=not args.no_adm1)
+        arms = mocker_arms(scale, adm1=args.adm1)
         if args.arms:
             arms = [a for a in arms if a.name in args.arms.split(",")]
         t0 = time.monotonic()

@@ -156,22 +156,43 @@ async def test_loads_are_bit_exact_from_host_and_from_disk_after_a_restart(tmp_p
     await asyncio.to_thread(restarted.close)
 
 
-async def test_the_disk_admits_a_block_on_its_second_offer(tmp_path: Path) -> None:
+def offer(tiers: TierStack, io: ByteBlocks, block: int, hash_: bytes) -> None:
+    """The block's KV was computed: it goes to the host and is offered below."""
+    tiers.device_stored(block, hash_)
+    due = tiers.begin_step(idle=True)
+    if due:
+        io.device_to_host(*due)
+    tiers.end_step()
+
+
+async def test_a_full_disk_admits_a_block_on_its_second_offer(tmp_path: Path) -> None:
+    io, events = ByteBlocks(4, 8), []
+    tiers = stack(io, events, disk_blocks=1, disk_path=str(tmp_path), disk_admission=2)
+    tiers.bind_loop(asyncio.get_running_loop())
+    assert tiers.disk is not None
+    tiers.disk.put(
+        block_key(tiers.namespace, h(9)), encode_record(tiers.namespace, h(9), b"9" * BLOCK)
+    )
+    stored_on_disk = []
+    for _ in range(2):  # computed, then (after eviction and a reload) computed again
+        tiers.clear_host()
+        offer(tiers, io, 0, h(1))
+        await tiers.drain_writes()
+        await asyncio.sleep(0)  # the writes' reports reach the loop
+        stored_on_disk.append(hashes_of(events, BlockStored, DISK))
+    await asyncio.to_thread(tiers.close)
+    assert stored_on_disk == [[], [hash_to_int(h(1))]]  # full: the second offer gets in
+    assert hashes_of(events, BlockRemoved, DISK) == [hash_to_int(h(9))]  # ... evicting h(9)
+
+
+async def test_a_disk_with_room_admits_a_block_on_its_first_offer(tmp_path: Path) -> None:
     io, events = ByteBlocks(4, 8), []
     tiers = stack(io, events, disk_blocks=100, disk_path=str(tmp_path), disk_admission=2)
     tiers.bind_loop(asyncio.get_running_loop())
-    for _ in range(2):  # computed, then (after eviction and a reload) computed again
-        tiers.device_stored(0, h(1))
-        due = tiers.begin_step(idle=True)
-        if due:
-            io.device_to_host(*due)
-        tiers.end_step()
-        await asyncio.sleep(0.05)
-        if tiers.disk is not None and tiers.disk.num_blocks == 0:
-            assert not [e for e in events if isinstance(e, BlockStored) and e.medium == DISK]
+    offer(tiers, io, 0, h(1))
+    await tiers.drain_writes()
     await asyncio.to_thread(tiers.close)
-    assert [e.medium for e in events if isinstance(e, BlockStored)].count(DISK) == 1
-    assert not [e for e in events if isinstance(e, BlockRemoved)]
+    assert hashes_of(events, BlockStored, DISK) == [hash_to_int(h(1))]
 
 
 # --- loads from disk: read straight into reserved host slots, on several threads ---------

@@ -320,6 +320,23 @@ def test_admission_needs_threshold_offers() -> None:
         AdmissionFilter(capacity=0)
 
 
+def test_admission_takes_every_block_while_the_disk_has_room() -> None:
+    f = AdmissionFilter(threshold=3)
+    assert f.admit("a", room=True) is True  # nothing would be evicted for it
+    assert f.admit("a") is False  # full now: the count goes on (2 of 3)
+    assert f.admit("a") is True
+
+
+def test_disk_store_has_room_until_its_budget_is_used(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, budget_bytes=300)
+    assert store.has_room(100)
+    store.put(key_of(1), b"x" * 100)
+    store.put(key_of(2), b"x" * 100)
+    assert store.has_room(100) and not store.has_room(101)
+    store.put(key_of(3), b"x" * 100)
+    assert not store.has_room(1)
+
+
 def test_admission_memory_is_bounded_least_recently_offered_first() -> None:
     f = AdmissionFilter(threshold=2, capacity=2)
     assert f.admit("a") is False

@@ -66,7 +66,7 @@ class KvTierConfig(EngineSettings):
         Meta(description="copy blocks down once computed, or only when evicted from above"),
     ] = "write_through"
     disk_kv_admission: Annotated[
-        int, Meta(ge=1, description="offers (stored, reused) before a block goes to disk")
+        int, Meta(ge=1, description="offers (stored, reused) before a block goes to a full disk")
     ] = 2
     kv_load_timeout_s: Annotated[
         float, Meta(gt=0.0, description="a KV load slower than this is recomputed instead")

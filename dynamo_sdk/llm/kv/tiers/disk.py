@@ -205,6 +205,11 @@ class DiskStore(BlockStore):
     def num_blocks(self) -> int:
         return len(self._index)
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether a record of ``nbytes`` fits without evicting one (writes still queued
+        are not counted: a few may evict, as any write to a full disk does)."""
+        return self._used + nbytes <= self._budget
+
     @property
     def description(self) -> str:
         # GB as in the configs' ``*_gb`` sizes (kv_cache_gb): units of 2**30 bytes
@@ -336,12 +341,16 @@ class DiskStore(BlockStore):
 
 
 class AdmissionFilter:
-    """Admits a block to the disk tier only once it was offered ``threshold`` times.
+    """Admits a block to a full disk tier only once it was offered ``threshold`` times.
 
     An offer is an offload of the block or a hit on it. A block seen once (most of a long
-    unique prompt) is not worth a disk write; one seen twice is likely to be seen again, so
-    the default threshold of 2 keeps one-off blocks from churning the disk tier (threshold 1
-    admits everything). Once admitted, a key stays admitted while its counter is kept.
+    unique prompt) is not worth pushing a stored block out for; one seen twice is likely to be
+    seen again, so the default threshold of 2 keeps one-off blocks from churning a full disk
+    tier (threshold 1 admits everything). Once admitted, a key stays admitted while its counter
+    is kept. While the disk has ``room``, every block is admitted (TinyLFU's rule: the filter
+    guards what eviction would lose, and nothing is lost yet): in multi-turn chat a turn's new
+    blocks are offered once before the next turn, and a host tier smaller than the sessions'
+    think time would otherwise drop them on the way.
 
     Memory is bounded: counters live in an LRU of at most ``capacity`` keys; a key pushed out
     starts counting again. Not thread-safe: called from the engine's loop only.
@@ -360,15 +369,16 @@ class AdmissionFilter:
         """How many keys have a counter now."""
         return len(self._counts)
 
-    def admit(self, key: str) -> bool:
-        """Count one offer of ``key``; True once it was offered ``threshold`` times."""
+    def admit(self, key: str, *, room: bool = False) -> bool:
+        """Count one offer of ``key``; True once it was offered ``threshold`` times, or at
+        once while the disk has ``room`` for it without evicting."""
         if self.threshold == 1:
             return True
         count = min(self._counts.pop(key, 0) + 1, self.threshold)
         self._counts[key] = count
         if len(self._counts) > self.capacity:
             self._counts.popitem(last=False)
-        return count >= self.threshold
+        return room or count >= self.threshold
 
 
 class ClaimedFolder:

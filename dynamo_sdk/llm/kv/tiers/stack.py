@@ -4,8 +4,8 @@ The device cache (G1, the engine's `BlockManager`) holds what running requests n
 
 * **G2 host** (`HostTier`): a fixed pool of block slots in host memory (pinned on CUDA).
 * **G3 disk** (`DiskStore`): one self-checking file per block under a byte budget, behind an
-  admission filter (a block is written only once it has been offered twice: stored and then
-  reused), so one-off prompts do not churn the disk.
+  admission filter (once the disk is full, a block is written only once it has been offered
+  twice: stored and then reused), so one-off prompts do not push reused blocks out.
 * **G4 shared** (a `BlockStore` from `open_shared_store`): a shared folder, Redis, or a
   vendor's system; every worker of the same model can load what another stored.
 
@@ -356,10 +356,15 @@ class TierStack:
 
     def _save_below(self, h: bytes, slot: int, *, snapshot: bool = False) -> None:
         """Offer a host block to the tiers below: shared storage takes every block it does not
-        have yet; the disk only blocks its admission filter lets through (offered twice)."""
+        have yet; the disk the blocks its admission filter lets through (any while it has
+        room, then those offered twice)."""
         key = block_key(self.namespace, h)
         disk = self.disk
-        to_disk = disk is not None and self._admission.admit(key) and not disk.contains([key])[0]
+        to_disk = (
+            disk is not None
+            and self._admission.admit(key, room=disk.has_room(self._record_bytes()))
+            and not disk.contains([key])[0]
+        )
         to_shared = self.shared is not None and h not in self._in_shared
         if not (to_disk or to_shared):
             return
