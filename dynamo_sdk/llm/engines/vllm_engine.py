@@ -15,7 +15,10 @@ free, and refuses to start on any machine that runs anything else.
 
 The KV tiers below the device (`host_kv_gb`, `disk_kv_gb`, `shared_kv`, ...) become vLLM's
 `OffloadingConnector` with the project's spec and stores (`offload_transfer_config`,
-`vllm_offload.py`); their hits per tier come back through vLLM's connector stats.
+`vllm_offload.py`); their stats come back with vLLM's scheduler stats: hits per tier as its
+connector's cache-hit sources, the host tier's transfers as its `vllm:kv_offload_*` metrics,
+and the disk and shared tiers' own totals as our `vllm:dynamo_kv_tier_*` metrics
+(`add_tier_stats`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -213,6 +216,8 @@ def offload_transfer_config(config: KvTierConfig, kv_events: bool = False) -> di
         )
     if config.shared_kv:
         tiers.append({"type": "SharedTier", "module_path": OFFLOAD_MODULE, "uri": config.shared_kv})
+    for tier in tiers:  # a slower load is failed, and vLLM recomputes its blocks
+        tier["load_timeout_s"] = config.kv_load_timeout_s
     extra: dict[str, Any] = {
         "spec_name": "DynamoOffloadingSpec",
         "spec_module_path": OFFLOAD_MODULE,
@@ -277,6 +282,9 @@ class _StatsState:
     def __init__(self) -> None:
         self.tier_hits: dict[str, int] = {}  # prompt tokens loaded from each tier below
         self.offload: dict[str, float] = {}  # vLLM's host<->device transfer totals, by metric
+        # the disk and shared tiers' own totals (`add_tier_stats`), per vLLM engine (each
+        # data-parallel engine core has its own tiers): engine -> medium -> field -> value
+        self.below: dict[int, dict[str, dict[str, float]]] = {}
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
@@ -313,6 +321,84 @@ def add_offload_stats(totals: dict[str, float], payload: Any) -> None:
                 totals[name] = totals.get(name, 0) + n
 
 
+# Our disk and shared tiers' stats (`vllm_offload._StoreTier.get_stats`): vLLM connector
+# metrics named after `KvTierStats` fields, labelled by the tier's medium (DISK, SHARED). The
+# tiers run in vLLM's engine-core process, so they ride with its scheduler stats (the path
+# its own `vllm:kv_offload_*` metrics take); the "vllm:" prefix is what vLLM unregisters from
+# Prometheus when a second engine starts in one process.
+TIER_METRIC_PREFIX = "vllm:dynamo_kv_tier_"
+TIER_COUNTERS = (
+    ("offload_blocks", "Blocks written to the tier"),
+    ("offload_bytes", "KV bytes written to the tier"),
+    ("onboard_blocks", "Blocks loaded from the tier into host memory"),
+    ("onboard_bytes", "KV bytes loaded from the tier into host memory"),
+    ("loads", "Loads from the tier that delivered blocks"),
+    ("load_seconds", "Time those loads took, in seconds"),
+    ("evicted_blocks", "Blocks the tier evicted to make room"),
+    ("corrupt_blocks", "Blocks that failed their checks on load (deleted, recomputed)"),
+    ("errors", "Tier operations that failed, and loads abandoned after kv_load_timeout_s"),
+)
+TIER_GAUGES = (
+    ("used_blocks", "Blocks the tier holds"),
+    ("capacity_blocks", "Blocks the tier can hold (0: unbounded)"),
+    ("enabled", "1 while the tier works"),
+)
+_TIER_COUNTER_FIELDS = frozenset(name for name, _ in TIER_COUNTERS)
+_TIER_GAUGE_FIELDS = frozenset(name for name, _ in TIER_GAUGES)
+
+
+def tier_metric(field: str) -> str:
+    """The vLLM metric name of one of our tiers' `KvTierStats` fields."""
+    return TIER_METRIC_PREFIX + field
+
+
+def _label(labelvalues: Any) -> str | None:
+    """The one label value of a tier metric (vLLM keys values by a tuple of label values)."""
+    if isinstance(labelvalues, tuple) and len(labelvalues) == 1:
+        value = labelvalues[0]
+        return value if isinstance(value, str) else None
+    return None
+
+
+def add_tier_stats(totals: dict[str, dict[str, float]], payload: Any) -> None:
+    """Fold one step's connector stats into ``totals`` (medium -> field -> value): our tiers'
+    counters are added, their gauges replaced (the payload carries a gauge when it changed).
+    Anything else in the payload is left alone (`add_offload_stats` reads vLLM's own)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return
+    for name, by_labels in data.items():
+        if not isinstance(name, str) or not name.startswith(TIER_METRIC_PREFIX):
+            continue
+        field = name.removeprefix(TIER_METRIC_PREFIX)
+        counter = field in _TIER_COUNTER_FIELDS
+        if not (counter or field in _TIER_GAUGE_FIELDS) or not isinstance(by_labels, dict):
+            continue
+        for labels, value in by_labels.items():
+            medium = _label(labels)
+            if medium is None or not isinstance(value, int | float):
+                continue
+            fields = totals.setdefault(medium, {})
+            fields[field] = (fields.get(field, 0) + value) if counter else value
+
+
+def _combined(
+    per_engine: Mapping[int, Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """One worker's tier fields from its engines' (data parallelism: each engine core has its
+    own tiers): sums, except that a tier is enabled only while it works in every engine."""
+    out: dict[str, dict[str, float]] = {}
+    for tiers in per_engine.values():
+        for medium, fields in tiers.items():
+            into = out.setdefault(medium, {})
+            for field, value in fields.items():
+                if field == "enabled":
+                    into[field] = min(into.get(field, value), value)
+                else:
+                    into[field] = into.get(field, 0) + value
+    return out
+
+
 def _make_stat_logger_factory(state: _StatsState) -> Any:
     """A per-engine stat logger factory (vLLM calls it with `(vllm_config, engine_index)`).
 
@@ -347,9 +433,9 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
                     medium = _MEDIUM_OF_SOURCE.get(str(getattr(source, "value", source)))
                     if medium is not None:
                         state.tier_hits[medium] = state.tier_hits.get(medium, 0) + int(hits)
-                add_offload_stats(
-                    state.offload, getattr(scheduler_stats, "kv_connector_stats", None)
-                )
+                connector_stats = getattr(scheduler_stats, "kv_connector_stats", None)
+                add_offload_stats(state.offload, connector_stats)
+                add_tier_stats(state.below.setdefault(self.engine_index, {}), connector_stats)
             if iteration_stats is not None:
                 state.prompt_tokens += iteration_stats.num_prompt_tokens
                 state.generation_tokens += iteration_stats.num_generation_tokens
@@ -359,6 +445,35 @@ def _make_stat_logger_factory(state: _StatsState) -> Any:
 
     factory: type[StatLoggerBase] = DynamoStatLogger
     return factory
+
+
+def _with_fields(tier: KvTierStats, fields: Mapping[str, float], **more: Any) -> KvTierStats:
+    """``tier`` with the fields its vLLM tier reported (`add_tier_stats`), typed as
+    `KvTierStats` has them; a capacity of 0 (none reported) keeps the configured one."""
+    values: dict[str, Any] = dict(more)
+    for field, value in fields.items():
+        if field == "enabled":
+            values[field] = bool(value)
+        elif field == "load_seconds":
+            values[field] = float(value)
+        elif field != "capacity_blocks" or value:
+            values[field] = int(value)
+    return msgspec.structs.replace(tier, **values)
+
+
+def reported_tiers(
+    configured: Sequence[KvTierStats],
+    hits: Mapping[str, int],
+    below: Mapping[int, Mapping[str, Mapping[str, float]]],
+) -> list[KvTierStats]:
+    """The tiers `VllmEngine.stats()` reports: the ``configured`` ones (`_tiers_of`) with
+    their hit tokens (vLLM's cache-hit sources) and what the disk and shared tiers of each
+    engine reported (``below``: engine -> medium -> field, from `add_tier_stats`)."""
+    combined = _combined(below)
+    return [
+        _with_fields(t, combined.get(t.medium, {}), hit_tokens=hits.get(t.medium, 0))
+        for t in configured
+    ]
 
 
 class VllmEngine(Engine):
@@ -551,10 +666,7 @@ class VllmEngine(Engine):
         s = self._stats
         running = min(s.running, self._inflight)
         waiting = min(s.waiting, self._inflight - running)
-        tiers = [
-            msgspec.structs.replace(t, hit_tokens=s.tier_hits.get(t.medium, 0))
-            for t in self._tier_stats
-        ]
+        tiers = reported_tiers(self._tier_stats, s.tier_hits, s.below)
         if tiers and s.offload:  # the host tier: what vLLM's connector moved to and from it
             loaded = s.offload.get(OFFLOAD_LOAD_BYTES, 0)
             stored = s.offload.get(OFFLOAD_STORE_BYTES, 0)

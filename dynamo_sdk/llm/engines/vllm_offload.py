@@ -22,7 +22,15 @@ namespace is this engine's `LayoutIdentity`, so a torn, flipped or foreign file 
 deleted and recomputed, never loaded, and the torch engine's blocks never mix with vLLM's. A
 store that fails is switched off with one log line; its blocks are recomputed from then on.
 Reads and writes run on each tier's I/O threads: vLLM calls tiers on its scheduler thread and
-wants every call there to return at once.
+wants every call there to return at once. A load still running ``load_timeout_s``
+(``kv_load_timeout_s``) after it was submitted is reported failed, and vLLM recomputes what it
+had not delivered: vLLM itself would wait for it forever.
+
+Each tier counts what the torch engine's tiers count (`KvTierStats`: blocks and bytes written
+and loaded, loads and their time, evictions, corrupt records, errors, used and capacity
+blocks) and hands the counts to vLLM as connector stats (`get_stats`, polled every step on
+the scheduler thread), which vLLM sends to the front end with its scheduler stats; there
+`vllm_engine.add_tier_stats` adds them up.
 
 Every store and eviction is announced as vLLM `OffloadingEvent`s (medium ``STORAGE``, locality
 ``LOCAL`` for disk, ``REMOTE`` for shared), which the connector turns into KV events on vLLM's
@@ -39,10 +47,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+    OffloadingConnectorStats,
+)
 from vllm.platforms import current_platform
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
@@ -51,7 +63,10 @@ from vllm.v1.kv_offload.base import (
     Locality,
     LookupResult,
     Medium,
+    OffloadingCounterMetadata,
     OffloadingEvent,
+    OffloadingGaugeMetadata,
+    OffloadingMetricMetadata,
     OffloadingWorker,
     OffloadKey,
     ReqContext,
@@ -66,6 +81,8 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from dynamo_sdk.llm.engines.vllm_engine import TIER_COUNTERS, TIER_GAUGES, tier_metric
+from dynamo_sdk.llm.kv.events import MEDIUM_DISK, MEDIUM_SHARED
 from dynamo_sdk.llm.kv.tiers.disk import AdmissionFilter, ClaimedFolder, DiskStore
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity, block_key, split_key
 from dynamo_sdk.llm.kv.tiers.record import (
@@ -205,16 +222,40 @@ def _digest(key: OffloadKey) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+class _LoadJob:
+    """One load in flight: its blocks, its request, and how far its I/O thread got.
+
+    A load that outlives the timeout is abandoned on the scheduler thread while its I/O
+    thread may still be reading. Its host rows go back to vLLM at once (which may hand them
+    to other blocks), so the thread copies a block into its row only under ``lock`` and only
+    while the job is not ``abandoned``: once `_StoreTier._abandon` has set that, nothing
+    writes into those rows any more, and ``loaded`` (what was delivered) no longer changes.
+    """
+
+    __slots__ = ("abandoned", "items", "job_id", "loaded", "lock", "req_id", "started")
+
+    def __init__(self, job_id: int, req_id: str, items: list[tuple[OffloadKey, int]]) -> None:
+        self.job_id = job_id
+        self.req_id = req_id
+        self.items = items  # (vLLM's key, host row), in the prompt's order
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.loaded: list[OffloadKey] = []
+        self.abandoned = False
+
+
 class _StoreTier(SecondaryTierManager):
     """A vLLM secondary tier over one of our `BlockStore`s (the parts disk and shared share).
 
     ``primary_kv_view`` is vLLM's host region, one row per chunk; a record's payload is a
     whole row. Jobs run on ``io_threads`` threads; their results are collected by
-    `get_finished_jobs` (vLLM polls it every step).
+    `get_finished_jobs` (vLLM polls it every step), which also fails a load that has run for
+    ``load_timeout_s``.
     """
 
     store: BlockStore | None = None
     label: ClassVar[str] = ""
+    stats_medium: ClassVar[str] = ""  # the `KvTierStats` medium this tier reports as
 
     def __init__(
         self,
@@ -223,9 +264,13 @@ class _StoreTier(SecondaryTierManager):
         tier_type: str,
         backpressure_detector: Any = None,
         io_threads: int = 2,
+        load_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
         assert isinstance(offloading_spec, DynamoOffloadingSpec)
+        if load_timeout_s <= 0:
+            raise ValueError(f"load_timeout_s must be positive, got {load_timeout_s}")
+        self._load_timeout_s = float(load_timeout_s)
         self._rows = np.asarray(primary_kv_view)  # (chunks, row bytes) int8, shared memory
         self._namespace = offloading_spec.identity().namespace()
         self._events: list[OffloadingEvent] | None = (
@@ -233,13 +278,20 @@ class _StoreTier(SecondaryTierManager):
         )
         self._events_lock = threading.Lock()
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kv-{tier_type}")
+        # Scheduler-thread state: the jobs in flight, the loads among them, and per request
+        # the blocks a load of it failed to deliver (answered as misses for that request, so
+        # vLLM recomputes them instead of loading them again, and again).
         self._jobs: list[tuple[int, Future[JobResult]]] = []
-        self._load_keys: dict[int, list[OffloadKey]] = {}  # of the loads in flight
+        self._loads: dict[int, _LoadJob] = {}
+        self._given_up: dict[str, set[OffloadKey]] = {}
         self._suspect: set[str] = set()  # stored blocks a failed load did not deliver
         # our key -> vLLM's, to name evicted blocks in events (only this run's can be named)
         self._offload_keys: dict[str, OffloadKey] = {}
-        self.corrupt_blocks = 0
-        self.errors = 0
+        # Counts since the last `get_stats` (I/O, lookup and scheduler threads add to them),
+        # and the gauges it last reported (sent again only when they change).
+        self._stats_lock = threading.Lock()
+        self._counts: dict[str, float] = {}
+        self._sent_gauges: dict[str, float] = {}
 
     @property
     def record_bytes(self) -> int:
@@ -254,10 +306,59 @@ class _StoreTier(SecondaryTierManager):
     def _fail(self, exc: Exception) -> None:
         """Switch the tier off after a store failure (one log line); its blocks are
         recomputed from then on."""
-        self.errors += 1
+        self._count(errors=1)
         if self.store is not None:
             log.error("KV %s tier off: %s", self.label, exc)
             self.store = None
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def _count(self, **deltas: float) -> None:
+        """Add to this tier's counts (any thread)."""
+        with self._stats_lock:
+            for field, delta in deltas.items():
+                self._counts[field] = self._counts.get(field, 0) + delta
+
+    def gauges(self) -> dict[str, float]:
+        """The tier's usage now (`TIER_GAUGES` fields); a subclass adds what it knows."""
+        return {"enabled": 1.0 if self.store is not None else 0.0}
+
+    @classmethod
+    def build_metric_definitions(
+        cls, extra_config: dict[str, Any]
+    ) -> dict[str, OffloadingMetricMetadata]:
+        """What `get_stats` reports, for vLLM's Prometheus logger (which refuses metrics it
+        was not told of): `TIER_COUNTERS` and `TIER_GAUGES`, labelled by the tier's medium."""
+        labels = ("tier",)
+        metrics: dict[str, OffloadingMetricMetadata] = {
+            tier_metric(name): OffloadingCounterMetadata(documentation=text, labelnames=labels)
+            for name, text in TIER_COUNTERS
+        }
+        for name, text in TIER_GAUGES:
+            metrics[tier_metric(name)] = OffloadingGaugeMetadata(
+                documentation=text, labelnames=labels
+            )
+        return metrics
+
+    def get_stats(self) -> OffloadingConnectorStats | None:
+        """The counts since the last call and the gauges that changed (None: neither).
+
+        vLLM calls this every step on the scheduler thread and sends what it returns with
+        that step's scheduler stats to the front end, where the engine adds it up: the path
+        vLLM's own offloading metrics take out of this process."""
+        with self._stats_lock:
+            counts, self._counts = self._counts, {}
+        gauges = {k: v for k, v in self.gauges().items() if self._sent_gauges.get(k) != v}
+        if not counts and not gauges:
+            return None
+        stats = OffloadingConnectorStats()
+        labels = (self.stats_medium,)
+        for field, value in counts.items():
+            stats.increase_counter(tier_metric(field), value, labels)
+        for field, value in gauges.items():
+            stats.set_gauge(tier_metric(field), value, labels)
+        self._sent_gauges.update(gauges)
+        return stats
 
     def _announce(self, keys: list[OffloadKey], removed: bool) -> None:
         if self._events is None or not keys:
@@ -286,9 +387,11 @@ class _StoreTier(SecondaryTierManager):
         self._submit(job_metadata.job_id, lambda: self._store_all(job_metadata.job_id, wanted))
 
     def _store_all(self, job_id: int, items: list[tuple[OffloadKey, int]]) -> JobResult:
+        started = time.perf_counter()
         store = self.store
         stored: list[OffloadKey] = []
         evicted: list[OffloadKey] = []
+        num_evicted = 0  # all the store evicted (``evicted``: those this run can name)
         try:
             if store is not None:
                 for offload_key, chunk in items:
@@ -300,29 +403,38 @@ class _StoreTier(SecondaryTierManager):
                         self._namespace, _digest(offload_key), self._rows[chunk].tobytes()
                     )
                     self._offload_keys[key] = offload_key
-                    for gone in store.put(key, record):
-                        vllm_key = self._offload_keys.pop(gone, None)
+                    gone = store.put(key, record)
+                    num_evicted += len(gone)
+                    for evicted_key in gone:
+                        vllm_key = self._offload_keys.pop(evicted_key, None)
                         if vllm_key is not None:
                             evicted.append(vllm_key)
                     stored.append(offload_key)
         except StoreError as exc:
             self._fail(exc)
+        nbytes = len(stored) * self.block_size_bytes
+        self._count(offload_blocks=len(stored), offload_bytes=nbytes, evicted_blocks=num_evicted)
         self._announce(evicted, removed=True)
         self._announce(stored, removed=False)
         # A store that did not happen is no failure for vLLM: the block stays in host memory.
-        return JobResult(job_id, True, transfer_bytes=len(stored) * self.block_size_bytes)
+        return JobResult(
+            job_id, True, transfer_time=time.perf_counter() - started, transfer_bytes=nbytes
+        )
 
     def submit_load(self, job_metadata: TransferJob) -> None:
         items = list(zip(job_metadata.keys, (int(c) for c in job_metadata.chunk_ids), strict=True))
-        self._load_keys[job_metadata.job_id] = [k for k, _ in items]
-        self._submit(job_metadata.job_id, lambda: self._load_all(job_metadata.job_id, items))
+        load = _LoadJob(job_metadata.job_id, job_metadata.req_context.req_id, items)
+        self._loads[load.job_id] = load
+        self._submit(load.job_id, lambda: self._load_all(load))
 
-    def _load_all(self, job_id: int, items: list[tuple[OffloadKey, int]]) -> JobResult:
-        """Read, check and copy each block into its host row; stops at the first one that is
-        missing or bad (vLLM keeps the blocks before it)."""
-        loaded: list[OffloadKey] = []
+    def _load_all(self, load: _LoadJob) -> JobResult:
+        """(I/O thread) Read, check and copy each block into its host row; stops at the first
+        one that is missing or bad (vLLM keeps the blocks before it), or once the job was
+        abandoned (its rows are no longer its own)."""
         store = self.store
-        for offload_key, chunk in items:
+        for offload_key, chunk in load.items:
+            if load.abandoned:  # unlocked peek: saves a read the job could not deliver
+                break
             key = self.key_of(offload_key)
             try:
                 data = store.get(key) if store is not None else None
@@ -333,20 +445,48 @@ class _StoreTier(SecondaryTierManager):
                     raise CorruptBlockError(f"{len(payload)}-byte block, expected another size")
             except CorruptBlockError as exc:
                 log.warning("KV %s tier: %s: %s; deleted, recomputed", self.label, key, exc)
-                self.corrupt_blocks += 1
+                self._count(corrupt_blocks=1)
                 self._discard(store, key, offload_key)
                 break
             except StoreError as exc:
                 self._fail(exc)
                 break
-            self._rows[chunk] = np.frombuffer(payload, dtype=np.int8)
-            loaded.append(offload_key)
+            with load.lock:
+                if load.abandoned:
+                    break
+                self._rows[chunk] = np.frombuffer(payload, dtype=np.int8)
+                load.loaded.append(offload_key)
+        return self._load_result(load, time.monotonic())
+
+    def _load_result(self, load: _LoadJob, now: float) -> JobResult:
+        with load.lock:
+            loaded = tuple(load.loaded)
+        whole = len(loaded) == len(load.items)
         return JobResult(
-            job_id,
-            len(loaded) == len(items),
-            successful_keys=tuple(loaded) if len(loaded) < len(items) else None,
+            load.job_id,
+            whole,
+            successful_keys=None if whole else loaded,
+            transfer_time=now - load.started,
             transfer_bytes=len(loaded) * self.block_size_bytes,
         )
+
+    def _abandon(self, load: _LoadJob, now: float) -> JobResult:
+        """(scheduler thread) End a load that has run ``load_timeout_s``: what it delivered
+        is kept, the rest fails, and vLLM recomputes it. Counted as an error, with one line."""
+        with load.lock:
+            load.abandoned = True  # from here on the I/O thread writes no row of it
+        result = self._load_result(load, now)
+        if not result.success:
+            self._count(errors=1)
+            log.warning(
+                "KV %s tier: a load of %d blocks took over kv_load_timeout_s (%.3g s); "
+                "recomputing the %d it had not delivered",
+                self.label,
+                len(load.items),
+                self._load_timeout_s,
+                len(load.items) - len(result.successful_keys or ()),
+            )
+        return result
 
     def _discard(self, store: BlockStore | None, key: str, offload_key: OffloadKey) -> None:
         try:
@@ -360,44 +500,95 @@ class _StoreTier(SecondaryTierManager):
     def on_load_failed(self, keys: list[OffloadKey]) -> None:
         """Called on the scheduler thread with the blocks a load could not deliver."""
 
+    def gave_up(self, key: OffloadKey, req_context: ReqContext) -> bool:
+        """Whether a load of ``key`` for this request failed: then it is a miss for the
+        request (else vLLM would look it up, find it, and load it again, and again)."""
+        failed = self._given_up.get(req_context.req_id)
+        return failed is not None and key in failed
+
     def _submit(self, job_id: int, work: Callable[[], JobResult]) -> None:
         self._jobs.append((job_id, self._io.submit(work)))
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
+        """The jobs done since the last call, and the loads that ran out of time."""
         finished: list[JobResult] = []
         pending: list[tuple[int, Future[JobResult]]] = []
+        now = time.monotonic()
         for job_id, future in self._jobs:
-            if not future.done():
+            load = self._loads.get(job_id)
+            timed_out = False
+            if load is not None and (
+                load.abandoned  # by drain_jobs
+                or (not future.done() and now - load.started > self._load_timeout_s)
+            ):
+                # its thread finishes the read it is in and stops; its result is not awaited
+                result = self._abandon(load, now)
+                timed_out = not result.success
+            elif future.done():
+                try:
+                    result = future.result()
+                except Exception:  # a bug, not a store failure: fail the job, keep serving
+                    log.exception("KV %s tier: job %d failed", self.label, job_id)
+                    result = JobResult(job_id, False)
+            else:
                 pending.append((job_id, future))
                 continue
-            try:
-                result = future.result()
-            except Exception:  # a bug, not a store failure: fail the job, keep serving
-                log.exception("KV %s tier: job %d failed", self.label, job_id)
-                result = JobResult(job_id, False)
-            keys = self._load_keys.pop(job_id, None)
-            if keys is not None and not result.success:
-                kept = set(result.successful_keys or ())
-                failed = [k for k in keys if k not in kept]
-                # unread after the bad one, maybe bad too: rewritten when they come back
-                self._suspect.update(self.key_of(k) for k in failed)
-                self.on_load_failed(failed)
+            if load is not None:
+                del self._loads[job_id]
+                self._finish_load(load, result, timed_out)
             finished.append(result)
         self._jobs = pending
         return finished
+
+    def _finish_load(self, load: _LoadJob, result: JobResult, timed_out: bool) -> None:
+        """Count a finished load, and remember for its request what it did not deliver."""
+        keys = [k for k, _ in load.items]
+        kept = keys if result.success else list(result.successful_keys or ())
+        if kept:
+            self._count(
+                loads=1,
+                onboard_blocks=len(kept),
+                onboard_bytes=len(kept) * self.block_size_bytes,
+                load_seconds=result.transfer_time or 0.0,
+            )
+        if result.success:
+            return
+        delivered = set(kept)
+        failed = [k for k in keys if k not in delivered]
+        if not timed_out:  # unread after a bad one, maybe bad too: rewritten when back
+            self._suspect.update(self.key_of(k) for k in failed)
+        self._given_up.setdefault(load.req_id, set()).update(failed)
+        self.on_load_failed(failed)
 
     def has_pending_work(self) -> bool:
         return bool(self._jobs)
 
     def drain_jobs(self) -> None:
-        for _, future in list(self._jobs):
-            future.exception()  # waits; the result is collected by get_finished_jobs
+        """Wait for every job (vLLM then reuses the host rows): a store to its end, a load
+        until its timeout at most. A load still reading then is abandoned: it writes no row
+        from here on, and the next `get_finished_jobs` reports it failed."""
+        for job_id, future in list(self._jobs):
+            load = self._loads.get(job_id)
+            if load is None:
+                future.exception()  # waits; the result is collected by get_finished_jobs
+                continue
+            left = load.started + self._load_timeout_s - time.monotonic()
+            try:
+                future.exception(timeout=max(left, 0.0))
+            except FutureTimeoutError:
+                with load.lock:
+                    load.abandoned = True
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
         return RequestOffloadingContext()
 
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        self._given_up.pop(req_context.req_id, None)
+
     def shutdown(self) -> None:
-        self._io.shutdown(wait=True)  # let writes in flight finish: a restart finds them
+        # Let writes in flight finish (a restart finds them); an abandoned load's thread
+        # stops after the read it is in.
+        self._io.shutdown(wait=True)
         self._rows = np.empty((0, 0), np.int8)  # let vLLM unmap its host region
         if self.store is not None:
             self.store.close()
@@ -413,6 +604,7 @@ class DiskTier(_StoreTier):
 
     medium: ClassVar[Medium] = Medium.STORAGE
     label = "disk"
+    stats_medium = MEDIUM_DISK
 
     def __init__(
         self,
@@ -423,9 +615,9 @@ class DiskTier(_StoreTier):
         blocks: int = 0,
         gb: float = 0.0,
         admission: int = 2,
-        backpressure_detector: Any = None,
+        **common: Any,  # `_StoreTier`'s: backpressure_detector, io_threads, load_timeout_s
     ) -> None:
-        super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        super().__init__(offloading_spec, primary_kv_view, tier_type, **common)
         self.locality = Locality.LOCAL
         self._admission = AdmissionFilter(admission)
         budget = blocks * self.record_bytes if blocks else int(gb * 1e9)
@@ -447,7 +639,9 @@ class DiskTier(_StoreTier):
         self._announce(known, removed=False)
 
     def admit(self, key: OffloadKey) -> bool:
-        return self._admission.admit(self.key_of(key))
+        store = self.store  # any block while the disk has room, as the torch engine's stack
+        room = isinstance(store, DiskStore) and store.has_room(self.record_bytes)
+        return self._admission.admit(self.key_of(key), room=room)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         for key in keys:  # a hit is an offer (vLLM touches every tier on a hit)
@@ -455,8 +649,17 @@ class DiskTier(_StoreTier):
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         store = self.store
-        found = store is not None and store.contains([self.key_of(key)])[0]
-        return LookupResult.HIT if found else LookupResult.MISS
+        if store is None or self.gave_up(key, req_context):
+            return LookupResult.MISS
+        return LookupResult.HIT if store.contains([self.key_of(key)])[0] else LookupResult.MISS
+
+    def gauges(self) -> dict[str, float]:
+        gauges = super().gauges()
+        store = self.store
+        if isinstance(store, DiskStore):
+            gauges["used_blocks"] = store.num_blocks
+            gauges["capacity_blocks"] = store.budget_bytes // self.record_bytes
+        return gauges
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -489,6 +692,7 @@ class SharedTier(_StoreTier):
     medium: ClassVar[Medium] = Medium.STORAGE
     cache_hit_source: ClassVar[CacheHitSource] = CacheHitSource.EXTERNAL_UNSPECIFIED
     label = "shared"
+    stats_medium = MEDIUM_SHARED
 
     def __init__(
         self,
@@ -496,9 +700,9 @@ class SharedTier(_StoreTier):
         primary_kv_view: memoryview,
         tier_type: str,
         uri: str,
-        backpressure_detector: Any = None,
+        **common: Any,  # `_StoreTier`'s: backpressure_detector, io_threads, load_timeout_s
     ) -> None:
-        super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        super().__init__(offloading_spec, primary_kv_view, tier_type, **common)
         self.locality = Locality.REMOTE
         try:
             self.store = open_shared_store(uri)
@@ -508,7 +712,7 @@ class SharedTier(_StoreTier):
         self._lookups = _SharedLookups(self)
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        if self.store is None:
+        if self.store is None or self.gave_up(key, req_context):
             return LookupResult.MISS
         found = self._lookups.lookup(key, req_context)
         if found is None:
@@ -522,6 +726,7 @@ class SharedTier(_StoreTier):
         self._lookups.flush()
 
     def on_request_finished(self, req_context: ReqContext) -> None:
+        super().on_request_finished(req_context)
         self._lookups.cleanup(req_context.req_id)
 
     def shutdown(self) -> None:
