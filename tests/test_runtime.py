@@ -444,3 +444,99 @@ async def test_a_dead_caller_cancels_its_streams(
         await asyncio.wait_for(stopped.wait(), 3.0)  # a few heartbeat intervals
     finally:
         await callee.shutdown()
+
+
+CALLEE_SCRIPT = """
+import asyncio, sys
+from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+
+async def main():
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]], lease_ttl=30)
+    rt = await DistributedRuntime.connect(settings)
+
+    async def handler(n: int):
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.01)
+
+    await rt.serve_endpoint(sys.argv[3], "Mortal", "generate", handler, request_type=int)
+    print(f"{rt.instance_id:x}", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("when", ["mid_stream", "between_calls"])
+async def test_a_killed_instance_leaves_routing_at_once(
+    servers: EmbeddedServers, unique_ns: str, when: str
+) -> None:
+    """SIGKILL a callee: its lease (30 s here) keeps it in etcd, but the caller stops routing
+    to it as soon as a call sees it fail, through its closed connection (mid-stream) or NATS's
+    "no responders" (the next call to it); then every call goes to the live instance."""
+    import signal
+    import sys
+
+    live = await DistributedRuntime.connect(settings_for(servers))
+
+    async def handler(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CALLEE_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await live.serve_endpoint(unique_ns, "Mortal", "generate", handler, request_type=int)
+        assert proc.stdout is not None
+        mortal = int((await asyncio.wait_for(proc.stdout.readline(), 30)).strip(), 16)
+        client = caller.endpoint_client(unique_ns, "Mortal", "generate", response_type=int)
+        while len(client.instance_ids()) < 2:
+            await asyncio.sleep(0.05)
+        if when == "mid_stream":
+            with pytest.raises(StreamLostError):
+                async for i in client.direct(mortal, 10**6):
+                    if i == 3:
+                        proc.send_signal(signal.SIGKILL)
+        else:
+            assert await client.direct(mortal, 1) == 0
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            with pytest.raises(NoInstancesError):
+                await client.direct(mortal, 1)
+        assert client.instance_ids() == [live.instance_id], "still routed to the dead instance"
+        assert [await client.round_robin(1) for _ in range(10)] == [0] * 10
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        for rt in (caller, live):
+            await rt.shutdown()
+
+
+async def test_a_suspended_instance_comes_back_unless_it_left(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """A suspension is a caller's suspicion, not etcd's verdict: a live instance (a false
+    alarm: a connection that alone broke) is routed to again after the suspension; one whose
+    key etcd deleted meanwhile is not."""
+    a = await _second_instance(servers, unique_ns, "Doubt", "a")
+    b = await _second_instance(servers, unique_ns, "Doubt", "b")
+    caller = await DistributedRuntime.connect(settings_for(servers))
+    try:
+        client = caller.endpoint_client(unique_ns, "Doubt", "who")
+        while len(client.instance_ids()) < 2:
+            await asyncio.sleep(0.05)
+        watcher = client.watcher
+        assert watcher.suspend(a.instance_id, 0.5) and watcher.suspend(b.instance_id, 0.5)
+        assert not watcher.suspend(b.instance_id, 0.5), "already suspended"
+        assert client.instance_ids() == []
+        await b.shutdown()  # its key goes while it is suspended
+        await asyncio.sleep(1.0)
+        assert client.instance_ids() == [a.instance_id]
+        assert await client.round_robin("x") == "a"
+    finally:
+        for rt in (caller, a):
+            await rt.shutdown()

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import msgspec
@@ -79,6 +79,17 @@ class CallDispatcher:
         )
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
+        # told `(instance_id, why)` when a call saw an instance fail (the runtime takes it out
+        # of routing at once instead of when its lease runs out)
+        self._failure_listeners: list[Callable[[int, str], None]] = []
+
+    def on_instance_failed(self, listener: Callable[[int, str], None]) -> None:
+        self._failure_listeners.append(listener)
+
+    def _instance_failed(self, instance_id: int, why: str) -> None:
+        if instance_id:
+            for listener in self._failure_listeners:
+                listener(instance_id, why)
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
@@ -136,14 +147,18 @@ class CallDispatcher:
     def _connection_lost(self, connection: object) -> None:
         """A callee's connection dropped: its process is gone, so its open streams fail now
         rather than after the watchdog's silence timeout."""
+        failed = set()
         for stream in list(self._streams.values()):
             if stream.connection is connection:
+                failed.add(stream.instance_id)
                 stream._fail(
                     StreamLostError(
                         f"{stream.target}: the connection from instance {stream.instance_id:x} "
                         "closed mid-stream (its process died or shut down)"
                     )
                 )
+        for instance_id in failed:
+            self._instance_failed(instance_id, "its connection closed mid-stream")
 
     async def _on_frame(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[1]
@@ -154,6 +169,7 @@ class CallDispatcher:
             stream._fail(
                 NoInstancesError(f"{stream.target}: no instance is listening (NATS no responders)")
             )
+            self._instance_failed(stream.instance_id, "NATS has no responder for it")
             return
         stream._on_frame(msg.data)
 
@@ -171,6 +187,7 @@ class CallDispatcher:
                             "(it died or is unreachable)"
                         )
                     )
+                    self._instance_failed(stream.instance_id, "it went silent mid-stream")
 
 
 class ResponseStream:
@@ -302,9 +319,7 @@ class ResponseStream:
         self._started = True
         self._loop = asyncio.get_running_loop()
         ep = self._endpoint
-        subject = await ep._pick_subject(self._mode, self._pinned)
-        if self._pinned is not None:
-            self.instance_id = self._pinned
+        subject, self.instance_id = await ep._pick_subject(self._mode, self._pinned)
         token, reply = ep.dispatcher.new_call()
         self._token, self.request_id = token, reply
         self.last_frame = time.monotonic()
@@ -434,10 +449,11 @@ class EndpointClient:
             await self.watcher.wait_for_change(left)
         return sorted(self.watcher.instances)
 
-    async def _pick_subject(self, mode: str, instance_id: int | None) -> str:
+    async def _pick_subject(self, mode: str, instance_id: int | None) -> tuple[str, int]:
+        """The subject to publish a call to, and the instance it names (0: NATS picks)."""
         ids = await self._live_ids(self.wait_for_instances)
         if mode == "any":
-            return self.queue_subject
+            return self.queue_subject, 0
         if mode == "direct":
             assert instance_id is not None
             if instance_id not in self.watcher.instances:
@@ -453,4 +469,4 @@ class EndpointClient:
             chosen = random.choice(ids)
         else:
             raise ValueError(f"unknown routing mode {mode!r}")
-        return instance_subject(self.namespace, self.component, self.endpoint, chosen)
+        return instance_subject(self.namespace, self.component, self.endpoint, chosen), chosen

@@ -201,12 +201,20 @@ class PrefixWatcher:
 
 
 class InstanceWatcher(PrefixWatcher):
-    """The live instances of one endpoint: routable ones, and draining ones."""
+    """The live instances of one endpoint: routable ones, draining ones, suspended ones.
+
+    A suspended instance is one a caller saw fail (its connection closed, NATS had no
+    responder for it, it went silent): it leaves routing at once, not when its lease runs out
+    seconds later, and comes back after ``suspend``'s period unless etcd deleted it meanwhile
+    (a process that was only slow, or whose connection alone broke, is routed to again).
+    """
 
     def __init__(self, client: aetcd.Client, prefix: str) -> None:
         super().__init__(client, prefix)
         self.instances: dict[int, InstanceInfo] = {}  # routable now
         self.draining: set[int] = set()  # alive, finishing streams, not routable
+        self.suspended: dict[int, InstanceInfo] = {}  # seen failing, out of routing for now
+        self._suspensions: dict[int, object] = {}  # the live suspension of each
         self._removal_listeners: list[Callable[[int], None]] = []
         self._decoder = msgspec.json.Decoder(InstanceInfo)
 
@@ -214,12 +222,39 @@ class InstanceWatcher(PrefixWatcher):
         """Call `listener(instance_id)` when an instance dies (not when it drains)."""
         self._removal_listeners.append(listener)
 
+    def suspend(self, instance_id: int, seconds: float) -> bool:
+        """Take a routable instance out of routing for ``seconds`` (a caller saw it fail);
+        True if it was routable. Its key's deletion in the meantime removes it for good."""
+        info = self.instances.pop(instance_id, None)
+        if info is None:
+            return False
+        self.suspended[instance_id] = info
+        token = self._suspensions[instance_id] = object()
+        self._changed.set()
+        asyncio.get_running_loop().call_later(seconds, self._restore, instance_id, token)
+        return True
+
+    def _restore(self, instance_id: int, token: object) -> None:
+        if self._suspensions.get(instance_id) is not token:
+            return  # deleted or drained since (or suspended again: that one restores)
+        del self._suspensions[instance_id]
+        info = self.suspended.pop(instance_id, None)
+        if info is not None:
+            self.instances[instance_id] = info
+            self._changed.set()
+
     def on_put(self, key: str, value: bytes) -> None:
         try:
             info = self._decoder.decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("ignoring malformed instance record %s: %s", key, exc)
             return
+        if info.instance_id in self.suspended and not info.draining:
+            # written again (a re-registration after a lost lease): suspended still, with it
+            self.suspended[info.instance_id] = info
+            return
+        if self.suspended.pop(info.instance_id, None) is not None:
+            del self._suspensions[info.instance_id]
         if info.draining:
             # Leaving gracefully: route nothing new to it, but its streams go on.
             self.instances.pop(info.instance_id, None)
@@ -233,7 +268,12 @@ class InstanceWatcher(PrefixWatcher):
             instance_id = int(key.rsplit(":", 1)[1], 16)
         except (IndexError, ValueError):
             return
-        known = self.instances.pop(instance_id, None) is not None or instance_id in self.draining
+        known = (
+            self.instances.pop(instance_id, None) is not None
+            or self.suspended.pop(instance_id, None) is not None
+            or instance_id in self.draining
+        )
+        self._suspensions.pop(instance_id, None)
         self.draining.discard(instance_id)
         if known:
             for listener in self._removal_listeners:

@@ -124,6 +124,7 @@ class DistributedRuntime:
         tcp = settings.response_transport == "tcp"
         host = (settings.response_host or listen_host(settings.nats_url)) if tcp else None
         self.dispatcher = CallDispatcher(nc, settings.stream_timeout, host)
+        self.dispatcher.on_instance_failed(self._instance_failed)
         # Connections to the callers of this process's endpoints (TCP response plane); None
         # with DYN_RESPONSE_TRANSPORT=nats: this process then answers over NATS too.
         self.replies = ReplyConnections(self._caller_lost) if tcp else None
@@ -176,6 +177,21 @@ class DistributedRuntime:
     def _caller_lost(self, address: str) -> None:
         for server in self.servers:
             server.caller_lost(address)
+
+    def _instance_failed(self, instance_id: int, why: str) -> None:
+        """A call saw ``instance_id`` fail: out of every endpoint's routing here until its
+        lease would have run out (then etcd has deleted it, or it is routed to again)."""
+        for watcher in self._watchers.values():
+            if isinstance(watcher, InstanceWatcher) and watcher.suspend(
+                instance_id, self.settings.lease_ttl + 1.0
+            ):
+                log.warning(
+                    "instance %x of %s failed (%s): out of routing for %d s",
+                    instance_id,
+                    watcher.prefix.removeprefix("instances/").rstrip(":"),
+                    why,
+                    self.settings.lease_ttl + 1,
+                )
 
     def _lease_lost(self) -> None:
         self.lease_lost.set()
