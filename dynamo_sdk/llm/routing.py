@@ -61,6 +61,10 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_tier_aware: Annotated[
         bool, Meta(description="kv: credit host/disk/shared blocks (false: GPU hits only)")
     ] = True
+    migration_limit: Annotated[
+        int,
+        Meta(ge=0, le=100, description="streams whose worker died go on on another: times"),
+    ] = 3
 
 
 class RouteRequest(msgspec.Struct):

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from msgspec import Meta
 
 from dynamo_sdk.llm.errors import ServiceUnavailableError
+from dynamo_sdk.llm.migration import Migrating
 from dynamo_sdk.llm.model_registry import LiveModels
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.openai_protocol import OpenAIRequest
@@ -52,17 +53,21 @@ class PipelineConfig(RoutingConfig):
 
 
 class ModelPipeline:
-    """One model: preprocessing, the routed call to a worker, postprocessing."""
+    """One model: preprocessing, the routed call to a worker (migrated to another when that
+    worker dies: `migration.py`), postprocessing."""
 
-    def __init__(self, entry: ModelEntry, tokenizer: Tokenizer, routing: Routing) -> None:
+    def __init__(
+        self, entry: ModelEntry, tokenizer: Tokenizer, routing: Routing, migration_limit: int = 3
+    ) -> None:
         self.entry = entry
         self.processor = OpenAIProcessor(tokenizer, entry.name)
         self.routing = routing
+        self.call = Migrating(routing.stream, migration_limit)
 
     def generate(
         self, request_id: str, body: OpenAIRequest, context_length: int
     ) -> AsyncIterator[TextDelta]:
-        return self.processor.generate(request_id, body, self.routing.stream, context_length)
+        return self.processor.generate(request_id, body, self.call, context_length)
 
 
 class ServedModels:
@@ -167,7 +172,9 @@ class ServedModels:
             log.error("cannot serve model %s: %s (retrying in %.0f s)", entry.name, why, RETRY_S)
             return
         self._failed.pop(entry.name, None)
-        self.pipelines[entry.name] = ModelPipeline(entry, tokenizer, routing)
+        self.pipelines[entry.name] = ModelPipeline(
+            entry, tokenizer, routing, self.routing.migration_limit
+        )
         log.info("serving model %s (%s routing, tokenizer %s)", entry.name,
                  self.routing.router_mode, tokenizer.path)  # fmt: skip
 
