@@ -51,6 +51,11 @@ class Lease:
     connection: code that blocks the main loop for a while (loading a tokenizer, a long CPU
     step) must not make a healthy process vanish from discovery. A process that is truly
     stuck is the liveness probe's business, not the lease's.
+
+    The thread, its loop and its connection live as long as the process: after a loss it
+    waits for the lease the runtime grants next (`grant` again) and keeps that one alive.
+    (Closing a second event loop that gRPC's asyncio poller has served froze the main loop
+    in a later gRPC call: seen on an etcd pause, so the loop is never closed early.)
     """
 
     def __init__(self, client: aetcd.Client, ttl: int, on_lost: Callable[[], None]) -> None:
@@ -59,17 +64,22 @@ class Lease:
         self.id = 0
         self._on_lost = on_lost
         self._stop = threading.Event()
+        self._granted = threading.Event()  # set by `grant`, cleared by the thread on a loss
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def grant(self) -> None:
+        """Take a lease (a new one on each call: after a loss, the runtime calls it again)
+        and have the keep-alive thread refresh it."""
         lease = await self.client.lease(self.ttl)
         self.id = int(lease.id)
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(
-            target=self._run_keep_alive, name=f"etcd-lease-{self.id:x}", daemon=True
-        )
-        self._thread.start()
+        self._granted.set()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run_keep_alive, name=f"etcd-lease-{self.id:x}", daemon=True
+            )
+            self._thread.start()
 
     def _lost(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -80,43 +90,60 @@ class Lease:
         asyncio.run(self._keep_alive())
 
     async def _keep_alive(self) -> None:
-        interval = max(self.ttl / 3.0, 0.2)
         client = aetcd.Client(host=self.client._host, port=self.client._port)
-        last_ok = time.monotonic()
-        wait = interval
         try:
-            while not self._stop.wait(wait):
-                try:
-                    reply = await asyncio.wait_for(
-                        client.refresh_lease(self.id), max(interval, 1.0)
-                    )
-                except Exception as exc:
-                    # Retry soon rather than a whole interval later: with a short TTL on a busy
-                    # machine one slow answer must not cost the lease.
-                    log.warning("etcd lease keep-alive failed: %s", exc or type(exc).__name__)
-                    if time.monotonic() - last_ok >= self.ttl:
-                        self._lost()
-                        return
-                    wait = min(0.2, interval)
+            while not self._stop.is_set():
+                if not self._granted.wait(0.2):
                     continue
-                if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
-                    log.error(
-                        "etcd lease %x expired: this instance is no longer discoverable", self.id
-                    )
-                    self._lost()
-                    return
-                last_ok, wait = time.monotonic(), interval
+                await self._refresh_until_lost(client, self.id)
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+
+    async def _refresh_until_lost(self, client: aetcd.Client, lease_id: int) -> None:
+        """Refresh ``lease_id`` every TTL/3 until it is lost (then tell the runtime), revoked,
+        given up (`stop`) or replaced by a newer grant."""
+        interval = max(self.ttl / 3.0, 0.2)
+        last_ok = time.monotonic()
+        wait = interval
+        failing = False
+        while not self._stop.wait(wait):
+            if self.id != lease_id or not self._granted.is_set():
+                return
+            try:
+                reply = await asyncio.wait_for(client.refresh_lease(lease_id), max(interval, 1.0))
+            except Exception as exc:
+                # Retry soon rather than a whole interval later: with a short TTL on a busy
+                # machine one slow answer must not cost the lease. One line per outage.
+                if not failing:
+                    log.warning("etcd lease keep-alive failed: %s; retrying",
+                                exc or type(exc).__name__)  # fmt: skip
+                failing = True
+                if time.monotonic() - last_ok < self.ttl:
+                    wait = min(0.2, interval)
+                    continue
+                log.error("etcd lease %x lost: no keep-alive for %d s", lease_id, self.ttl)
+            else:
+                if reply is not None and int(getattr(reply, "TTL", 0)) > 0:
+                    last_ok, wait, failing = time.monotonic(), interval, False
+                    continue
+                log.error("etcd lease %x expired: this instance is not discoverable until a "
+                          "new lease is granted", lease_id)  # fmt: skip
+            self._granted.clear()
+            self._lost()
+            return
+
+    def stop(self) -> None:
+        """Stop refreshing the current lease (a failed re-grant's: it runs out)."""
+        self._granted.clear()
 
     async def revoke(self) -> None:
         self._stop.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
-        if self.id:
+        if self.id:  # bounded: etcd may be away (the lease then runs out by itself)
             with contextlib.suppress(Exception):
-                await self.client.revoke_lease(self.id)
+                await asyncio.wait_for(self.client.revoke_lease(self.id), 2.0)
 
 
 class PrefixWatcher:

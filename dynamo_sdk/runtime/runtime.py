@@ -1,8 +1,13 @@
 """`DistributedRuntime`: one process's connections to NATS and etcd, and what it serves.
 
 A worker process has one runtime: one NATS connection (calls and streams), one etcd client,
-one lease (its instance id), one reply inbox for the calls it makes. Clients of remote
-endpoints share one etcd watch per endpoint.
+one lease, one instance id (the first lease's id, kept for the process's life), one reply
+inbox for the calls it makes. Clients of remote endpoints share one etcd watch per endpoint.
+
+A lost lease (etcd paused or restarted past the TTL) is not the process's end: the runtime
+grants a new one, retrying with backoff while etcd is away, and writes every key it holds
+again under it (same keys, same instance id), so an etcd outage costs discovery for its
+length and nothing else: streams over NATS go on meanwhile.
 """
 
 from __future__ import annotations
@@ -131,8 +136,13 @@ class DistributedRuntime:
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}
         self._registered: dict[str, InstanceInfo] = {}
-        self.lease_lost = asyncio.Event()
+        self._leased: dict[str, bytes] = {}  # `put_leased` keys, written again on a new lease
+        self._instance_id = 0
+        self.lease_lost = asyncio.Event()  # set while the lease is lost, until re-granted
+        self.lease_regrants = 0
         self._on_lease_lost: list[Callable[[], None]] = []
+        self._regrant_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._nats_events = _NatsEvents()
 
     @classmethod
@@ -163,13 +173,15 @@ class DistributedRuntime:
         runtime = cls(nc, etcd, settings)
         runtime._nats_events = events
         await runtime.lease.grant()
+        runtime._instance_id = runtime.lease.id
         await runtime.dispatcher.start()
         return runtime
 
     @property
     def instance_id(self) -> int:
-        """This process's instance id: its etcd lease id."""
-        return self.lease.id
+        """This process's instance id: its first etcd lease's id (kept when a lost lease is
+        re-granted, so subjects, keys and callers' views of it stay valid)."""
+        return self._instance_id
 
     def on_lease_lost(self, callback: Callable[[], None]) -> None:
         self._on_lease_lost.append(callback)
@@ -197,6 +209,32 @@ class DistributedRuntime:
         self.lease_lost.set()
         for callback in self._on_lease_lost:
             callback()
+        if not self._closing and (self._regrant_task is None or self._regrant_task.done()):
+            self._regrant_task = asyncio.get_running_loop().create_task(self._regrant())
+
+    async def _regrant(self, first_wait: float = 0.2, max_wait: float = 5.0) -> None:
+        """Take a new lease and write every key again under it (see module docstring)."""
+        wait = first_wait
+        while not self._closing:
+            try:
+                await self.lease.grant()
+                for key, info in self._registered.items():
+                    await self.etcd.put(key.encode(), encode_instance(info), lease=self.lease.id)
+                for key, value in self._leased.items():
+                    await self.etcd.put(key.encode(), value, lease=self.lease.id)
+            except Exception as exc:
+                self.lease.stop()
+                log.warning("etcd: cannot re-grant the lease yet (%s); retrying in %.1f s",
+                            exc or type(exc).__name__, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, max_wait)
+                continue
+            self.lease_regrants += 1
+            self.lease_lost.clear()
+            log.warning("etcd lease re-granted (lease %x, instance %x): %d keys written again",
+                        self.lease.id, self.instance_id,
+                        len(self._registered) + len(self._leased))  # fmt: skip
+            return
 
     # ---- serving ----------------------------------------------------------------------
 
@@ -241,8 +279,8 @@ class DistributedRuntime:
             metadata=metadata,
         )
         key = instance_key(server.namespace, server.component, server.endpoint, self.instance_id)
-        await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
-        self._registered[key] = info
+        self._registered[key] = info  # first: a re-grant meanwhile writes it too
+        await self._put_or_regrant(key, encode_instance(info))
 
     async def mark_draining(self) -> None:
         """Tell clients to route nothing new here, without failing the streams still running.
@@ -253,11 +291,24 @@ class DistributedRuntime:
         for key, info in self._registered.items():
             info.draining = True
             with contextlib.suppress(Exception):
-                await self.etcd.put(key.encode(), encode_instance(info), lease=self.instance_id)
+                await self.etcd.put(key.encode(), encode_instance(info), lease=self.lease.id)
 
     async def put_leased(self, key: str, value: bytes) -> None:
-        """Store `key` for as long as this process lives (bound to its lease)."""
-        await self.etcd.put(key.encode(), value, lease=self.instance_id)
+        """Store `key` for as long as this process lives (bound to its lease, and written
+        again under a new one if the lease is lost)."""
+        self._leased[key] = value
+        await self._put_or_regrant(key, value)
+
+    async def _put_or_regrant(self, key: str, value: bytes) -> None:
+        """Write a leased key; if etcd cannot take it now, the key is written with every
+        other one once etcd answers again (`_regrant`), instead of failing the caller."""
+        try:
+            await self.etcd.put(key.encode(), value, lease=self.lease.id)
+        except Exception as exc:
+            log.warning("etcd: cannot write %s now (%s); writing it once etcd answers",
+                        key, exc or type(exc).__name__)  # fmt: skip
+            self.lease.stop()
+            self._lease_lost()
 
     def watch_prefix(self, prefix: str) -> PrefixWatcher:
         """A started watcher mirroring every key under `prefix` (stopped at shutdown)."""
@@ -303,7 +354,12 @@ class DistributedRuntime:
         return sum(results)
 
     async def shutdown(self) -> None:
+        self._closing = True
         self._nats_events.closing = True
+        if self._regrant_task is not None:
+            self._regrant_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._regrant_task
         for server in self.servers:
             await server.close()
         for watcher in self._watchers.values():
@@ -312,7 +368,8 @@ class DistributedRuntime:
         if self.replies is not None:
             self.replies.close()
         await self.lease.revoke()
+        # bounded: a shutdown while NATS or etcd is away must still end
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await asyncio.wait_for(self.nc.drain(), 5.0)
         with contextlib.suppress(Exception):
-            await self.etcd.close()
+            await asyncio.wait_for(self.etcd.close(), 2.0)

@@ -96,8 +96,9 @@ class ServiceHost:
 
     async def start(self) -> None:
         svc = self.service
+        # A lost etcd lease does not stop the worker: the runtime re-grants it and registers
+        # again (`DistributedRuntime._regrant`); requests over NATS go on meanwhile.
         self.runtime = await DistributedRuntime.connect(RuntimeSettings.from_env())
-        self.runtime.on_lease_lost(self.stop.set)
         dynamo_context.namespace = svc.namespace
         dynamo_context.component = svc.name
         dynamo_context.worker_index = self.worker_index
@@ -237,9 +238,6 @@ async def run_worker(graph: str, service_name: str, worker_index: int) -> int:
     log.info("draining (grace %.1f s)", grace)
     if host.runtime is not None:
         await host.drain(grace)
-    if host.runtime is not None and host.runtime.lease_lost.is_set():
-        log.error("exiting: the etcd lease was lost")
-        return 3
     log.info("stopped")
     return 0
 
