@@ -150,3 +150,66 @@ async def test_a_key_etcd_cannot_take_now_is_written_once_it_answers(
     finally:
         await caller.shutdown()
         await callee.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["nats-server", "etcd"])
+def test_dynamo_serve_restarts_its_embedded_server(tmp_path: Path, victim: str) -> None:
+    """`dynamo serve` on the embedded default: SIGKILL its nats-server (or etcd). It is
+    restarted on the same port and the graph serves again within 5 s, no worker restarted."""
+    import os
+
+    import httpx
+    import psutil
+
+    from dynamo_sdk.serve.embedded import free_port
+    from tests.serving import REPO_ROOT, ServeProcess, answers_a_completion
+
+    port = free_port()
+    serve = ServeProcess(
+        ["graphs.agg:Frontend", "-f", "configs/agg_echo.yaml", f"--Frontend.port={port}"],
+        cwd=REPO_ROOT,
+        env={"DYN_LEASE_TTL": "5"},
+        log_path=tmp_path / "serve.log",
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    body = {"model": "echo", "prompt": "still here", "max_tokens": 4}
+
+    def ok() -> bool:
+        try:
+            return httpx.post(f"{base}/completions", json=body, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        serve.wait_for(
+            lambda: (
+                serve.output().count("ready: instance") >= 2 and answers_a_completion(base, "echo")
+            ),
+            60,
+            "the echo graph",
+        )
+        started = serve.output().count("started ")
+        (server,) = [
+            p for p in psutil.Process(serve.proc.pid).children(recursive=True)
+            if p.name() == victim
+        ]  # fmt: skip
+        os.kill(server.pid, 9)
+        killed = time.monotonic()
+        failing_since: float | None = None
+        longest = 0.0
+        while time.monotonic() - killed < 12:
+            if ok():
+                if failing_since is not None:
+                    longest = max(longest, time.monotonic() - failing_since)
+                    failing_since = None
+            elif failing_since is None:
+                failing_since = time.monotonic()
+            time.sleep(0.1)
+        assert failing_since is None, "the graph did not serve again"
+        assert longest <= 5.0, f"{longest:.1f} s of failed requests"
+        log = serve.output()
+        assert f"embedded {victim} is back" in log
+        assert log.count("started ") == started, "a worker was restarted"
+    finally:
+        serve.stop()

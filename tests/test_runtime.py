@@ -521,22 +521,24 @@ async def test_a_suspended_instance_comes_back_unless_it_left(
 ) -> None:
     """A suspension is a caller's suspicion, not etcd's verdict: a live instance (a false
     alarm: a connection that alone broke) is routed to again after the suspension; one whose
-    key etcd deleted meanwhile is not."""
+    key etcd deleted meanwhile is not; the last routable instance is never suspended."""
     a = await _second_instance(servers, unique_ns, "Doubt", "a")
     b = await _second_instance(servers, unique_ns, "Doubt", "b")
+    c = await _second_instance(servers, unique_ns, "Doubt", "c")
     caller = await DistributedRuntime.connect(settings_for(servers))
     try:
         client = caller.endpoint_client(unique_ns, "Doubt", "who")
-        while len(client.instance_ids()) < 2:
+        while len(client.instance_ids()) < 3:
             await asyncio.sleep(0.05)
         watcher = client.watcher
         assert watcher.suspend(a.instance_id, 0.5) and watcher.suspend(b.instance_id, 0.5)
         assert not watcher.suspend(b.instance_id, 0.5), "already suspended"
-        assert client.instance_ids() == []
+        assert not watcher.suspend(c.instance_id, 0.5), "the last routable one"
+        assert client.instance_ids() == [c.instance_id]
         await b.shutdown()  # its key goes while it is suspended
         await asyncio.sleep(1.0)
-        assert client.instance_ids() == [a.instance_id]
-        assert await client.round_robin("x") == "a"
+        assert client.instance_ids() == sorted([a.instance_id, c.instance_id])
+        assert {await client.round_robin("x") for _ in range(4)} == {"a", "c"}
     finally:
-        for rt in (caller, a):
+        for rt in (caller, a, c):
             await rt.shutdown()

@@ -18,6 +18,7 @@ tokens as prompt tokens on the new worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ class Migrating:
                     return
                 migrations += 1
                 self.stats.migrations += 1
+                # a moment for a worker that is re-subscribing (NATS came back) or for the
+                # routing to learn of a death: 0.05, 0.1, 0.2 ... s, at most 1 s
+                await asyncio.sleep(min(0.05 * 2 ** (migrations - 1), 1.0))
                 log.warning("request %s: %s; continuing on another worker after %d tokens "
                             "(migration %d of %d)", request.request_id, exc, len(generated),
                             migrations, self.limit)  # fmt: skip

@@ -251,10 +251,13 @@ class InstanceWatcher(PrefixWatcher):
 
     def suspend(self, instance_id: int, seconds: float) -> bool:
         """Take a routable instance out of routing for ``seconds`` (a caller saw it fail);
-        True if it was routable. Its key's deletion in the meantime removes it for good."""
-        info = self.instances.pop(instance_id, None)
-        if info is None:
+        True if it was. Its key's deletion in the meantime removes it for good. The last
+        routable instance is never suspended: with nothing else to route to, a suspicion
+        (NATS had no responder for it right after a reconnect, before it subscribed again)
+        would turn a blip into seconds of refusals."""
+        if instance_id not in self.instances or len(self.instances) < 2:
             return False
+        info = self.instances.pop(instance_id)
         self.suspended[instance_id] = info
         token = self._suspensions[instance_id] = object()
         self._changed.set()

@@ -8,7 +8,9 @@ their servers, so what they exercise is what users run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from dynamo_sdk.serve.procutil import die_with_parent
+
+log = logging.getLogger("dynamo.serve")
 
 
 class EmbeddedServerError(RuntimeError):
@@ -78,6 +82,19 @@ class ServerProcess:
     url: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    cmd: list[str] = field(default_factory=list)  # how it was started: a restart repeats it
+    port: int = 0  # the port it serves clients on (the same after a restart)
+    start_timeout: float = 30.0
+    restarts: int = 0
+
+    def restart(self) -> None:
+        """Start it again with the same command: the same ports and data directory, so
+        clients reconnect to where they were and find their data (JetStream, etcd keys)."""
+        self.stop(timeout=2.0)
+        with open(self.log_path, "ab") as log:
+            self.proc = _spawn(self.cmd, log)
+        _wait_for_port(self.port, self.proc, self.name, self.start_timeout)
+        self.restarts += 1
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc.poll() is None:
@@ -100,6 +117,33 @@ class EmbeddedServers:
 
     def env(self) -> dict[str, str]:
         return {"NATS_SERVER": self.nats.url, "ETCD_ENDPOINTS": self.etcd.url}
+
+    async def watch(self, interval: float = 0.5, max_backoff: float = 10.0) -> None:
+        """Restart a server that exits, on the same port with the same data, until
+        cancelled: `dynamo serve`'s graph outlives a crashed or killed nats-server or etcd
+        (its clients reconnect on their own). One log line per exit; a server that keeps
+        failing to start is retried with a growing wait."""
+        backoff = {server.name: interval for server in (self.nats, self.etcd)}
+        while True:
+            await asyncio.sleep(interval)
+            for server in (self.nats, self.etcd):
+                code = server.proc.poll()
+                if code is None:
+                    backoff[server.name] = interval
+                    continue
+                log.error("embedded %s exited with code %s; restarting it on %s",
+                          server.name, code, server.url)  # fmt: skip
+                try:
+                    await asyncio.to_thread(server.restart)
+                except EmbeddedServerError as exc:
+                    wait = backoff[server.name]
+                    log.error("embedded %s did not come back (%s); retrying in %.1f s",
+                              server.name, exc, wait)  # fmt: skip
+                    backoff[server.name] = min(wait * 2, max_backoff)
+                    await asyncio.sleep(wait)
+                    continue
+                log.warning("embedded %s is back on %s (restart %d)", server.name,
+                            server.url, server.restarts)  # fmt: skip
 
     def stop(self) -> None:
         for server in (self.nats, self.etcd):
@@ -127,7 +171,9 @@ def start_nats(workdir: Path, timeout: float = 15.0) -> ServerProcess:
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
     _wait_for_port(port, proc, "nats-server", timeout)
-    return ServerProcess("nats-server", f"nats://127.0.0.1:{port}", proc, log_path)
+    return ServerProcess(
+        "nats-server", f"nats://127.0.0.1:{port}", proc, log_path, cmd, port, timeout
+    )
 
 
 def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
@@ -149,7 +195,7 @@ def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
     _wait_for_port(client_port, proc, "etcd", timeout)
-    return ServerProcess("etcd", client_url, proc, log_path)
+    return ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout)
 
 
 def start_embedded(workdir: Path | None = None) -> EmbeddedServers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -11,7 +12,7 @@ from typing import Any
 from dynamo_sdk.http.server import PortInUseError, listen_socket
 from dynamo_sdk.sdk.config import CONFIG_ENV
 from dynamo_sdk.serve.config_loader import ConfigError
-from dynamo_sdk.serve.embedded import configured_servers, start_embedded
+from dynamo_sdk.serve.embedded import EmbeddedServers, configured_servers, start_embedded
 from dynamo_sdk.serve.plan import GraphPlan
 from dynamo_sdk.serve.supervisor import Supervisor
 
@@ -57,6 +58,19 @@ def bind_http(plan: GraphPlan) -> dict[str, socket.socket]:
     return sockets
 
 
+async def _supervise(supervisor: Supervisor, embedded: EmbeddedServers | None) -> int:
+    """The supervisor's run, with the embedded servers watched (restarted if they exit)."""
+    if embedded is None:
+        return await supervisor.run()
+    watch = asyncio.create_task(embedded.watch())
+    try:
+        return await supervisor.run()
+    finally:
+        watch.cancel()
+        with contextlib.suppress(BaseException):
+            await watch
+
+
 def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
     """Serve until SIGINT/SIGTERM (or a worker that cannot start); the process exit code."""
     sockets = bind_http(plan)
@@ -83,7 +97,7 @@ def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
             http=plan.http_services(),
             http_sockets={name: sock.fileno() for name, sock in sockets.items()},
         )
-        return _run_loop(supervisor.run())
+        return _run_loop(_supervise(supervisor, embedded))
     finally:
         for sock in sockets.values():
             sock.close()
