@@ -78,7 +78,7 @@ def test_the_folded_form_is_the_default_and_the_scale_out_form_one_key_away() ->
         ("--Frontend.port=x", "Frontend.port: expected `int`, got `str`"),
         (
             "--Frontend.prot=9000",
-            "Frontend: unknown key 'prot' (valid keys: host, kv_overlap_weight",
+            "Frontend: unknown key 'prot' (valid keys: api_key, api_key_exempt, body_timeout_s,",
         ),
         ("--Frontend.router_mode=fastest", "(choices: round_robin, random, kv, service)"),
         ("--Worker.max_modle_len=5", "Worker: unknown key 'max_modle_len' (valid keys: block_size"),

@@ -11,28 +11,49 @@ Ready means ready: a model is listed in `/v1/models` only while a request for it
 served end to end, `/health` is 503 until one can (`/live` says only that the process is up),
 and a request that arrives in a start-up gap waits (up to `startup_wait` seconds) for the
 first worker instead of failing.
+
+The edge's own defences (`EdgeSettings`, docs/security.md), in the order a request meets
+them: an API key (`Authorization: Bearer`, compared in constant time; 401 in OpenAI's
+format) on every path but the health ones; `Content-Type: application/json` on a generation
+POST (415: a web page's form or `fetch` cannot post one without a CORS preflight, which
+nothing here answers, so it cannot drive generations); a body-size limit (413 on the
+declared `Content-Length` before a byte is read, and while reading a chunked body) and a
+body read timeout (408); the body's validation (400); prompt-size and message-count limits
+before tokenization (400). Every 5xx says only what kind of failure it was and the request
+id; its detail goes to the log under that id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from dynamo_sdk.http.errors import describe, error_response
+from dynamo_sdk.http.errors import clip, describe, error_response, public_failure
+from dynamo_sdk.http.server import ServerLimits
 from dynamo_sdk.http.streaming import StreamResponse
 from dynamo_sdk.llm.errors import ModelNotFoundError
 from dynamo_sdk.llm.metrics import FrontendMetrics
-from dynamo_sdk.llm.openai_protocol import OpenAIRequest, RequestError, parse_request
+from dynamo_sdk.llm.openai_protocol import (
+    OpenAIRequest,
+    RequestError,
+    check_limits,
+    parse_request,
+)
 from dynamo_sdk.llm.protocol import LogprobEntry, TextDelta, Usage
 from dynamo_sdk.runtime.errors import ErrorCode, code_of
 
@@ -51,15 +72,165 @@ class Backend(Protocol):
     def generate(self, request_id: str, body: OpenAIRequest) -> AsyncIterator[TextDelta]: ...
 
 
-def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return error_response(status, message, kind, param)
+API_KEY_ENV = "DYN_API_KEY"
+HEALTH_PATHS = ("/health", "/live", "/livez", "/readyz", "/metrics")
 
 
-def error_from_exception(exc: BaseException) -> JSONResponse:
+@dataclass(frozen=True)
+class EdgeSettings:
+    """What the OpenAI edge checks before a request reaches a backend (the Frontend's config
+    keys of the same names; docs/security.md says why each default).
+
+    ``api_key`` empty: no key is asked for. ``api_key_exempt``: the paths open without one
+    (the probes and metrics, so a load balancer or Prometheus needs no secret; empty it to
+    protect them too). ``max_body_bytes`` (8 MiB) holds the largest prompt
+    ``max_prompt_chars`` allows even with every character JSON-escaped (`\\uXXXX`, 6 bytes,
+    as clients that write ASCII-only JSON send non-Latin text). ``max_prompt_chars`` (1M,
+    about 250k tokens of English) is over any context served today yet bounds what one
+    request can make the tokenizer do; ``max_messages`` (2048) is OpenAI's own limit.
+    ``body_timeout_s``: how long reading a body may take (30 s is 8 MiB at under 300 KB/s).
+    """
+
+    api_key: str = ""
+    api_key_exempt: tuple[str, ...] = HEALTH_PATHS
+    max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    max_prompt_chars: int = 1_000_000
+    max_messages: int = 2048
+    server: ServerLimits = field(default_factory=ServerLimits)
+
+    @classmethod
+    def from_env(cls) -> EdgeSettings:
+        """The defaults, with the API key `DYN_API_KEY` names (what `dynamo run` serves)."""
+        return cls(api_key=os.environ.get(API_KEY_ENV, ""))
+
+
+def openai_error(
+    status: int, message: str, kind: str, param: str | None = None, **extra: Any
+) -> JSONResponse:
+    return error_response(status, message, kind, param, **extra)
+
+
+def error_from_exception(exc: BaseException, request_id: str) -> JSONResponse:
+    """The answer for a failed request: a client error says what was wrong; a server error
+    says only its kind and the request id, and the log line with that id has the detail."""
     status, kind, message = describe(exc)
-    if status >= 500 and code_of(exc) is ErrorCode.INTERNAL:
-        log.error("request failed: %s", message, exc_info=exc)
-    return error_response(status, message, kind)
+    if status < 500:
+        return error_response(status, message, kind)
+    if code_of(exc) is ErrorCode.INTERNAL:
+        log.error("request %s failed: %s", request_id, message, exc_info=exc)
+    else:
+        log.warning("request %s failed (%d): %s", request_id, status, message)
+    return error_response(status, public_failure(status, request_id), kind)
+
+
+class _BodyRefused(Exception):
+    """A body not read (whole): the answer to send instead."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__()
+        self.response = response
+
+
+_CLOSE = {"connection": "close"}  # a body left unread: the connection cannot carry another
+
+
+def _media_type_ok(content_type: str | None) -> bool:
+    """`application/json`, with any parameters (`; charset=utf-8`)."""
+    if content_type is None:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The body, or `_BodyRefused` with a 413 as soon as it is known to exceed ``max_bytes``
+    (from `Content-Length`, before a byte is read; while reading, for a chunked body), a 408
+    when reading takes over ``timeout`` seconds, a 400 for a malformed `Content-Length`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        declared = declared.strip()
+        if not (declared.isascii() and declared.isdigit()):
+            raise _BodyRefused(
+                openai_error(
+                    400, "bad Content-Length header", "invalid_request_error", headers=_CLOSE
+                )
+            )
+        if len(declared) > 18 or int(declared) > max_bytes:  # (int() refuses 4300+ digits)
+            raise _BodyRefused(_too_large(max_bytes))
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _BodyRefused(_too_large(max_bytes))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _BodyRefused(
+            openai_error(
+                408,
+                f"the request body took over {timeout:g} s to arrive",
+                "invalid_request_error",
+                headers=_CLOSE,
+            )
+        ) from None
+    except ClientDisconnect:
+        raise _BodyRefused(Response(status_code=400)) from None  # nobody reads it
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    return openai_error(
+        413,
+        f"request body is larger than this server's limit of {max_bytes} bytes",
+        "invalid_request_error",
+        headers=_CLOSE,
+    )
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class _ApiKeyCheck:
+    """`Authorization: Bearer <key>`, compared in constant time (of digests, so not even the
+    key's length shows in the timing); the key is never logged nor echoed."""
+
+    def __init__(self, key: str, exempt: tuple[str, ...]) -> None:
+        self._digest = _digest(key.encode())
+        self.exempt = frozenset(exempt)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """None when the request may pass, else the 401 to answer it with."""
+        if scope.get("path", "") in self.exempt:
+            return None
+        given: bytes | None = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        if given is None:
+            return self._unauthorized(
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            _digest(token.strip()), self._digest
+        ):
+            return self._unauthorized("Incorrect API key provided.")
+        return None
+
+    @staticmethod
+    def _unauthorized(message: str) -> JSONResponse:
+        return openai_error(
+            401,
+            message,
+            "invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 class _Accumulator:
@@ -138,13 +309,27 @@ class _Call:
 
 
 class _OpenAIApp(FastAPI):
-    """FastAPI, with the generation routes answered before its middleware and routing."""
+    """FastAPI, with the generation routes answered before its middleware and routing, and
+    the API key checked before either (every path, routed or not, but the exempt ones)."""
 
-    def __init__(self, generation_routes: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        generation_routes: dict[str, Any],
+        api_key: _ApiKeyCheck | None,
+        server_limits: ServerLimits,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.generation_routes = generation_routes
+        self.api_key = api_key
+        self.server_limits = server_limits  # read by `make_server` (`SERVER_LIMITS_ATTR`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is not None:
+            refusal = self.api_key.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         route = (
             self.generation_routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         )
@@ -163,16 +348,22 @@ class OpenAIServer:
         backend: Backend,
         metrics: FrontendMetrics | None = None,
         startup_wait: float = 60.0,
+        edge: EdgeSettings | None = None,
     ) -> None:
+        """``edge`` None: the defaults, with the API key from `DYN_API_KEY` if it is set."""
         self.backend = backend
         self.metrics = metrics or FrontendMetrics()
         self.startup_wait = startup_wait
+        self.edge = edge if edge is not None else EdgeSettings.from_env()
+        key = self.edge.api_key
         # The generation routes take the raw request and validate the body themselves, and
         # are served ahead of FastAPI's routing and middleware (`_OpenAIApp`): its dependency
         # solving and the two middleware layers that wrap every `send` of a stream cost a
         # few percent of a streamed request's CPU time.
         self.app = _OpenAIApp(
             {"/v1/chat/completions": self.chat, "/v1/completions": self.completions},
+            _ApiKeyCheck(key, self.edge.api_key_exempt) if key else None,
+            self.edge.server,
             title="Dynamo OpenAI-compatible API",
         )
         for path, route in self.app.generation_routes.items():
@@ -216,26 +407,60 @@ class OpenAIServer:
         return response
 
     async def _handle(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            body = parse_request(kind, await request.body())
+            return await self._answer(request, kind, request_id)
+        except Exception as exc:  # a bug here: the client gets the request id, the log the rest
+            log.error("request %s failed", request_id, exc_info=exc)
+            return error_response(500, public_failure(500, request_id), "internal_error")
+
+    async def _read(self, request: Request, kind: Literal["chat", "completion"]) -> OpenAIRequest:
+        """The request's validated body, or `_BodyRefused` with the 4xx to answer instead."""
+        edge = self.edge
+        if not _media_type_ok(request.headers.get("content-type")):
+            raise _BodyRefused(
+                openai_error(
+                    415,
+                    "Content-Type must be application/json",
+                    "invalid_request_error",
+                    headers=_CLOSE,
+                )
+            )
+        raw = await read_body(request, edge.max_body_bytes, edge.body_timeout_s)
+        try:
+            body = parse_request(kind, raw)
+            check_limits(
+                body, max_prompt_chars=edge.max_prompt_chars, max_messages=edge.max_messages
+            )
         except RequestError as exc:
-            return openai_error(400, str(exc), "invalid_request_error", exc.param)
+            raise _BodyRefused(
+                openai_error(400, str(exc), "invalid_request_error", exc.param)
+            ) from None
+        return body
+
+    async def _answer(
+        self, request: Request, kind: Literal["chat", "completion"], request_id: str
+    ) -> Response:
+        try:
+            body = await self._read(request, kind)
+        except _BodyRefused as refused:
+            return refused.response
         if body.model not in self.backend.model_names() and not await self.backend.wait_for_model(
             body.model, self.startup_wait
         ):
             return error_from_exception(
                 ModelNotFoundError(
-                    f"The model `{body.model}` does not exist or has no live worker."
-                )
+                    f"The model `{clip(body.model)}` does not exist or has no live worker."
+                ),
+                request_id,
             )
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         started = time.perf_counter()
         self.metrics.inflight.inc()
         try:
             stream = self.backend.generate(request_id, body)
         except Exception as exc:
             self.metrics.inflight.dec()
-            return error_from_exception(exc)
+            return error_from_exception(exc, request_id)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
@@ -243,7 +468,7 @@ class OpenAIServer:
         except Exception as exc:
             self.metrics.inflight.dec()
             await _close(stream)
-            return error_from_exception(exc)
+            return error_from_exception(exc, request_id)
         call = _Call(kind, body, request_id, int(time.time()), started)
         if body.stream:
             sse = self._sse(call, first, stream)
@@ -252,7 +477,7 @@ class OpenAIServer:
             try:
                 response = await self._aggregate(call, first, stream)
             except Exception as exc:
-                response = error_from_exception(exc)
+                response = error_from_exception(exc, request_id)
             finally:
                 self.metrics.inflight.dec()
         response.dynamo_model = body.model  # type: ignore[attr-defined]
@@ -384,7 +609,7 @@ class OpenAIServer:
                     role_sent = True
             yield b"data: [DONE]\n\n"
         except Exception as exc:  # headers are out: report in-band, as OpenAI-style servers do
-            error = error_from_exception(exc)
+            error = error_from_exception(exc, call.request_id)
             yield b"data: " + bytes(error.body) + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:

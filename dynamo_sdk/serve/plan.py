@@ -28,8 +28,11 @@ from dynamo_sdk.serve.gpus import allocate, cuda_visible_devices, detect_gpus
 from dynamo_sdk.serve.graph import load_entry, resolve_graph, services_defined_in
 from dynamo_sdk.serve.supervisor import WorkerPlan
 
-DEFAULT_HTTP_HOST = "0.0.0.0"
+# Loopback unless a service's `host` says otherwise: a graph is reachable from other hosts only
+# when someone asked for it (`--Frontend.host=0.0.0.0`).
+DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
+SECRET_KEYS = ("api_key",)  # never printed (`render`)
 
 
 @dataclass
@@ -47,9 +50,20 @@ class GraphPlan:
         return json.dumps(self.config)
 
     def http_services(self) -> dict[str, tuple[str, int]]:
-        """(host, port) of every planned service that listens on HTTP."""
-        return {svc.name: http_address(self.config.get(svc.name, {}))
+        """(host, port) of every planned service that listens on HTTP: its section's keys,
+        or its config type's defaults for them (the Frontend's `host` default is the one
+        its socket is bound with, whatever `DEFAULT_HTTP_HOST` says)."""
+        return {svc.name: http_address(self._http_section(svc.name))
                 for svc in self.services if svc.serves_http}  # fmt: skip
+
+    def _http_section(self, name: str) -> dict[str, Any]:
+        section = dict(self.config.get(name, {}))
+        decoded = self.settings.get(name)
+        for key in ("host", "port"):
+            value = getattr(decoded, key, None)
+            if key not in section and value is not None:
+                section[key] = value
+        return section
 
 
 def http_address(section: dict[str, Any]) -> tuple[str, int]:
@@ -129,6 +143,10 @@ def render(plan: GraphPlan) -> str:
                 own = f"   (own: {len(worker.gpus)})" if worker.peer_gpus else ""
                 lines.append(f"    worker {worker.index}: CUDA_VISIBLE_DEVICES={visible}{own}")
         settings = msgspec.to_builtins(plan.settings[svc.name])
+        if isinstance(settings, dict):
+            for key in SECRET_KEYS:
+                if settings.get(key):
+                    settings[key] = "***"
         lines.append(f"    config: {json.dumps(settings, sort_keys=True, default=str)}")
     left_out = [name for name in plan.settings if name not in {s.name for s in plan.services}]
     if left_out:
