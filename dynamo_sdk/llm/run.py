@@ -42,7 +42,7 @@ class RunSpec:
     output: str = "torch"
     model: str = "auto"
     served_model_name: str = ""
-    http_host: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"
     http_port: int = 8000
     max_tokens: int = 256  # per turn of in=text
     engine_config: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +54,7 @@ RUN_OPTIONS = [
     ("out", "torch", f"the engine: {' | '.join(known_engines())}"),
     ("MODEL", "auto", "a model folder, a Hugging Face id in the local cache, or auto"),
     ("--served-model-name", "from the model: auto is dynamo-tiny", "the name clients ask for"),
-    ("--http-host", "0.0.0.0", "in=http: the address to listen on"),
+    ("--http-host", "127.0.0.1", "in=http: the address to listen on (0.0.0.0: every interface)"),
     ("--http-port", "8000", "in=http: the port"),
     ("--max-tokens", "256", "in=text: the longest reply"),
 ]
