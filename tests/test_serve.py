@@ -10,12 +10,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import aetcd
 import httpx
 import psutil
 import pytest
 
 from dynamo_sdk.runtime import DistributedRuntime
+from dynamo_sdk.runtime.discovery import connect_etcd
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
 from tests.conftest import settings_for
 from tests.serving import HELLO_DIR, ServeProcess, run_dynamo, wait_until_serving
@@ -56,9 +56,11 @@ def test_hello_graph_streams_and_takes_cli_overrides(
 
 
 async def _instance_keys(etcd_url: str, prefix: str) -> list[str]:
-    host, port = etcd_url.split("://")[1].split(":")
-    async with aetcd.Client(host=host, port=int(port)) as client:
+    client = await connect_etcd([etcd_url])  # the URL carries the embedded credentials
+    try:
         return [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
+    finally:
+        await client.close()
 
 
 def test_killed_backend_mid_stream(servers: EmbeddedServers, tmp_path: Path) -> None:

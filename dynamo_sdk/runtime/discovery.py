@@ -20,6 +20,7 @@ import aetcd
 import msgspec
 
 from dynamo_sdk.runtime.errors import RuntimeConnectionError
+from dynamo_sdk.runtime.security import EtcdEndpoint, EtcdSecurity, clone_client, redact
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Lease:
         asyncio.run(self._keep_alive())
 
     async def _keep_alive(self) -> None:
-        client = aetcd.Client(host=self.client._host, port=self.client._port)
+        client = clone_client(self.client)  # the same endpoint, credentials and TLS
         try:
             while not self._stop.is_set():
                 if not self._granted.wait(0.2):
@@ -310,26 +311,26 @@ class InstanceWatcher(PrefixWatcher):
                 listener(instance_id)
 
 
-async def connect_etcd(endpoints: list[str], timeout: float = 5.0) -> aetcd.Client:
-    """Connect to the first reachable etcd endpoint (`http://host:port` or `host:port`)."""
+async def connect_etcd(
+    endpoints: list[str], timeout: float = 5.0, security: EtcdSecurity | None = None
+) -> aetcd.Client:
+    """Connect to the first reachable etcd endpoint (``http(s)://[user:pass@]host:port`` or
+    ``host:port``), with the credentials and TLS of ``security`` (`security.py`)."""
+    security = security or EtcdSecurity()
     errors: list[str] = []
     for endpoint in endpoints:
-        hostport = endpoint.split("://", 1)[-1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        if not host:
-            host, port = hostport, "2379"
-        client = aetcd.Client(host=host, port=int(port), timeout=int(max(timeout, 1)))
+        client = EtcdEndpoint.parse(endpoint, security).client(security, timeout)
         try:
             await asyncio.wait_for(client.connect(), timeout)
             await asyncio.wait_for(client.status(), timeout)
             return client
         except Exception as exc:
-            errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+            errors.append(f"{redact(endpoint)}: {exc or type(exc).__name__}")
             with contextlib.suppress(Exception):
                 await client.close()
     raise RuntimeConnectionError(
         "cannot reach etcd at "
-        + ", ".join(endpoints)
+        + ", ".join(redact(e) for e in endpoints)
         + (f" ({'; '.join(errors)})" if errors else "")
     )
 

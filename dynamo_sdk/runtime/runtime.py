@@ -36,6 +36,7 @@ from dynamo_sdk.runtime.discovery import (
 )
 from dynamo_sdk.runtime.errors import RuntimeConnectionError
 from dynamo_sdk.runtime.response_plane import ReplyConnections, listen_host
+from dynamo_sdk.runtime.security import EtcdSecurity, NatsSecurity, redact
 from dynamo_sdk.runtime.server import EndpointServer, Handler
 
 if TYPE_CHECKING:
@@ -58,22 +59,37 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
-async def _nats_error(exc: Exception) -> None:
-    # nats-py's default logs a traceback for every failed reconnect attempt; one line is enough.
-    log.warning("NATS: %s", exc or type(exc).__name__)
+def _refused_credentials(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization" in str(exc).lower()
 
 
 class _NatsEvents:
-    """Connection callbacks that stay quiet during our own shutdown."""
+    """Connection callbacks that stay quiet during our own shutdown, and notice refused
+    credentials (nats-py would retry those for ever, like a server that is down)."""
 
     def __init__(self) -> None:
         self.closing = False
+        self.connected = False
+        self.refused: asyncio.Event = asyncio.Event()
+        self._said: set[str] = set()
+
+    async def error(self, exc: Exception) -> None:
+        if not self.connected and _refused_credentials(exc):
+            self.refused.set()
+            return
+        # nats-py's default logs a traceback for every failed reconnect attempt; one line per
+        # kind of failure is enough
+        said = f"{type(exc).__name__}: {exc}"
+        if said not in self._said:
+            self._said.add(said)
+            log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def disconnected(self) -> None:
         if not self.closing:
             log.warning("NATS: disconnected, reconnecting")
 
     async def reconnected(self) -> None:
+        self._said.clear()
         log.info("NATS: reconnected")
 
 
@@ -92,6 +108,14 @@ class RuntimeSettings:
     # DYN_RESPONSE_HOST: the address callees reach this process's response listener at
     # ("" = the loopback address on one machine, else the interface that routes to NATS)
     response_host: str = ""
+    # credentials and TLS (NATS_USER, NATS_TLS_CA, ETCD_USER, ETCD_CA_CERT, ...: security.py)
+    nats_security: NatsSecurity = field(default_factory=NatsSecurity)
+    etcd_security: EtcdSecurity = field(default_factory=EtcdSecurity)
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """NATS_SERVER's URLs (a cluster: several, comma-separated; nats-py tries each)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     @classmethod
     def from_env(cls) -> RuntimeSettings:
@@ -105,6 +129,8 @@ class RuntimeSettings:
             heartbeat_interval=_env_float("DYN_HEARTBEAT_INTERVAL", 1.0),
             response_transport=os.environ.get("DYN_RESPONSE_TRANSPORT", "tcp").strip().lower(),
             response_host=os.environ.get("DYN_RESPONSE_HOST", "").strip(),
+            nats_security=NatsSecurity.from_env(),
+            etcd_security=EtcdSecurity.from_env(),
         )
         if settings.response_transport not in ("tcp", "nats"):
             raise ValueError(
@@ -150,23 +176,43 @@ class DistributedRuntime:
         """Connect to NATS and etcd, take a lease, open the reply inbox."""
         settings = settings or RuntimeSettings.from_env()
         events = _NatsEvents()
-        try:
-            nc = await nats.connect(
-                settings.nats_url,
+        servers = settings.nats_servers
+        where = ", ".join(redact(url) for url in servers)
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                servers=servers,
+                **settings.nats_security.connect_options(servers),
                 connect_timeout=5,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
-                error_cb=_nats_error,
+                error_cb=events.error,
                 disconnected_cb=events.disconnected,
                 reconnected_cb=events.reconnected,
             )
+        )
+        refused = asyncio.ensure_future(events.refused.wait())
+        try:
+            await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise RuntimeConnectionError(
+                f"NATS at {where} refused this process's credentials (NATS_USER and "
+                "NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_NKEY_SEED or the URL's)"
+            )
+        try:
+            nc = connecting.result()
         except Exception as exc:
             raise RuntimeConnectionError(
-                f"cannot reach NATS at {settings.nats_url}: {exc}"
+                f"cannot reach NATS at {where}: {exc or type(exc).__name__}"
             ) from exc
+        events.connected = True
         try:
-            etcd = await connect_etcd(settings.etcd_endpoints)
+            etcd = await connect_etcd(settings.etcd_endpoints, security=settings.etcd_security)
         except BaseException:
             await nc.close()
             raise

