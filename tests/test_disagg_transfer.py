@@ -9,7 +9,12 @@ import msgspec
 import pytest
 import torch
 
-from dynamo_sdk.llm.disagg.protocol import KvLayout, RemotePrefillRequest, TransferHeader
+from dynamo_sdk.llm.disagg.protocol import (
+    CudaIpcHandle,
+    KvLayout,
+    RemotePrefillRequest,
+    TransferHeader,
+)
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
 from dynamo_sdk.llm.disagg.transfer import KvReceiver, TransferError, send_kv, transport_for
 from dynamo_sdk.runtime import DistributedRuntime
@@ -145,9 +150,15 @@ async def test_transport_is_tcp_without_a_shared_gpu() -> None:
     receiver = KvReceiver(LAYOUT, lambda ids, kv: None, cache=torch.zeros(4))
     endpoint = await receiver.start()
     try:
-        assert endpoint.cuda_ipc == b"" and endpoint.node  # a CPU cache offers no IPC handle
+        assert endpoint.cuda_ipc is None and endpoint.node  # a CPU cache offers no IPC handle
         assert transport_for(endpoint, kv_for(1)) == "tcp"
-        elsewhere = msgspec.structs.replace(endpoint, cuda_ipc=b"x", node="other-host/boot")
+        handle = CudaIpcHandle(
+            device=0, handle=b"\x02c" + bytes(64), storage_size_bytes=1 << 20,
+            storage_offset_bytes=0, ref_counter_handle=b"/torch_1_2_3", ref_counter_offset=0,
+            event_handle=bytes(64), event_sync_required=True, shape=(2, 2, 4, 4, 2, 8),
+            stride=(512, 256, 64, 16, 8, 1), tensor_offset=0, dtype="bfloat16",
+        )  # fmt: skip
+        elsewhere = msgspec.structs.replace(endpoint, cuda_ipc=handle, node="other-host/boot")
         assert transport_for(elsewhere, kv_for(1)) == "tcp"
     finally:
         await receiver.stop()
@@ -161,7 +172,7 @@ async def test_in_place_writes_are_granted_only_while_awaited_and_awaited_to_the
     endpoint = await receiver.start()
 
     async def ask(rid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-        head = msgspec.msgpack.encode(TransferHeader(rid, [3], LAYOUT, 16, in_place=True))
+        head = msgspec.msgpack.encode(TransferHeader(rid, [3], LAYOUT, 4, in_place=True))
         reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
         writer.write(struct.pack(">I", len(head)) + head)
         return reader, writer, await reply(reader)
@@ -178,7 +189,7 @@ async def test_in_place_writes_are_granted_only_while_awaited_and_awaited_to_the
         await asyncio.sleep(0.5)  # "copying" past the decode side's timeout
         assert not waiting.done()
         writer.write(b"\x01")
-        assert await asyncio.wait_for(waiting, 5) == 16
+        assert await asyncio.wait_for(waiting, 5) == 4
         assert await reply(reader) == b"\x01"
         writer.close()
         # too late: the request gave up (timed out) before anyone asked to write

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -209,8 +209,7 @@ class ConnectorPrefill(PrefillTransport):
         prefill and its load: nobody else would ever delete it)."""
         while True:
             await asyncio.sleep(30.0)
-            live = {instance_dir(int(k.rsplit("/", 1)[-1], 16)) for k in endpoints.values
-                    if k.startswith(prefix)}  # fmt: skip
+            live = _live_instances(endpoints.values, prefix)
             try:
                 removed = await asyncio.to_thread(sweep_storage, self.root, live)
             except OSError:
@@ -218,3 +217,18 @@ class ConnectorPrefill(PrefillTransport):
                 continue
             if removed:
                 log.info("removed stored KV of %d departed decode worker(s)", removed)
+
+
+def _live_instances(keys: Iterable[str], prefix: str) -> set[str]:
+    """The instance folders (`instance_dir`) of the decode workers registered under
+    ``prefix``; a key whose last part is no instance id (etcd is writable by others) names
+    none, and must not stop the sweep."""
+    live: set[str] = set()
+    for key in keys:
+        if not key.startswith(prefix):
+            continue
+        try:
+            live.add(instance_dir(int(key.rsplit("/", 1)[-1], 16)))
+        except ValueError:
+            log.debug("ignoring transfer endpoint key %r", key[:200])
+    return live

@@ -7,6 +7,7 @@ will load, which is what this module holds, so importing it never imports vLLM.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import time
@@ -20,14 +21,47 @@ CONNECTOR_NAME = "DynamoStorageConnector"
 CONNECTOR_MODULE = "dynamo_sdk.llm.disagg.vllm_connector"
 
 
+_INSTANCE = re.compile(r"[0-9a-f]{1,16}")
+_TRANSFER = re.compile(r"[0-9a-f]{64}")
+
+
+class StorageKeyError(ValueError):
+    """A storage key (or a part of one) that does not name a transfer folder."""
+
+
 def instance_dir(decode_instance: int) -> str:
-    """A decode worker's folder under the storage root: its instance id in hex."""
+    """A decode worker's folder under the storage root: its instance id in hex (an etcd
+    lease id: 1 to 2**63 - 1)."""
+    if not 0 < decode_instance < 1 << 63:
+        raise StorageKeyError(f"decode instance {decode_instance} is no instance id")
     return f"{decode_instance:x}"
 
 
 def storage_key(decode_instance: int, transfer_id: str) -> str:
-    """The folder (relative to the storage root) for one transfer: ``<decode instance>/<id>``."""
-    return f"{instance_dir(decode_instance)}/{re.sub(r'[^A-Za-z0-9_.-]', '_', transfer_id)}"
+    """The folder (relative to the storage root) for one transfer: ``<decode instance>/<the
+    sha256 of the transfer id, in hex>``.
+
+    The transfer id arrives in a prefill job, which anyone on NATS can queue, and names a
+    folder that is later deleted; hashed, any id (``..``, ``/``, NUL, 10,000 characters) is
+    one 64-character name inside the decode worker's folder, and two ids never share one.
+    """
+    digest = hashlib.sha256(transfer_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{instance_dir(decode_instance)}/{digest}"
+
+
+def is_storage_key(key: str) -> bool:
+    """Whether ``key`` has `storage_key`'s form (what the connector accepts to save to, load
+    from or delete)."""
+    instance, sep, transfer = key.partition("/")
+    return bool(sep) and bool(_INSTANCE.fullmatch(instance)) and bool(_TRANSFER.fullmatch(transfer))
+
+
+def transfer_path(root: str | Path, key: str) -> Path:
+    """``root / key`` for a `storage_key`; raises `StorageKeyError` for anything else, so no
+    path built from a key can leave the storage folder."""
+    if not is_storage_key(key):
+        raise StorageKeyError(f"not a transfer storage key: {key[:200]!r}")
+    return Path(root) / key
 
 
 def stored_tokens(prompt_len: int, block_size: int) -> int:
@@ -36,8 +70,12 @@ def stored_tokens(prompt_len: int, block_size: int) -> int:
 
 
 def remove_stored(root: str | Path, key: str) -> bool:
-    """Delete one transfer's stored KV; True if there was any."""
-    path = Path(root) / key
+    """Delete one transfer's stored KV; True if there was any. Only a `storage_key` is
+    accepted (`StorageKeyError` otherwise), and a link there is not followed."""
+    path = transfer_path(root, key)
+    if path.is_symlink():
+        path.unlink()
+        return True
     if not path.exists():
         return False
     shutil.rmtree(path, ignore_errors=True)
@@ -64,17 +102,19 @@ def sweep_own(root: str | Path, instance: int, in_use: Iterable[str], min_age: f
     seeing it. ``in_use``: keys (`storage_key`) of requests that may still load; other folders
     older than ``min_age`` seconds (longer than any load in flight) are removed.
     """
-    keep = {key.rsplit("/", 1)[-1] for key in in_use}
+    keep = {key.rsplit("/", 1)[-1] for key in in_use if is_storage_key(key)}
     return _remove_idle(Path(root) / instance_dir(instance), keep, min_age)
 
 
 def _remove_idle(base: Path, keep: set[str], min_age: float) -> int:
     """Delete the folders in ``base`` not named in ``keep`` and idle for ``min_age`` seconds;
     how many went."""
-    if not base.is_dir():
+    if not base.is_dir() or base.is_symlink():
         return 0
     removed = 0
     for entry in base.iterdir():
+        if entry.is_symlink():  # never ours: not followed, not removed
+            continue
         if entry.name not in keep and entry.is_dir() and _idle_for(entry) >= min_age:
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1

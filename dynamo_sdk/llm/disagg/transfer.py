@@ -9,7 +9,8 @@ Two transports, chosen per transfer by ``send_kv``:
 
 * CUDA IPC, when the KV is on a GPU and the receiver's cache is a GPU tensor on the same
   machine that this process can see: the receiver advertises its cache tensor's IPC handle
-  (torch's CUDA IPC reduction) and GPU UUID in its endpoint; the sender maps that memory once
+  (a typed `CudaIpcHandle`, `cuda_ipc.py`: never a pickle) and GPU UUID in its endpoint; the
+  sender checks the handle against the advertised layout, maps that memory once
   and copies its blocks straight into the receiver's blocks, device to device (NVLink or PCIe
   peer copies across GPUs), then tells the receiver over TCP that they are in place.
 * TCP otherwise: host memory over a TCP connection; works between any two
@@ -31,7 +32,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import pickle
 import socket
 import struct
 import weakref
@@ -43,7 +43,12 @@ from typing import Any, Literal
 import msgspec
 import torch
 
-from dynamo_sdk.llm.disagg.protocol import KvLayout, TransferEndpoint, TransferHeader
+from dynamo_sdk.llm.disagg.protocol import (
+    CudaIpcHandle,
+    KvLayout,
+    TransferEndpoint,
+    TransferHeader,
+)
 from dynamo_sdk.llm.kv.block_copy import scatter_blocks
 
 log = logging.getLogger(__name__)
@@ -103,10 +108,13 @@ class KvReceiver:
         self._accepting = asyncio.create_task(self._accept(self._listener))
         endpoint = TransferEndpoint(self.host, self.port, self.layout, node=node_id())
         if self.cache is not None and self.cache.is_cuda:
-            from torch.multiprocessing.reductions import reduce_tensor
+            from dynamo_sdk.llm.disagg.cuda_ipc import IpcHandleError, describe
 
-            endpoint.gpu_uuid = gpu_uuid(self.cache.device)
-            endpoint.cuda_ipc = pickle.dumps(reduce_tensor(self.cache))
+            try:
+                endpoint.cuda_ipc = describe(self.cache)
+                endpoint.gpu_uuid = gpu_uuid(self.cache.device)
+            except IpcHandleError as exc:  # e.g. expandable segments: senders use TCP
+                log.warning("KV cache not shared through CUDA IPC: %s", exc)
         return endpoint
 
     async def stop(self) -> None:
@@ -188,12 +196,17 @@ class KvReceiver:
                 await _reply(conn, _OK)
                 return True
             problem = _check(header, self.layout, pending)
+            if problem is None and header.block_ids:
+                most = len(pending.block_ids) * self.layout.block_size
+                if header.num_tokens > most:  # more KV than the offered blocks can hold
+                    problem = f"{header.num_tokens} tokens for {len(pending.block_ids)} blocks"
             if problem is not None:
                 _resolve(pending, 0)
                 await _refuse(conn, problem)
                 return False
             if not header.block_ids:  # a notice: the KV is stored elsewhere (a vLLM connector)
-                _resolve(pending, header.num_tokens)
+                # ... unless blocks were offered: then nothing was written, whatever it says
+                _resolve(pending, 0 if pending.block_ids else header.num_tokens)
                 await _reply(conn, _OK)
                 return True
             if header.in_place:  # CUDA IPC: grant the write, then wait for "written"
@@ -285,6 +298,9 @@ async def send_kv(
             raise TransferError(f"KV layout mismatch (sender vs receiver): {diff}")
         remote = _peer_cache(endpoint) if kv.is_cuda else None
         if remote is not None:  # CUDA IPC: straight into the receiver's blocks, once granted
+            check_block_ids(remote, header.block_ids)
+            if kv.shape[2] != len(header.block_ids):
+                raise TransferError(f"{kv.shape[2]} blocks of KV for {len(header.block_ids)} ids")
             header.in_place = True
             await _send_in_place(endpoint, header, remote, kv, timeout)
             return
@@ -507,37 +523,69 @@ def gpu_uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-_PEERS: dict[tuple[str, int, bytes], torch.Tensor | None] = {}
+_PEERS: dict[tuple[str, int, CudaIpcHandle], torch.Tensor | None] = {}
 
 
 def _peer_cache(endpoint: TransferEndpoint) -> torch.Tensor | None:
     """The receiver's KV cache mapped into this process (once per endpoint), or None when
     CUDA IPC cannot reach it (another machine, its GPU not visible here, no handle)."""
-    if not endpoint.cuda_ipc or endpoint.node != node_id() or not torch.cuda.is_available():
+    handle = endpoint.cuda_ipc
+    if handle is None or endpoint.node != node_id() or not torch.cuda.is_available():
         return None
-    key = (endpoint.host, endpoint.port, endpoint.cuda_ipc)
+    key = (endpoint.host, endpoint.port, handle)
     if key not in _PEERS:
-        _PEERS[key] = _open_ipc(endpoint)
+        _PEERS[key] = _open_ipc(endpoint, handle)
     return _PEERS[key]
 
 
-def _open_ipc(endpoint: TransferEndpoint) -> torch.Tensor | None:
+def _open_ipc(endpoint: TransferEndpoint, handle: CudaIpcHandle) -> torch.Tensor | None:
+    """Map the receiver's cache, after checking the handle describes what its layout says (a
+    contiguous ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` tensor of its dtype):
+    a handle that claims more than that is refused, not mapped."""
+    from dynamo_sdk.llm.disagg.cuda_ipc import IpcHandleError, rebuild
+
+    problem = _ipc_mismatch(handle, endpoint.layout)
+    if problem is not None:
+        log.warning("CUDA IPC handle of %s:%d refused (%s); using TCP", endpoint.host,
+                    endpoint.port, problem)  # fmt: skip
+        return None
     visible = {gpu_uuid(torch.device("cuda", i)): i for i in range(torch.cuda.device_count())}
     index = visible.get(endpoint.gpu_uuid)
     if index is None:
         return None
-    rebuild, args = pickle.loads(endpoint.cuda_ipc)
-    args = list(args)
-    args[_STORAGE_DEVICE_ARG] = index  # its device index in this process's numbering
     try:
-        tensor: Any = rebuild(*args)
-    except RuntimeError as exc:  # e.g. peer access not possible between these GPUs
+        tensor = rebuild(handle, index)  # its device index in this process's numbering
+    except (RuntimeError, IpcHandleError) as exc:  # e.g. no peer access between these GPUs
         log.warning("CUDA IPC to %s:%d unavailable (%s); using TCP", endpoint.host,
                     endpoint.port, exc)  # fmt: skip
         return None
     return tensor
 
 
-# torch.multiprocessing.reductions.rebuild_cuda_tensor's arguments: (tensor_cls, size, stride,
-# offset, storage_cls, dtype, storage_device, storage_handle, ...): the device is the 7th.
-_STORAGE_DEVICE_ARG = 6
+def _ipc_mismatch(handle: CudaIpcHandle, layout: KvLayout) -> str | None:
+    """Why ``handle`` is not the KV cache ``layout`` describes, or None."""
+    shape = handle.shape
+    if len(shape) != 6:
+        return f"a {len(shape)}-dimensional tensor, not a KV cache"
+    want = (layout.num_layers, 2, shape[2], layout.block_size, layout.num_kv_heads,
+            layout.head_dim)  # fmt: skip
+    if shape != want or shape[2] < 1:
+        return f"shape {shape}, layout says {want}"
+    if handle.dtype != layout.dtype:
+        return f"dtype {handle.dtype}, layout says {layout.dtype}"
+    contiguous, step = [], 1
+    for n in reversed(shape):
+        contiguous.append(step)
+        step *= n
+    if handle.stride != tuple(reversed(contiguous)):
+        return f"strides {handle.stride}: not contiguous"
+    return None
+
+
+def check_block_ids(cache: torch.Tensor, block_ids: list[int]) -> None:
+    """Refuse block ids outside a mapped peer cache before any copy: an index past it would
+    be a device-side fault that poisons this process's CUDA context."""
+    blocks = cache.shape[2]
+    bad = [b for b in block_ids if not 0 <= b < blocks]
+    if bad:
+        raise TransferError(f"block ids {bad[:4]} outside the receiver's {blocks} blocks")

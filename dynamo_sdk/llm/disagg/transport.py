@@ -126,10 +126,11 @@ class PrefillTransport(abc.ABC):
         self, job: RemotePrefillRequest, endpoint: TransferEndpoint, error: str
     ) -> None:
         """Tell the decode worker at once, so it prefills locally instead of timing out."""
-        from dynamo_sdk.llm.disagg.protocol import TransferHeader
+        from dynamo_sdk.llm.disagg.protocol import MAX_ERROR, TransferHeader
         from dynamo_sdk.llm.disagg.transfer import send_kv
 
-        await send_kv(endpoint, TransferHeader(job.transfer_id, error=error), None)
+        header = TransferHeader(job.transfer_id, error=error[:MAX_ERROR])
+        await send_kv(endpoint, header, None)
 
     async def stop(self) -> None:  # noqa: B027 (no background work unless a family has some)
         """Stop the background work."""

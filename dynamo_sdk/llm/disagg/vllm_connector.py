@@ -46,7 +46,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import (
     ExampleConnectorMetadata,
 )
 
-from dynamo_sdk.llm.disagg.kv_storage import PARAMS_KEY, remove_stored, stored_tokens
+from dynamo_sdk.llm.disagg.kv_storage import (
+    PARAMS_KEY,
+    is_storage_key,
+    remove_stored,
+    stored_tokens,
+    transfer_path,
+)
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -84,6 +90,10 @@ class DynamoStorageConnector(ExampleConnector):
         for mode in ("store", "load"):
             key = params.get(mode)
             if isinstance(key, str) and key:
+                if not is_storage_key(key):  # only our keys: a folder inside the storage root
+                    log.warning("request %s: ignoring KV %s key %r (not a storage key)",
+                                request.request_id, mode, key[:200])  # fmt: skip
+                    return
                 self._keys[request.request_id] = (mode, key)
                 return
 
@@ -95,7 +105,7 @@ class DynamoStorageConnector(ExampleConnector):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         tokens = stored_tokens(len(prompt), self._block_size)
-        found = _read_marker(os.path.join(self._storage_path, key))
+        found = _read_marker(str(transfer_path(self._storage_path, key)))
         if found != tokens:  # missing, half written, or for another prompt or block size
             log.warning("no complete stored KV for %s under %s (%s tokens, %d expected): "
                         "computing it", key, self._storage_path, found, tokens)  # fmt: skip
@@ -178,7 +188,7 @@ class DynamoStorageConnector(ExampleConnector):
             store = self._stores.pop(req_id, None)
             saved = store.num_tokens if store is not None and store.saved else 0
             if saved:  # the step that saved it has run: every layer's file is complete
-                _write_marker(os.path.join(self._storage_path, key), saved)
+                _write_marker(str(transfer_path(self._storage_path, key)), saved)
             return False, {PARAMS_KEY: {"stored": saved}}
         if mode == "load":
             loaded = self._loads.pop(req_id, 0)
@@ -193,7 +203,7 @@ class DynamoStorageConnector(ExampleConnector):
     ) -> str:
         if len(mm_hashes) != 1:  # not ours: ExampleConnector's own naming (never reached)
             return str(super()._generate_foldername_debug(token_ids, mm_hashes, create_folder))
-        folder = os.path.join(self._storage_path, mm_hashes[0])
+        folder = str(transfer_path(self._storage_path, mm_hashes[0]))  # a key, or it raises
         if create_folder:
             os.makedirs(folder, exist_ok=True)
         return folder

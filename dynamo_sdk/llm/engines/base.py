@@ -35,7 +35,14 @@ import msgspec
 from dynamo_sdk.llm.kv.events import KvEventCallback, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
-from dynamo_sdk.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_sdk.llm.protocol import (
+    I32_MAX,
+    MAX_STOP_TOKEN_IDS,
+    EngineOutput,
+    OutputOptions,
+    PreprocessedRequest,
+    SamplingOptions,
+)
 from dynamo_sdk.runtime.errors import CodedError, ErrorCode
 from dynamo_sdk.sdk.errors import ConfigurationError
 
@@ -156,6 +163,9 @@ class Engine(abc.ABC):
 
     context_length: int
     stop_timeout: float = 0.0  # seconds `shutdown()` may take at most (a drain reserves them)
+    # token ids it can take: below this (its embedding table's rows); 0 when the engine does
+    # not know (the worker then reads the model's config.json)
+    vocab_size: int = 0
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -211,9 +221,78 @@ class Engine(abc.ABC):
 def check_prompt(request: PreprocessedRequest, context_length: int) -> None:
     """The checks every engine makes before admitting a request (a clear error, not a hang)."""
     if not request.token_ids:
-        raise InvalidPromptError(f"request {request.request_id}: empty prompt")
+        raise InvalidPromptError(f"invalid request {request.request_id}: empty prompt")
     if len(request.token_ids) >= context_length:
         raise InvalidPromptError(
-            f"request {request.request_id}: prompt of {len(request.token_ids)} tokens does not "
-            f"fit the context length {context_length}"
+            f"invalid request {request.request_id}: prompt of {len(request.token_ids)} tokens "
+            f"does not fit the context length {context_length}"
         )
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask of one served model: the bounds that depend on the model or on
+    the worker's settings, which wire decoding (`protocol.py`'s constraints) cannot know."""
+
+    context_length: int
+    vocab_size: int = 0  # token ids must be below it; 0: unknown (then not checked)
+    max_logprobs: int | None = None  # the most logprobs per token; None: up to vocab_size
+
+
+def check_request(request: PreprocessedRequest, limits: RequestLimits) -> None:
+    """Refuse, with an ``InvalidPromptError`` (an ``invalid_request`` error for the caller),
+    a request the model cannot serve as it is.
+
+    Workers call it on what they decode and engines again at admission: an engine is also
+    called in-process (tests, benchmarks, `dynamo run`) with structs no decoder checked, and
+    one bad value (a token id past the embedding table, ``logprobs`` past the vocabulary, an
+    infinite penalty) must fail its own request, never the engine's step for everyone. So the
+    small option structs are re-validated against `protocol.py`'s constraints here (a few
+    fields; the prompt's ids are only scanned for their smallest and largest).
+    """
+    check_prompt(request, limits.context_length)
+    rid = request.request_id
+    for part, kind in ((request.sampling, SamplingOptions), (request.output, OutputOptions)):
+        try:
+            msgspec.convert(msgspec.structs.asdict(part), kind)
+        except msgspec.ValidationError as exc:
+            raise InvalidPromptError(f"invalid request {rid}: {exc}") from None
+    stop = request.stop
+    # in-process callers may ask for 0 tokens (one empty, finished output); the wire may not
+    if not (0 <= stop.max_tokens <= I32_MAX and 0 <= stop.min_tokens <= I32_MAX):
+        raise InvalidPromptError(
+            f"invalid request {rid}: max_tokens {stop.max_tokens} / min_tokens "
+            f"{stop.min_tokens} out of range"
+        )
+    if len(stop.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidPromptError(
+            f"invalid request {rid}: more than {MAX_STOP_TOKEN_IDS} stop token ids"
+        )
+    vocab = limits.vocab_size
+    ids = request.token_ids
+    low, high = min(ids), max(ids)
+    if low < 0 or high > I32_MAX or (vocab and high >= vocab):
+        bad = low if low < 0 else high
+        raise InvalidPromptError(_outside_vocab(rid, bad, vocab))
+    for t in stop.stop_token_ids:
+        if t < 0 or t > I32_MAX or (vocab and t >= vocab):
+            raise InvalidPromptError(_outside_vocab(rid, t, vocab, "stop token id"))
+    if stop.min_tokens > stop.max_tokens:
+        raise InvalidPromptError(
+            f"invalid request {rid}: min_tokens {stop.min_tokens} is larger than max_tokens "
+            f"{stop.max_tokens}"
+        )
+    logprobs = request.output.logprobs
+    if logprobs is not None:
+        most = limits.max_logprobs
+        if vocab and (most is None or most > vocab):
+            most = vocab
+        if most is not None and logprobs > most:
+            raise InvalidPromptError(
+                f"invalid request {rid}: logprobs {logprobs} is more than the maximum {most}"
+            )
+
+
+def _outside_vocab(rid: str, token: int, vocab: int, what: str = "token id") -> str:
+    size = f" ({vocab})" if vocab else ""
+    return f"invalid request {rid}: {what} {token} outside the vocabulary{size}"

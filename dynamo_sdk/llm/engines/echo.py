@@ -18,7 +18,8 @@ from dynamo_sdk.llm.engines.base import (
     Engine,
     EngineStats,
     GenerateOptions,
-    check_prompt,
+    RequestLimits,
+    check_request,
 )
 from dynamo_sdk.llm.engines.configs import EchoConfig, settings
 from dynamo_sdk.llm.protocol import (
@@ -65,7 +66,7 @@ class EchoEngine(Engine):
         `running` is decremented in `finally`, so a consumer that closes the stream early (a
         cancelled client) leaves the counters right, as a real engine's abort would.
         """
-        check_prompt(request, self.context_length)
+        check_request(request, RequestLimits(self.context_length))
         prompt, once = _echoed(request)
         stop = request.stop
         stop_ids = set() if stop.ignore_eos else set(stop.stop_token_ids)
@@ -82,7 +83,10 @@ class EchoEngine(Engine):
                 # nothing to generate, but the stream must still end with a finish reason
                 yield EngineOutput(token_ids=[], finish_reason="length", cached_tokens=0)
                 return
-            for i in range(stop.max_tokens):
+            # like the engines with a model: the context length ends a stream too (else a
+            # request's max_tokens alone, up to 2**31, would keep it streaming for hours)
+            limit = min(stop.max_tokens, self.context_length - len(request.token_ids))
+            for i in range(limit):
                 if self.token_delay > 0:
                     await asyncio.sleep(self.token_delay)
                 else:
@@ -93,7 +97,7 @@ class EchoEngine(Engine):
                 finish: FinishReason | None = None
                 if token in stop_ids and generated > stop.min_tokens:
                     finish = "stop"
-                elif generated >= stop.max_tokens:
+                elif generated >= limit:
                     finish = "length"
                 out = EngineOutput(
                     token_ids=[token],

@@ -62,7 +62,8 @@ from dynamo_sdk.llm.engines.base import (
     EngineError,
     EngineStats,
     GenerateOptions,
-    check_prompt,
+    RequestLimits,
+    check_request,
 )
 from dynamo_sdk.llm.engines.configs import MockerConfig, settings
 from dynamo_sdk.llm.engines.scheduler import (
@@ -369,7 +370,11 @@ class MockerEngine(Engine):
         if self._failure is not None:
             raise self._failure
         prompt = list(request.token_ids)
-        check_prompt(request, self.context_length)
+        # logprobs up to the vocabulary it draws from (each alternative is a loop turn: a
+        # million would stall the event loop every step); prompt ids it never indexes (the
+        # worker holds them to `vocab_size`, the served model's)
+        limits = RequestLimits(self.context_length, max_logprobs=self.vocab_size)
+        check_request(request, limits)
         self._prompt_tokens += len(prompt)
         if request.stop.max_tokens <= 0:
             return _nothing_to_generate()
@@ -453,10 +458,18 @@ class MockerEngine(Engine):
                 self.computed_prompt_tokens += chunk.num_tokens
         for seq in self.scheduler.complete(work):
             assert isinstance(seq, _Seq)
-            token, logprob = self._token_at(seq, seq.num_generated)
-            k = seq.request.output.logprobs
-            top = self._top_logprobs(token, logprob, k) if k is not None else None
-            out = self.scheduler.append_token(seq, token, logprob if k is not None else None, top)
+            try:
+                token, logprob = self._token_at(seq, seq.num_generated)
+                k = seq.request.output.logprobs
+                top = self._top_logprobs(token, logprob, k) if k is not None else None
+                lp = logprob if k is not None else None
+                out = self.scheduler.append_token(seq, token, lp, top)
+            except Exception as exc:  # this request's, not the step's: the others go on
+                log.exception("mocker: request %s failed", seq.request.request_id)
+                self.scheduler.fail(seq, EngineError(
+                    f"request {seq.request.request_id}: {type(exc).__name__}: {exc}"
+                ))  # fmt: skip
+                continue
             if out is not None and out.cached_tokens is not None:
                 self._record_ttft(seq)
 

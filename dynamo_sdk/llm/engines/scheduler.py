@@ -15,6 +15,10 @@ around it is the same and lives here, once (vLLM v1's policy):
   newest running sequence is preempted (blocks freed, back to the front of the queue). Tokens it
   already streamed stay streamed; once re-admitted it re-prefills prompt + generated tokens
   (often mostly from its own cached blocks) and carries on.
+* One request's failure is its own: `fail` ends one sequence with an error and leaves the
+  others as they are (an engine whose step went wrong for one row fails that request, not
+  the batch), and a request that can never be admitted (more tokens than the whole cache
+  holds) fails alone instead of stalling the queue behind it.
 * Stop rules: a generated id in ``stop_token_ids`` stops the request once ``min_tokens`` were
   generated; ``max_tokens`` or the context length end it with ``length``.
 * Onboarding (with an ``onboarder``, the tier stack's side): a request whose prompt continues
@@ -31,6 +35,7 @@ An engine's step is: ``work = schedule()``; run the forward pass for ``work``; t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -305,8 +310,54 @@ class Scheduler:
             self.abort(seq)
             seq.outputs.put(error)
 
+    def fail(self, seq: Sequence, error: EngineError) -> None:
+        """End one sequence with ``error`` (its consumer raises it) and free its blocks,
+        whatever it was doing; every other sequence goes on as it was. Safe on a sequence an
+        exception left half-updated (finished in the scheduler, blocks not yet freed)."""
+        if seq.state is not SeqState.FINISHED:
+            try:
+                self.abort(seq)
+            except (ValueError, KeyError):  # half-applied when the error struck: tidy up
+                for queue in (self.running, self.remote, self.waiting):
+                    if seq in queue:
+                        queue.remove(seq)
+                seq.state = SeqState.FINISHED
+                with contextlib.suppress(KeyError):  # its blocks, unless already freed
+                    self.block_manager.free(seq.seq_id)
+        seq.outputs.put(error)
+
     def schedule(self) -> list[ScheduledChunk]:
         """Pick this step's work: running sequences first, then FIFO admissions."""
+        while True:
+            work = self._schedule()
+            if work or not self._fail_unadmittable():
+                return work
+
+    def _fail_unadmittable(self) -> bool:
+        """With nothing running, fail the queue's head if it can never be admitted (more
+        tokens than the whole cache: a prompt an engine let through, or a sequence that grew
+        past the cache before it was preempted), so the queue behind it goes on."""
+        if self.running or self.remote or not self.waiting:
+            return False
+        bm = self.block_manager
+        head = self.waiting[0]
+        need = -(-len(head.tokens) // bm.block_size)
+        if need <= bm.num_blocks:
+            return False
+        self.fail(head, EngineError(
+            f"request {head.request.request_id}: {len(head.tokens)} tokens need {need} KV "
+            f"blocks; the cache has {bm.num_blocks}"
+        ))  # fmt: skip
+        return True
+
+    def _unadmittable(self) -> bool:
+        """The queue's head can never be admitted and nothing else runs (`schedule` fails it)."""
+        if self.running or not self.waiting:
+            return False
+        bm = self.block_manager
+        return -(-len(self.waiting[0].tokens) // bm.block_size) > bm.num_blocks
+
+    def _schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         work: list[ScheduledChunk] = []
         bm = self.block_manager
@@ -344,7 +395,7 @@ class Scheduler:
         self.max_batch_running = max(self.max_batch_running, len(self.running))
         # Nothing to do is possible only while blocks wait for KV from elsewhere (a prefill
         # worker, the tiers below); otherwise it cannot happen, and a stall would be worse.
-        if not work and self.has_work and not self.remote:
+        if not work and self.has_work and not self.remote and not self._unadmittable():
             raise RuntimeError(
                 f"scheduler made no progress ({len(self.waiting)} waiting, "
                 f"{bm.num_free_blocks} free blocks)"

@@ -14,6 +14,14 @@ event encodes exactly as before, and a batch encoded without the field decodes.
 
 Events travel in per-worker ``KvEventBatch``es whose ``seq`` increases by one per batch; the
 indexer uses it to notice lost batches (a gap) or redeliveries (a repeat) and ask for a resync.
+
+Anyone who reaches NATS can publish on the events subject, so what a batch may carry is
+bounded here and checked when it is decoded (`decode_batch` raises ``msgspec.ValidationError``
+past a bound): ids and sequence numbers to int64 (hashes are msgpack's 64-bit ints), at most
+``MAX_BLOCKS_PER_EVENT`` blocks and ``MAX_TOKENS_PER_EVENT`` token ids per event (no more
+tokens than its blocks hold), ``MAX_EVENTS_PER_BATCH`` events per batch, load figures to
+their ranges. What the router then does with a batch of a worker it does not know is the
+indexer's business (`indexer.py`).
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from dynamo_sdk.llm.kv.hashing import hash_to_int
 
@@ -99,24 +108,49 @@ def tier_of(medium: str | None) -> Tier:
     return tier
 
 
+# -- bounds (see the module docstring) ------------------------------------------------------
+
+I64_MAX = 2**63 - 1
+I32_MAX = 2**31 - 1
+# A disk tier announces what it holds in one event: 1M blocks (about 9 MB of msgpack, more
+# than NATS carries by default: a bound, not a budget)
+MAX_BLOCKS_PER_EVENT = 1 << 20
+MAX_TOKENS_PER_EVENT = 1 << 22  # a BlockStored's token ids: its blocks' tokens
+MAX_EVENTS_PER_BATCH = 1 << 16
+MAX_BLOCK_SIZE = 1 << 16
+MAX_MEDIUM = 64  # characters of a medium's name
+
+BlockHash = int  # the 64-bit wire form (msgpack carries no wider int)
+WorkerId = Annotated[int, Meta(ge=0, le=I64_MAX)]  # an instance id: its etcd lease
+Medium = Annotated[str, Meta(max_length=MAX_MEDIUM)]
+_Hashes = Annotated[list[BlockHash], Meta(max_length=MAX_BLOCKS_PER_EVENT)]
+_Count = Annotated[int, Meta(ge=0, le=I64_MAX)]
+
+
 class BlockStored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Full blocks became cached, in chain order; ``parent_block_hash`` precedes the first one
-    (``None``: the first block is the start of a sequence). ``token_ids`` covers all blocks.
-    ``medium``: the tier they are now in (``None``: the device; see `tier_of`)."""
+    (``None``: the first block is the start of a sequence). ``token_ids`` covers all blocks
+    (senders that do not track tokens send none). ``medium``: the tier they are now in
+    (``None``: the device; see `tier_of`)."""
 
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    medium: str | None = None
+    block_hashes: _Hashes
+    parent_block_hash: BlockHash | None
+    token_ids: Annotated[list[Annotated[int, Meta(ge=0, le=I32_MAX)]],
+                         Meta(max_length=MAX_TOKENS_PER_EVENT)]  # fmt: skip
+    block_size: Annotated[int, Meta(ge=1, le=MAX_BLOCK_SIZE)]
+    medium: Medium | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) > len(self.block_hashes) * self.block_size:
+            raise ValueError("token_ids: more tokens than the event's blocks hold")
 
 
 class BlockRemoved(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Cached blocks were evicted from ``medium``'s tier (``None``: the device); the router must
     stop counting on them there (a copy in another tier still counts)."""
 
-    block_hashes: list[int]
-    medium: str | None = None
+    block_hashes: _Hashes
+    medium: Medium | None = None
 
 
 class AllBlocksCleared(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -124,7 +158,7 @@ class AllBlocksCleared(msgspec.Struct, tag=True, frozen=True, omit_defaults=True
     vLLM resets its GPU prefix cache; the worker's host and disk copies stay indexed). With the
     SHARED medium, the shared storage itself was wiped: no worker can load from it any more."""
 
-    medium: str | None = None
+    medium: Medium | None = None
 
 
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
@@ -133,20 +167,20 @@ KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 class KvEventBatch(msgspec.Struct, frozen=True):
     """Events of one worker, in the order they happened; ``seq`` counts batches per worker."""
 
-    worker_id: int
-    seq: int
-    events: list[KvEvent]
+    worker_id: WorkerId
+    seq: Annotated[int, Meta(ge=0, le=I64_MAX)]
+    events: Annotated[list[KvEvent], Meta(max_length=MAX_EVENTS_PER_BATCH)]
 
 
 class LoadMetrics(msgspec.Struct, frozen=True):
     """A worker's load snapshot, the router's cost input besides prefix overlap."""
 
-    worker_id: int
-    kv_usage: float
-    active_blocks: int
-    total_blocks: int
-    running: int
-    waiting: int
+    worker_id: WorkerId
+    kv_usage: Annotated[float, Meta(ge=0.0, le=1.0)]
+    active_blocks: _Count
+    total_blocks: _Count
+    running: _Count
+    waiting: _Count
 
 
 def kv_events_subject(namespace: str, component: str) -> str:
@@ -193,8 +227,24 @@ def from_vllm(event: dict[str, Any]) -> KvEvent | None:
     are u64 ints by default, raw digests if ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``; both
     become the same int here. ``medium`` (``"GPU"``, ``"CPU"``, ``"STORAGE"`` with a
     ``locality``; absent before vLLM had offloading tiers) becomes ours (`_vllm_medium`).
-    Unknown event types give ``None``.
+    Unknown event types give ``None``, and so do malformed ones (logged): the events come from
+    a socket, and one bad message must not stop the bridge reading the next.
     """
+    try:
+        converted = _from_vllm(event)
+    except (KeyError, TypeError, ValueError, AttributeError, msgspec.ValidationError) as exc:
+        _log.warning("malformed vLLM KV event dropped: %s: %s", type(exc).__name__, exc)
+        return None
+    if converted is None:
+        return None
+    try:  # the same bounds as on the wire (`decode_batch`)
+        return msgspec.convert(msgspec.to_builtins(converted), KvEvent)
+    except msgspec.ValidationError as exc:
+        _log.warning("vLLM KV event out of bounds dropped: %s", exc)
+        return None
+
+
+def _from_vllm(event: dict[str, Any]) -> KvEvent | None:
     kind = event.get("type")
     if kind == "BlockStored":
         parent = event.get("parent_block_hash")

@@ -23,11 +23,29 @@ is a no-op, a batch whose ``seq`` is not newer than the last applied one is drop
 ``seq`` gap is logged, counted and reported by ``needs_resync`` until the worker's state is
 rebuilt (``remove_worker``, or a batch that starts with a device-tier ``AllBlocksCleared``, as
 a (re)starting worker's first batch does).
+
+Forged events (anyone who reaches NATS can publish them) must not blind the index nor grow it
+without bound:
+
+* A ``seq`` is stale only within ``STALE_WINDOW`` batches below the last one applied. A batch
+  far below it is applied (a regression: logged, counted, and a resync asked for), so one
+  batch with a huge ``seq`` cannot make every later real batch look stale.
+* Once the index follows discovery (`admit`, which the router calls with the live instances
+  of every decision), batches of workers discovery has not shown are held, not applied: a
+  bounded backlog (``pending_workers`` workers, ``pending_hashes`` blocks in all, the oldest
+  worker's dropped first) that is applied when the worker appears (its first events can
+  overtake the etcd watch that announces it) and dropped if it never does. Workers indexed
+  before the first `admit` that are not live then are forgotten. A worker that leaves
+  (`remove_worker`, on its lease's end) is unknown again: its late batches are held, not
+  applied.
+* A worker holds at most ``max_blocks_per_worker`` blocks per tier, shared storage at most
+  ``max_shared_blocks``: past that its stores are not indexed (counted in ``over_capacity``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple
@@ -42,6 +60,13 @@ from dynamo_sdk.llm.kv.events import (
 )
 
 logger = logging.getLogger(__name__)
+
+STALE_WINDOW = 1 << 16  # batches below the last applied one that count as repeats
+MAX_BLOCKS_PER_WORKER = 1 << 22  # per tier: past any real device cache, and most disk tiers
+MAX_SHARED_BLOCKS = 1 << 23
+PENDING_WORKERS = 64  # unknown workers whose batches are held at once
+PENDING_HASHES = 1 << 21  # blocks (plus one per event) held for them in all: a restarted
+# worker's disk-tier announcement (up to a million blocks) must fit
 
 
 class TierOverlap(NamedTuple):
@@ -67,7 +92,18 @@ class KvIndexer:
     """Maps chained block hashes to the workers (and tiers) holding them; answers prefix-overlap
     queries."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_blocks_per_worker: int = MAX_BLOCKS_PER_WORKER,
+        max_shared_blocks: int = MAX_SHARED_BLOCKS,
+        pending_workers: int = PENDING_WORKERS,
+        pending_hashes: int = PENDING_HASHES,
+    ) -> None:
+        self.max_blocks_per_worker = max_blocks_per_worker
+        self.max_shared_blocks = max_shared_blocks
+        self.pending_workers = pending_workers
+        self.pending_hashes = pending_hashes
         self._masks: dict[int, int] = {}  # block hash -> bitmask of slots holding it on device
         self._host_masks: dict[int, int] = {}  # the same for host memory
         self._disk_masks: dict[int, int] = {}  # and for local disks
@@ -84,22 +120,94 @@ class KvIndexer:
         self._resync: set[int] = set()
         self.gaps = 0  # batches that arrived after a seq gap
         self.stale = 0  # duplicate or out-of-date batches dropped
+        self.regressions = 0  # batches far below the last seq, applied (see module docstring)
+        self.unknown_dropped = 0  # held batches of workers discovery never showed, dropped
+        self.over_capacity = 0  # stores not indexed: the worker's (or shared) tier was full
+        self._following = False  # `admit` was called: unknown workers' batches are held
+        self._known: set[int] = set()  # workers discovery has shown (and not removed since)
+        # unknown workers' held batches, oldest worker first, each with its cost in hashes
+        self._pending: OrderedDict[int, list[tuple[KvEventBatch, int]]] = OrderedDict()
+        self._pending_cost = 0
 
     # -- updates -----------------------------------------------------------------------------
 
     def apply(self, batch: KvEventBatch) -> None:
-        """Apply one worker's event batch (see the module docstring for the ordering rules)."""
+        """Apply one worker's event batch (see the module docstring for the ordering rules);
+        held instead while the index follows discovery and has not seen the worker there."""
+        if self._following and batch.worker_id not in self._known:
+            self._hold(batch)
+            return
+        self._apply(batch)
+
+    def admit(self, workers: Iterable[int]) -> bool:
+        """Follow discovery: ``workers`` are live instances now. Their held batches are
+        applied, in order; from the first call on, batches of workers never admitted are
+        held (see the module docstring), and workers indexed before it but not live are
+        forgotten. Cheap when nothing is new (one set lookup per worker). True on the first
+        call (when the index starts following discovery)."""
+        known = self._known
+        first = not self._following
+        if first:
+            self._following = True
+            live = set(workers)
+            for worker in [w for w in {*self._slot_of, *self._last_seq} if w not in live]:
+                self.remove_worker(worker)
+            known.update(live)
+            arrived = [w for w in self._pending if w in live]
+        else:
+            arrived = [w for w in workers if w not in known]
+            known.update(arrived)
+        for worker in arrived:
+            for batch, cost in self._pending.pop(worker, ()):
+                self._pending_cost -= cost
+                self._apply(batch)
+        return first
+
+    def is_known(self, worker_id: int) -> bool:
+        """Whether the index takes this worker's events and load now: discovery showed it, or
+        the index does not follow discovery (yet)."""
+        return not self._following or worker_id in self._known
+
+    def _hold(self, batch: KvEventBatch) -> None:
+        cost = len(batch.events) + sum(
+            len(e.block_hashes) for e in batch.events if not isinstance(e, AllBlocksCleared)
+        )
+        worker = batch.worker_id
+        held = self._pending.get(worker)
+        if held is None:
+            held = self._pending[worker] = []
+        else:
+            self._pending.move_to_end(worker)
+        held.append((batch, cost))
+        self._pending_cost += cost
+        while self._pending and (
+            self._pending_cost > self.pending_hashes or len(self._pending) > self.pending_workers
+        ):
+            gone, batches = self._pending.popitem(last=False)
+            self._pending_cost -= sum(c for _, c in batches)
+            self.unknown_dropped += len(batches)
+            logger.warning("dropped %d KV event batch(es) of worker %x, unknown to discovery",
+                           len(batches), gone)  # fmt: skip
+
+    def _apply(self, batch: KvEventBatch) -> None:
         worker = batch.worker_id
         last = self._last_seq.get(worker)
-        if last is not None and batch.seq <= last:
-            self.stale += 1
-            logger.debug("worker %d: stale batch seq %d (last %d)", worker, batch.seq, last)
-            return
-        if last is not None and batch.seq != last + 1:
-            self.gaps += 1
-            self._resync.add(worker)
-            logger.warning("worker %d: KV event gap, seq %d after %d", worker, batch.seq, last)
-        self._last_seq[worker] = batch.seq
+        seq = batch.seq
+        if last is not None:
+            if last - STALE_WINDOW < seq <= last:
+                self.stale += 1
+                logger.debug("worker %d: stale batch seq %d (last %d)", worker, seq, last)
+                return
+            if seq <= last - STALE_WINDOW:  # not a repeat: the last seq was not this stream's
+                self.regressions += 1
+                self._resync.add(worker)
+                logger.warning("worker %d: KV event seq %d far below %d: applied, resync",
+                               worker, seq, last)  # fmt: skip
+            elif seq != last + 1:
+                self.gaps += 1
+                self._resync.add(worker)
+                logger.warning("worker %d: KV event gap, seq %d after %d", worker, seq, last)
+        self._last_seq[worker] = seq
         events = batch.events
         first = events[0] if events else None
         if isinstance(first, AllBlocksCleared) and tier_of(first.medium) is Tier.DEVICE:
@@ -128,6 +236,9 @@ class KvIndexer:
             held.pop(worker_id, None)
         self._last_seq.pop(worker_id, None)
         self._resync.discard(worker_id)
+        self._known.discard(worker_id)
+        for _, cost in self._pending.pop(worker_id, ()):
+            self._pending_cost -= cost
         slot = self._slot_of.pop(worker_id, None)
         if slot is not None:
             del self._worker_at[slot]
@@ -309,8 +420,10 @@ class KvIndexer:
             self._held[worker] = set()
         return slot
 
-    def _store(self, worker: int, hashes: Iterable[int], tier: Tier) -> None:
+    def _store(self, worker: int, hashes: list[int], tier: Tier) -> None:
         if tier is Tier.SHARED:
+            if len(self._shared) + len(hashes) > self.max_shared_blocks:
+                hashes = self._within(hashes, self.max_shared_blocks - len(self._shared), worker)
             self._shared.update(hashes)
             return
         bit = 1 << self._slot(worker)
@@ -318,10 +431,21 @@ class KvIndexer:
         held = tier_held.get(worker)
         if held is None:
             held = tier_held[worker] = set()
+        if len(held) + len(hashes) > self.max_blocks_per_worker:
+            hashes = self._within(hashes, self.max_blocks_per_worker - len(held), worker)
         masks = self._tier_masks[tier]
         for h in hashes:
             masks[h] = masks.get(h, 0) | bit
             held.add(h)
+
+    def _within(self, hashes: list[int], room: int, worker: int) -> list[int]:
+        """The stores that fit a full tier (the first ``room``; repeats may waste a little)."""
+        kept = hashes[: max(room, 0)]
+        if len(kept) < len(hashes):
+            self.over_capacity += len(hashes) - len(kept)
+            logger.warning("worker %x: KV index tier full; %d block(s) not indexed", worker,
+                           len(hashes) - len(kept))  # fmt: skip
+        return kept
 
     def _remove(self, worker: int, hashes: Iterable[int], tier: Tier) -> None:
         if tier is Tier.SHARED:

@@ -29,6 +29,11 @@ count so one temperature suits short and long prompts. The router tracks its own
 land on the one worker holding their prefix before any metrics could say it is busy. Load
 metrics from workers clear assignments a caller never released (a worker reporting itself
 idle holds none).
+
+Every decision's ``workers`` are the live instances discovery lists, so the router hands them
+to its indexer (`KvIndexer.admit`): from then on events and load of worker ids discovery has
+not shown are held or ignored, not indexed (anyone on NATS can publish them), and a worker
+forgotten with `remove_worker` (its lease ended) stays out until discovery shows it again.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class KvRouter:
     # ---- inputs -------------------------------------------------------------------------
 
     def update_load(self, metrics: LoadMetrics, now: float | None = None) -> None:
+        """A worker's load snapshot (ignored for a worker discovery has not shown)."""
+        if not self.indexer.is_known(metrics.worker_id):
+            return
         now = time.monotonic() if now is None else now
         self.load[metrics.worker_id] = metrics
         if metrics.running == 0 and metrics.waiting == 0 and self._inflight.get(metrics.worker_id):
@@ -139,6 +147,9 @@ class KvRouter:
         """Pick a worker and count the request against it until `release(request_id)`."""
         if not workers:
             raise ValueError("no workers to choose from")
+        if self.indexer.admit(workers):  # discovery's live instances (module docstring)
+            for gone in [w for w in self.load if not self.indexer.is_known(w)]:
+                del self.load[gone]  # reported before the router followed discovery
         now = time.monotonic() if now is None else now
         hashes = block_hashes_int(token_ids, self.config.block_size)
         workers = sorted(workers)

@@ -43,9 +43,9 @@ from dynamo_sdk.llm.engines.base import (
     EngineError,
     EngineStats,
     GenerateOptions,
-    InvalidPromptError,
     PrefillSlots,
-    check_prompt,
+    RequestLimits,
+    check_request,
 )
 from dynamo_sdk.llm.engines.configs import TorchConfig, settings
 from dynamo_sdk.llm.engines.scheduler import (
@@ -80,6 +80,8 @@ from dynamo_sdk.llm.torch_engine.runner import (
 from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_MAX_FAILED_STEPS = 3  # forward passes failing in a row before the engine gives up for good
 
 
 @dataclass
@@ -130,6 +132,7 @@ class TorchEngine(Engine):
             )
         self.model_path = model
         self.config = model_config or ModelConfig.from_folder(model)  # type: ignore[arg-type]
+        self.vocab_size = self.config.vocab_size
         config_json = Path(model) / "config.json" if model else None
         try:
             self.dtype = resolve_dtype(config.dtype, self.device, config_json)
@@ -167,6 +170,9 @@ class TorchEngine(Engine):
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._failure: EngineError | None = None
+        self._failed_steps = 0  # consecutive steps whose forward pass raised
+        self.num_failed_steps = 0
+        """Steps whose forward pass raised (their requests failed; the engine went on)."""
         self._next_id = 0
         self._prompt_tokens = 0
         self.num_steps = 0
@@ -459,13 +465,9 @@ class TorchEngine(Engine):
         return self._scheduler
 
     def _new_seq(self, request: PreprocessedRequest) -> _Seq:
-        """A checked request as a sequence for the scheduler."""
-        check_prompt(request, self.context_length)
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.token_ids):
-            raise InvalidPromptError(
-                f"request {request.request_id}: token id outside the vocabulary"
-            )
+        """A checked request as a sequence for the scheduler: ids inside the embedding table,
+        options in range (`check_request`), so nothing in it can break a step for others."""
+        check_request(request, RequestLimits(self.context_length, self.vocab_size))
         self._prompt_tokens += len(request.token_ids)
         return _Seq(
             seq_id=f"{request.request_id}#{self._new_id()}",
@@ -554,6 +556,13 @@ class TorchEngine(Engine):
         turns out to have finished computes one extra token, which is dropped. Steps that
         admit or prefill requests, or need host-side sampling (logprobs, penalties), run one
         at a time.
+
+        A failure is confined to the requests it concerns: a row that cannot be sampled fails
+        its request (the sampler samples the others, `runner.launch`), a sequence whose token
+        cannot be applied fails alone, and a forward pass that raises fails the requests of
+        its step (any of them may be the cause; `_step_failed`) while the engine serves the
+        rest. Only ``_MAX_FAILED_STEPS`` failed steps in a row (a broken device), or a fault
+        in the scheduling itself, fail the engine for good.
         """
         loop = asyncio.get_running_loop()
         sched, runner = self._scheduler, self.runner
@@ -577,29 +586,38 @@ class TorchEngine(Engine):
                             await self._copy_out(tiers)  # before a load overwrites them
                         await self._wakeup.wait()
                         continue
-                    chunks = [self._chunk_input(c) for c in work]
-                    prefill = sum(c.num_tokens for c in work if c.seq.prefilling)
-                    self.computed_prompt_tokens += prefill
-                    if tiers is not None:
-                        await self._copy_out(tiers)
-                    launched = time.perf_counter()
-                    handle = await loop.run_in_executor(self._executor, runner.launch, chunks)
+                    try:
+                        chunks = [self._chunk_input(c) for c in work]
+                        prefill = sum(c.num_tokens for c in work if c.seq.prefilling)
+                        self.computed_prompt_tokens += prefill
+                        if tiers is not None:
+                            await self._copy_out(tiers)
+                        launched = time.perf_counter()
+                        handle = await loop.run_in_executor(self._executor, runner.launch, chunks)
+                    except Exception as exc:
+                        self._step_failed([work], exc)
+                        continue
                     inflight = _Step(work, chunks, handle, False, prefill, launched)
-                ahead = self._launch_ahead(inflight)
-                if ahead is not None:
-                    ahead_work, ahead_chunks = ahead
-                    if tiers is not None:
-                        await self._copy_out(tiers)
-                    handle = await loop.run_in_executor(
-                        self._executor, runner.launch, ahead_chunks, inflight.handle.tokens
+                nxt: _Step | None = None
+                try:
+                    ahead = self._launch_ahead(inflight)
+                    if ahead is not None:
+                        ahead_work, ahead_chunks = ahead
+                        nxt = _Step(ahead_work, ahead_chunks, StepHandle(), chained=True)
+                        if tiers is not None:
+                            await self._copy_out(tiers)
+                        nxt.handle = await loop.run_in_executor(
+                            self._executor, runner.launch, ahead_chunks, inflight.handle.tokens
+                        )
+                    sampled = await loop.run_in_executor(
+                        self._executor, runner.collect, inflight.handle
                     )
-                    nxt: _Step | None = _Step(ahead_work, ahead_chunks, handle, chained=True)
-                else:
-                    nxt = None
-                sampled = await loop.run_in_executor(
-                    self._executor, runner.collect, inflight.handle
-                )
+                except Exception as exc:  # the chained step is planned on these sequences
+                    self._step_failed([inflight.work, nxt.work if nxt else []], exc)
+                    inflight = None
+                    continue
                 self.num_steps += 1
+                self._failed_steps = 0
                 if inflight.prefill_tokens and self._load_costs is not None:
                     self._load_costs.observe_prefill(
                         inflight.prefill_tokens, time.perf_counter() - inflight.launched
@@ -618,6 +636,39 @@ class TorchEngine(Engine):
             log.exception("torch engine step failed")
             self._failure = EngineError(f"torch engine failed: {type(exc).__name__}: {exc}")
             sched.fail_all(self._failure)
+
+    def _step_failed(self, steps: list[list[ScheduledChunk]], exc: Exception) -> None:
+        """A step's forward pass (or its launch) raised: fail the requests it carried.
+
+        Which row caused it is unknown, so every request of the step fails, and so does any
+        other holding one of their blocks (a prefix shared with a request admitted while the
+        step ran): the blocks the step registered as computed were never written. Their
+        pending tier copies are dropped and the device prefix cache cleared of unused blocks,
+        so no later request reads that KV. Raises (failing the engine for good) after
+        ``_MAX_FAILED_STEPS`` failed steps in a row: then the device, not a request, is broken.
+        """
+        sched, bm = self._scheduler, self.block_manager
+        assert sched is not None and bm is not None
+        self._failed_steps += 1
+        self.num_failed_steps += 1
+        if self._failed_steps >= _MAX_FAILED_STEPS:
+            raise exc
+        log.error("torch engine step failed (%d in a row): %s: %s; failing its requests",
+                  self._failed_steps, type(exc).__name__, exc, exc_info=exc)  # fmt: skip
+        error = EngineError(f"torch engine step failed: {type(exc).__name__}: {exc}")
+        failed = {id(c.seq): c.seq for work in steps for c in work}
+        blocks: set[int] = set()
+        for seq in failed.values():
+            if seq.state in (SeqState.RUNNING, SeqState.REMOTE):
+                blocks.update(bm.block_table(seq.seq_id))
+        for seq in [*sched.running, *sched.remote]:
+            if id(seq) not in failed and not blocks.isdisjoint(bm.block_table(seq.seq_id)):
+                failed[id(seq)] = seq
+        if self.tiers is not None:
+            self.tiers.forget_pending(sorted(blocks))
+        for seq in failed.values():
+            sched.fail(seq, error)
+        bm.clear_cache()
 
     async def _copy_out(self, tiers: TierStack, *, idle: bool = False) -> None:
         """Copy the blocks due out of the device, in order with the steps (see `TierStack`)."""
@@ -659,7 +710,9 @@ class TorchEngine(Engine):
         return work, chunks
 
     def _apply(self, step: _Step, sampled: list[Sampled]) -> None:
-        """Stream a finished step's tokens (and finish, grow or preempt its sequences)."""
+        """Stream a finished step's tokens (and finish, grow or preempt its sequences); a
+        row the sampler could not sample, or whose token cannot be applied, fails its own
+        request only."""
         sched = self._scheduler
         assert sched is not None
         ready = {id(s) for s in sched.complete(step.work)}
@@ -668,8 +721,23 @@ class TorchEngine(Engine):
             if inputs.sample is None:
                 continue
             result = next(results)
-            if id(chunk.seq) in ready:  # not aborted, preempted or finished meanwhile
-                sched.append_token(chunk.seq, result.token, result.logprob, result.top)
+            seq = chunk.seq
+            if id(seq) not in ready:  # aborted, preempted or finished meanwhile
+                continue
+            if result.error is not None:
+                log.warning("request %s: sampling failed: %s", seq.request.request_id,
+                            result.error)  # fmt: skip
+                sched.fail(seq, EngineError(
+                    f"request {seq.request.request_id}: sampling failed: {result.error}"
+                ))  # fmt: skip
+                continue
+            try:
+                sched.append_token(seq, result.token, result.logprob, result.top)
+            except Exception as exc:
+                log.exception("request %s: applying its token failed", seq.request.request_id)
+                sched.fail(seq, EngineError(
+                    f"request {seq.request.request_id}: {type(exc).__name__}: {exc}"
+                ))  # fmt: skip
 
     def _chunk_input(self, chunk: ScheduledChunk) -> ChunkInput:
         seq = chunk.seq

@@ -25,7 +25,13 @@ import torch
 from dynamo_sdk.llm.kv.block_copy import gather_blocks, scatter_blocks
 from dynamo_sdk.llm.torch_engine.attention import AttentionMetadata
 from dynamo_sdk.llm.torch_engine.model import LlamaModel
-from dynamo_sdk.llm.torch_engine.sampler import Sampled, SampleRow, sample, sample_on_device
+from dynamo_sdk.llm.torch_engine.sampler import (
+    Sampled,
+    SampleRow,
+    sample,
+    sample_on_device,
+    sample_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +156,14 @@ class ModelRunner:
             self.num_eager_steps += 1
         if not rows:
             return StepHandle(sampled=[])
-        tokens = sample_on_device(logits, rows)
-        if tokens is None:
-            return StepHandle(sampled=sample(logits, rows))
+        try:
+            tokens = sample_on_device(logits, rows)
+            if tokens is None:
+                return StepHandle(sampled=sample(logits, rows))
+        except Exception:  # one row's settings: sample each alone, the failing one errs
+            log.warning("sampling a batch of %d failed; sampling row by row", len(rows),
+                        exc_info=True)  # fmt: skip
+            return StepHandle(sampled=sample_rows(logits, rows))
         if self.device.type != "cuda":
             return StepHandle(sampled=[Sampled(t) for t in tokens.tolist()], tokens=tokens)
         host = self._pinned_tokens(len(rows))

@@ -6,6 +6,11 @@ positive logits divided, negative multiplied), frequency and presence penalties 
 OpenAI style), stop tokens banned until ``min_tokens``; greedy rows take the argmax, the others
 are divided by their temperature and filtered by top-k, top-p and min-p before sampling.
 
+Whatever one row's settings can make fail (top-k alternatives past the vocabulary, ids outside
+it) runs before the first random draw: a batch whose sampling raises is then sampled again row
+by row (`sample_rows`) with every seeded generator where it was, so the rows that can be
+sampled are, exactly as they would have been, and only the failing row fails.
+
 Sampling is a race of exponential clocks, ``argmax(p / Exp(1))``, which draws exactly from
 ``p``. A request with a ``seed`` draws its noise from its own generator, so its output depends
 on the seed alone, not on which other requests share the batch. When every row is greedy and
@@ -92,6 +97,7 @@ class Sampled:
     token: int
     logprob: float | None = None
     top: list[TokenLogprob] | None = None
+    error: str | None = None  # this row could not be sampled (its request fails, not the step)
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
@@ -102,8 +108,20 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         return [Sampled(t) for t in logits.argmax(dim=-1).tolist()]
 
     raw_logprobs = None
+    tops: list[list[TokenLogprob] | None] = [None] * len(rows)
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+        for i, row in enumerate(rows):  # before any draw (see the module docstring)
+            n = row.params.logprobs
+            if n is None:
+                continue
+            if n > 0:
+                values, ids = raw_logprobs[i].topk(n)
+                tops[i] = [
+                    TokenLogprob(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+                ]
+            else:
+                tops[i] = []
     logits = logits.clone()
     for i, row in enumerate(rows):
         _apply_penalties(logits[i], row)
@@ -119,18 +137,23 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     token_list = tokens.tolist()
     out = [Sampled(t) for t in token_list]
     if raw_logprobs is not None:
-        for i, row in enumerate(rows):
-            n = row.params.logprobs
-            if n is None:
-                continue
-            out[i].logprob = float(raw_logprobs[i, token_list[i]])
-            if n > 0:
-                values, ids = raw_logprobs[i].topk(n)
-                out[i].top = [
-                    TokenLogprob(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
-                ]
-            else:
-                out[i].top = []
+        for i, top in enumerate(tops):
+            if top is not None:
+                out[i].logprob = float(raw_logprobs[i, token_list[i]])
+                out[i].top = top
+    return out
+
+
+def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+    """`sample`, one row at a time: a row that cannot be sampled gets a ``Sampled`` with its
+    ``error`` instead of failing the others (what a step falls back to when `sample` over the
+    whole batch raised)."""
+    out: list[Sampled] = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(sample(logits[i : i + 1], [row])[0])
+        except Exception as exc:
+            out.append(Sampled(0, error=f"{type(exc).__name__}: {exc}"))
     return out
 
 
@@ -167,7 +190,8 @@ def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
 
 
 def _sample_random(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k / top-p / min-p, then the exponential race; returns token ids."""
+    """Temperature, top-k / top-p / min-p, then the exponential race; returns token ids. The
+    noise is drawn last: nothing after it can fail (see the module docstring)."""
     device = logits.device
     temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     logits = logits / temps

@@ -18,8 +18,11 @@ from dynamo_sdk.llm.disagg.policy import DisaggConfig
 from dynamo_sdk.llm.engines.base import EngineConfigError
 from dynamo_sdk.llm.engines.configs import EngineSettings
 from dynamo_sdk.llm.engines.registry import engine_config
+from dynamo_sdk.llm.protocol import MAX_LOGPROBS_WIRE
 from dynamo_sdk.sdk.config import explain
 from dynamo_sdk.sdk.errors import ConfigurationError
+
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
 
 
 class _Keys(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +51,14 @@ class WorkerKeys(_Keys):
     prefill_timeout: Annotated[
         float, Meta(gt=0.0, description="seconds to wait for remote KV, then prefill here")
     ] = 30.0
+    max_logprobs: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=MAX_LOGPROBS_WIRE,
+            description="the most logprobs a request may ask per token (vLLM's max_logprobs)",
+        ),
+    ] = DEFAULT_MAX_LOGPROBS
 
     def disagg(self) -> DisaggConfig:
         return DisaggConfig(
@@ -95,6 +106,8 @@ def _split(keys_type: Any, section: Mapping[str, Any], service: str) -> tuple[An
     own_names = set(keys_type.__struct_fields__)
     own = {k: v for k, v in section.items() if k in own_names}
     rest = {k: v for k, v in section.items() if k not in own_names}
+    if "max_logprobs" in own_names:
+        _share_max_logprobs(section, own, rest)
     try:
         keys = msgspec.convert(own, keys_type)
     except msgspec.ValidationError as exc:
@@ -104,3 +117,19 @@ def _split(keys_type: Any, section: Mapping[str, Any], service: str) -> tuple[An
     except EngineConfigError as exc:
         theirs = ", ".join(sorted(own_names))
         raise ConfigurationError(f"{exc}; the {service}'s own keys: {theirs}") from None
+
+
+def _share_max_logprobs(
+    section: Mapping[str, Any], own: dict[str, Any], rest: dict[str, Any]
+) -> None:
+    """``max_logprobs`` is the worker's limit and vLLM's engine argument of the same name and
+    meaning: with ``engine: vllm`` the one given reaches both (a top-level key goes to vLLM too;
+    one under ``engine_args`` sets the worker's), so the two never disagree."""
+    if section.get("engine") != "vllm":
+        return
+    nested = section.get("engine_args")
+    if "max_logprobs" in own:
+        if not (isinstance(nested, Mapping) and "max_logprobs" in nested):
+            rest["max_logprobs"] = own["max_logprobs"]
+    elif isinstance(nested, Mapping) and "max_logprobs" in nested:
+        own["max_logprobs"] = nested["max_logprobs"]

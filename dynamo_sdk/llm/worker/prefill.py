@@ -21,10 +21,11 @@ import msgspec
 from dynamo_sdk.llm.disagg.protocol import RemotePrefillRequest, TransferEndpoint, transfer_key
 from dynamo_sdk.llm.disagg.queue import PrefillQueue
 from dynamo_sdk.llm.disagg.transport import PrefillCounts, PrefillTransport, prefill_transport
-from dynamo_sdk.llm.engines.base import Engine, EngineError
+from dynamo_sdk.llm.engines.base import Engine, EngineError, RequestLimits, check_request
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.worker.config import PrefillConfig
+from dynamo_sdk.llm.worker.worker import model_vocab_size
 from dynamo_sdk.runtime import DistributedRuntime
 from dynamo_sdk.runtime.discovery import PrefixWatcher
 
@@ -42,6 +43,7 @@ class LLMPrefillWorker:
         self.queue: PrefillQueue | None = None
         self.endpoints: PrefixWatcher | None = None
         self.namespace = ""
+        self.limits: RequestLimits | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, runtime: DistributedRuntime, namespace: str) -> None:
@@ -51,6 +53,10 @@ class LLMPrefillWorker:
         self.transport = prefill_transport(engine, self.counts)  # refused before weights load
         await engine.start()
         self.engine = engine
+        self.limits = RequestLimits(
+            context_length=engine.context_length,
+            vocab_size=engine.vocab_size or model_vocab_size(path),
+        )
         self.namespace = namespace
         prefix = f"kv_transfer/{namespace}/"
         self.endpoints = runtime.watch_prefix(prefix)
@@ -102,29 +108,40 @@ class LLMPrefillWorker:
                 task.add_done_callback(lambda _: slots.release())
 
     async def _prefill(self, msg: Any, job: RemotePrefillRequest) -> None:
-        transport, endpoints = self.transport, self.endpoints
-        assert transport is not None and endpoints is not None
-        raw = endpoints.values.get(transfer_key(self.namespace, job.decode_instance))
-        if raw is None:  # the decode worker is gone: nobody waits for this KV
-            self.counts.dropped += 1
-            await msg.ack()
-            return
-        endpoint = msgspec.msgpack.decode(raw, type=TransferEndpoint)
+        """One job. Anyone on NATS can put one on the queue and anyone who can write etcd an
+        endpoint, so both are checked here: the endpoint decodes into its typed struct (a CUDA
+        IPC handle included: never anything executable) or the job is dropped, and the prompt
+        must suit this worker's model (`check_request`) or the decode worker is told at once."""
+        transport, endpoints, limits = self.transport, self.endpoints, self.limits
+        assert transport is not None and endpoints is not None and limits is not None
         try:
-            assert transport.layout is not None
-            diff = transport.layout.mismatch(endpoint.layout)
-            if diff is not None:
-                raise EngineError(f"KV layout mismatch (prefill vs decode worker): {diff}")
-            if job.kind != transport.kind:
-                raise EngineError(
-                    f"the decode worker wants KV via {job.kind}; this prefill worker's engine "
-                    f"moves it via {transport.kind} (run both on the same engine)"
-                )
-            await transport.prefill(job, endpoint)
-        except Exception as exc:
-            self.counts.failed += 1
-            log.warning("prefill of %s failed: %s", job.transfer_id, exc)
-            with contextlib.suppress(Exception):
-                await transport.report_failure(job, endpoint, str(exc))
+            raw = endpoints.values.get(transfer_key(self.namespace, job.decode_instance))
+            if raw is None:  # the decode worker is gone: nobody waits for this KV
+                self.counts.dropped += 1
+                return
+            try:
+                endpoint = msgspec.msgpack.decode(raw, type=TransferEndpoint)
+            except msgspec.DecodeError as exc:  # nobody to report to: drop the job
+                self.counts.failed += 1
+                log.warning("prefill of %s dropped: the decode worker's endpoint is invalid: "
+                            "%s", job.transfer_id, exc)  # fmt: skip
+                return
+            try:
+                check_request(job.request, limits)
+                assert transport.layout is not None
+                diff = transport.layout.mismatch(endpoint.layout)
+                if diff is not None:
+                    raise EngineError(f"KV layout mismatch (prefill vs decode worker): {diff}")
+                if job.kind != transport.kind:
+                    raise EngineError(
+                        f"the decode worker wants KV via {job.kind}; this prefill worker's "
+                        f"engine moves it via {transport.kind} (run both on the same engine)"
+                    )
+                await transport.prefill(job, endpoint)
+            except Exception as exc:
+                self.counts.failed += 1
+                log.warning("prefill of %s failed: %s", job.transfer_id, exc)
+                with contextlib.suppress(Exception):
+                    await transport.report_failure(job, endpoint, str(exc))
         finally:
             await msg.ack()

@@ -1,5 +1,10 @@
 """`LLMWorker`: one engine behind the runtime's `generate` endpoint.
 
+Every request is checked against the served model before the engine sees it
+(`check_request`: token ids inside the vocabulary, the prompt inside the context length,
+logprobs up to `max_logprobs`): the endpoint is reachable by anyone on NATS, past the
+Frontend, and a refused request comes back to its caller as an `invalid_request` error frame.
+
 Start-up: resolve the model, build and start the engine the config names, turn on
 disaggregated prefill if asked (`DecodeRole`), publish the engine's KV events and load when it
 has KV events (so the KV-aware router can follow it), announce the model in etcd (the
@@ -11,10 +16,12 @@ engine's declared capabilities; this class is the same for every engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from dynamo_sdk.llm.engines.base import Engine, EngineStats
+from dynamo_sdk.llm.engines.base import Engine, EngineStats, RequestLimits, check_request
 from dynamo_sdk.llm.engines.registry import create_engine
 from dynamo_sdk.llm.kv.events import LoadMetrics
 from dynamo_sdk.llm.kv.publisher import KvPublisher
@@ -38,6 +45,7 @@ class LLMWorker:
         self.decode: DecodeRole | None = None
         self.publisher: KvPublisher | None = None
         self.reporter: StatsReporter | None = None
+        self.limits: RequestLimits | None = None
 
     async def start(
         self, runtime: DistributedRuntime, namespace: str, component: str, endpoint: str
@@ -50,6 +58,11 @@ class LLMWorker:
         engine = create_engine(keys.engine, path, self.config.engine)
         await engine.start()
         self.engine = engine
+        self.limits = RequestLimits(
+            context_length=engine.context_length,
+            vocab_size=engine.vocab_size or model_vocab_size(path),
+            max_logprobs=keys.max_logprobs,
+        )
         if keys.remote_prefill:
             self.decode = DecodeRole(engine, keys.disagg())
             await self.decode.start(runtime, namespace)
@@ -77,7 +90,10 @@ class LLMWorker:
                  engine.context_length)  # fmt: skip
 
     def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        assert self.engine is not None
+        """The engine's stream for ``request``; raises `InvalidPromptError` at once for a
+        request the model cannot serve (see the module docstring)."""
+        assert self.engine is not None and self.limits is not None
+        check_request(request, self.limits)
         if self.decode is not None:
             return self.decode.generate(request)
         return self.engine.generate(request)
@@ -105,3 +121,21 @@ class LLMWorker:
                 await part.stop()
         if self.engine is not None:
             await self.engine.shutdown()
+
+
+def model_vocab_size(path: str | None) -> int:
+    """The token ids a model folder's weights take: ``config.json``'s ``vocab_size`` (or its
+    ``text_config``'s, for multimodal models), for engines that do not say (vLLM); 0 when
+    unknown, and then ids are not checked against it (the engine's own checks remain)."""
+    if not path:
+        return 0
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(section, dict):
+            size = section.get("vocab_size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+    return 0
