@@ -295,13 +295,21 @@ async def test_a_failed_forward_pass_fails_its_requests_not_the_engine(
         await collect(torch_engine, make_request(PROMPT, 4, request_id="unlucky"))
     outs = await collect(torch_engine, make_request(PROMPT, 4, ignore_eos=True))
     assert len(tokens(outs)) == 4 and torch_engine.num_failed_steps == 1
-    assert torch_engine._failure is None
-    # a device that keeps failing is broken: the engine gives up, loudly
+    assert torch_engine._failure is None and torch_engine.healthy()
+    # a device that keeps failing is broken: the engine gives up, loudly, and says so to the
+    # worker's liveness probe (the supervisor then restarts the worker)
     failures["left"] = 100
     for _ in range(3):
         with pytest.raises(EngineError):
             await collect(torch_engine, make_request(PROMPT, 4))
-    assert torch_engine._failure is not None
+    assert torch_engine._failure is not None and not torch_engine.healthy()
+
+
+def test_the_worker_service_probes_its_engine_for_liveness() -> None:
+    from dynamo_sdk import service_of
+    from dynamo_sdk.llm.services.worker import Worker
+
+    assert "alive" in service_of(Worker).hooks.get("liveness", [])
 
 
 # -- the mocker and the echo engine -----------------------------------------------------------

@@ -187,6 +187,12 @@ class Engine(abc.ABC):
 
     # -- optional capabilities -----------------------------------------------------------
 
+    def healthy(self) -> bool:
+        """False once the engine cannot serve any request again (it failed for good): the
+        worker's liveness probe, so the supervisor restarts it instead of leaving a
+        registered worker that fails everything routed to it."""
+        return True
+
     def kv_events(self) -> KvEventSource | None:
         """Its KV cache events, if it can report them."""
         return None

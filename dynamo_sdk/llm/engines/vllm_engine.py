@@ -656,6 +656,11 @@ class VllmEngine(Engine):
         await asyncio.to_thread(llm.shutdown, self.stop_timeout)
         log.info("vLLM engine stopped in %.1f s", time.monotonic() - started)
 
+    def healthy(self) -> bool:
+        """False once vLLM's engine core died (`AsyncLLM.errored`): it serves nothing again."""
+        llm = self._llm
+        return llm is None or not bool(getattr(llm, "errored", False))
+
     def stats(self) -> EngineStats:
         """The latest scheduler stats, clamped by what this adapter knows is in flight.
 

@@ -14,6 +14,7 @@ from dynamo_sdk import (
     async_on_start,
     dynamo_context,
     endpoint,
+    liveness,
     service,
     service_of,
 )
@@ -57,6 +58,11 @@ class Worker:
     async def disagg_stats(self, _: str) -> dict[str, int]:
         """Conditional-disaggregation decisions and transfers so far."""
         return self.llm.disagg_stats()
+
+    @liveness
+    def alive(self) -> bool:
+        """False once the engine failed for good: the supervisor then restarts this worker."""
+        return self.llm.alive()
 
     @async_on_shutdown
     async def stop(self) -> None:

@@ -456,6 +456,9 @@ class TorchEngine(Engine):
             async for out in outputs:
                 yield out
 
+    def healthy(self) -> bool:
+        return self._failure is None
+
     def _accepting(self, method: str) -> Scheduler:
         """The scheduler, if the engine takes requests now; else why not, as an error."""
         if self._task is None or self._scheduler is None:

@@ -107,6 +107,10 @@ class LLMWorker:
         assert self.engine is not None
         return self.engine.stats()
 
+    def alive(self) -> bool:
+        """The worker's liveness: its engine can still serve (`Engine.healthy`)."""
+        return self.engine is None or self.engine.healthy()
+
     def disagg_stats(self) -> dict[str, int]:
         """Conditional-disaggregation decisions and transfers so far (empty when off)."""
         return self.decode.stats() if self.decode is not None else {}
