@@ -70,6 +70,7 @@ class _NatsEvents:
     def __init__(self) -> None:
         self.closing = False
         self.connected = False
+        self.on_reconnected: list[Callable[[], None]] = []
         self.refused: asyncio.Event = asyncio.Event()
         self._said: set[str] = set()
 
@@ -91,6 +92,8 @@ class _NatsEvents:
     async def reconnected(self) -> None:
         self._said.clear()
         log.info("NATS: reconnected")
+        for callback in self.on_reconnected:
+            callback()
 
 
 @dataclass
@@ -228,6 +231,11 @@ class DistributedRuntime:
         """This process's instance id: its first etcd lease's id (kept when a lost lease is
         re-granted, so subjects, keys and callers' views of it stay valid)."""
         return self._instance_id
+
+    def on_nats_reconnected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) each time NATS comes back after a loss:
+        whatever was published meanwhile is gone (`kv/feed.py` asks for snapshots)."""
+        self._nats_events.on_reconnected.append(callback)
 
     def on_lease_lost(self, callback: Callable[[], None]) -> None:
         self._on_lease_lost.append(callback)

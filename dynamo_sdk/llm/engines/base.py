@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from dynamo_sdk.llm.kv.events import KvEventCallback, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEvent, KvEventCallback, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
 from dynamo_sdk.llm.kv.tiers.stats import KvTierStats
 from dynamo_sdk.llm.protocol import (
@@ -195,6 +195,11 @@ class Engine(abc.ABC):
 
     def kv_events(self) -> KvEventSource | None:
         """Its KV cache events, if it can report them."""
+        return None
+
+    def kv_snapshot(self) -> list[KvEvent] | None:
+        """Its whole KV state as events (`kv/resync.py`), for a router that lost track; None
+        if it cannot list its cache (vLLM's prefix cache has no such API)."""
         return None
 
     def kv_block_size(self) -> int:

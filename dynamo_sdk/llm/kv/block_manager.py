@@ -392,6 +392,11 @@ class BlockManager:
         block.hash, block.parent, block.token_ids = None, None, ()
         return h
 
+    def cached_hashes(self) -> list[bytes]:
+        """The hash of every block in the prefix cache (in use or evictable): the device
+        part of a KV snapshot (`kv/resync.py`)."""
+        return list(self._by_hash)
+
     def _emit_stored(
         self, seq: _Seq, first: int, registered: list[bool], events: list[KvEvent]
     ) -> None:

@@ -62,8 +62,9 @@ from dynamo_sdk.llm.engines.tiering import (
     tier_plan,
 )
 from dynamo_sdk.llm.kv.block_manager import BlockManager, NoFreeBlocksError
-from dynamo_sdk.llm.kv.events import KvEventCallback, KvEventFanout, LoadMetrics
+from dynamo_sdk.llm.kv.events import KvEvent, KvEventCallback, KvEventFanout, LoadMetrics
 from dynamo_sdk.llm.kv.layout import KvLayout
+from dynamo_sdk.llm.kv.resync import snapshot_events
 from dynamo_sdk.llm.kv.tiers.costs import MeasuredLoadCosts
 from dynamo_sdk.llm.kv.tiers.keys import LayoutIdentity
 from dynamo_sdk.llm.kv.tiers.stack import TierStack
@@ -338,6 +339,11 @@ class TorchEngine(Engine):
 
     def kv_block_size(self) -> int:
         return self.block_size
+
+    def kv_snapshot(self) -> list[KvEvent] | None:
+        if self.block_manager is None:
+            return None
+        return snapshot_events(self.block_manager, self.tiers)
 
     def kv_events(self) -> KvEventFanout:
         return self._kv_events

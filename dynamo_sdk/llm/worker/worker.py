@@ -68,7 +68,9 @@ class LLMWorker:
             await self.decode.start(runtime, namespace)
         events = engine.kv_events()
         if events is not None:
-            self.publisher = KvPublisher(runtime, namespace, component, self._load)
+            self.publisher = KvPublisher(
+                runtime, namespace, component, self._load, snapshot=engine.kv_snapshot
+            )
             events.subscribe(self.publisher.on_events, replay=True)  # what start announced
             await self.publisher.start()
         await register_model(

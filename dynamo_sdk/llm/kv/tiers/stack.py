@@ -226,18 +226,31 @@ class TierStack:
     def _record_bytes(self) -> int:
         return self.io.block_nbytes + HEADER_BYTES
 
-    def announce(self) -> None:
-        """Tell the router which blocks the disk tier holds (after a restart: they survived)."""
-        if self.disk is None:
-            return
+    def _disk_hashes(self) -> list[bytes]:
+        """The hashes of this layout's blocks on disk (other layouts' share the folder)."""
         ours = []
-        for key in self.disk.keys():
+        for key in self.disk.keys() if self.disk is not None else []:
             try:
                 ns, h = split_key(key)
             except ValueError:
                 continue
             if ns == self.namespace:
                 ours.append(h)
+        return ours
+
+    def held_hashes(self) -> dict[str, list[bytes]]:
+        """Every block this worker holds below the device, per tier it owns (host, disk):
+        what a KV snapshot announces (`kv/resync.py`)."""
+        held = {HOST: self.host.hashes()}
+        if self.disk is not None:
+            held[DISK] = self._disk_hashes()
+        return held
+
+    def announce(self) -> None:
+        """Tell the router which blocks the disk tier holds (after a restart: they survived)."""
+        if self.disk is None:
+            return
+        ours = self._disk_hashes()
         if ours:
             log.info("KV disk tier: %d blocks from an earlier run announced", len(ours))
             self._emit([self._stored_event(ours, DISK)])
