@@ -49,10 +49,28 @@ async def connected(
     try:
         for extra in overrides:
             runtimes.append(await DistributedRuntime.connect(settings_for(servers, **extra)))
+        await knowing_each_other(runtimes)
         yield runtimes
     finally:
         for rt in reversed(runtimes):
             await rt.shutdown()
+
+
+async def knowing_each_other(runtimes: list[DistributedRuntime], timeout: float = 5.0) -> None:
+    """Wait until each runtime has seen the others' response listeners registered (a callee
+    answers a caller it has not seen yet over NATS: correct, but not what TCP tests test)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    for rt in runtimes:
+        if rt.responders is None:
+            continue
+        for other in runtimes:
+            address = other.dispatcher.reply_addr
+            while address and address not in rt.responders:
+                assert time.monotonic() < deadline, f"{address} never seen registered"
+                await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ from dynamo_sdk.runtime import (
     RuntimeSettings,
     StreamLostError,
 )
+from dynamo_sdk.runtime.discovery import responder_key
 from dynamo_sdk.runtime.response_plane import _FrameReader, encode_message, listen_host
 from dynamo_sdk.serve.embedded import EmbeddedServers
-from tests.conftest import connected, settings_for
+from tests.conftest import connected, knowing_each_other, settings_for
 
 
 class _Transport:
@@ -98,10 +99,41 @@ async def test_an_unreachable_caller_is_answered_over_nats(
         dead = f"127.0.0.1:{probe.sockets[0].getsockname()[1]}"
         probe.close()
         await probe.wait_closed()
-        caller.dispatcher.reply_addr = dead
+        await listening_at(caller, dead, callee)
         assert [i async for i in client(300)] == list(range(300))
         assert callee.replies.ready(dead) is None and dead in callee.replies._refused
         assert [i async for i in client(3)] == [0, 1, 2]  # no second attempt for a while
+
+
+async def listening_at(
+    caller: DistributedRuntime, address: str, *callees: DistributedRuntime
+) -> None:
+    """Make ``caller`` name ``address`` as its response listener, registered as its own (as
+    a caller behind NAT, or a stalled one, would be), once ``callees`` have seen it."""
+    caller.dispatcher.reply_addr = address
+    await caller.put_leased(responder_key(caller.instance_id), address.encode())
+    await knowing_each_other([*callees, caller])
+
+
+async def test_a_callee_connects_only_to_registered_callers(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """A request naming an address no caller registered (anyone on NATS could send one) is
+    answered over NATS: the callee never opens a connection to it."""
+    dialed: list[object] = []
+    trap = await asyncio.start_server(lambda r, w: dialed.append(w), "127.0.0.1", 0)
+    try:
+        async with connected(servers, {}, {}) as (callee, caller):
+            await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
+            client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
+            elsewhere = f"127.0.0.1:{trap.sockets[0].getsockname()[1]}"
+            caller.dispatcher.reply_addr = elsewhere
+            assert [i async for i in client(50)] == list(range(50))
+            await asyncio.sleep(0.2)
+            assert dialed == [] and callee.replies.ready(elsewhere) is None
+    finally:
+        trap.close()
+        await trap.wait_closed()
 
 
 async def test_nats_only_when_configured(servers: EmbeddedServers, unique_ns: str) -> None:
@@ -180,7 +212,7 @@ async def test_a_cancelled_stream_does_not_strand_others_waiting_for_the_connect
     async with connected(servers, {}, {}) as (callee, caller):
         await callee.serve_endpoint(unique_ns, "One", "one", _one, request_type=int)
         client = caller.endpoint_client(unique_ns, "One", "one", response_type=int)
-        caller.dispatcher.reply_addr = stalled_listener
+        await listening_at(caller, stalled_listener, callee)
         first = asyncio.create_task(anext(aiter(client(1))))
         await asyncio.sleep(0.05)  # its request reaches the callee, which starts connecting
         second = asyncio.create_task(client(2)._single())
@@ -212,7 +244,7 @@ async def test_a_caller_that_stops_reading_holds_up_nobody_else(
         async with connected(servers, fast, fast, fast) as (callee, stuck, other):
             await callee.serve_endpoint(unique_ns, "F", "flood", _flood, request_type=int)
             await callee.serve_endpoint(unique_ns, "Q", "quiet", _quiet, request_type=int)
-            stuck.dispatcher.reply_addr = f"127.0.0.1:{sink.getsockname()[1]}"
+            await listening_at(stuck, f"127.0.0.1:{sink.getsockname()[1]}", callee)
             flood = stuck.endpoint_client(unique_ns, "F", "flood", response_type=bytes)(0)
             pending = asyncio.create_task(anext(aiter(flood)))
             await asyncio.sleep(1.0)  # the flood fills the socket buffers; the connection pauses

@@ -228,6 +228,41 @@ class PrefixWatcher:
                 await asyncio.sleep(0.5)
 
 
+RESPONDER_ROOT = "responders"
+
+
+def responder_key(instance_id: int) -> str:
+    """Where a process registers its TCP response listener's address (under its lease)."""
+    return f"{RESPONDER_ROOT}/{instance_id:x}"
+
+
+class AddressWatcher(PrefixWatcher):
+    """The response-listener addresses registered under ``responders/``: the only addresses
+    a callee connects to (a request naming another answers over NATS), so a forged request
+    cannot make a worker open a connection to a host of the sender's choosing."""
+
+    def __init__(self, client: aetcd.Client) -> None:
+        super().__init__(client, f"{RESPONDER_ROOT}/")
+        self._count: dict[str, int] = {}
+        self._by_key: dict[str, str] = {}
+
+    def __contains__(self, address: object) -> bool:
+        return address in self._count
+
+    def on_put(self, key: str, value: bytes) -> None:
+        self.on_delete(key)
+        address = value.decode(errors="replace")
+        self._by_key[key] = address
+        self._count[address] = self._count.get(address, 0) + 1
+
+    def on_delete(self, key: str) -> None:
+        address = self._by_key.pop(key, None)
+        if address is not None:
+            left = self._count.pop(address) - 1
+            if left:
+                self._count[address] = left
+
+
 class InstanceWatcher(PrefixWatcher):
     """The live instances of one endpoint: routable ones, draining ones, suspended ones.
 

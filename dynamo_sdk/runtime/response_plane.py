@@ -15,8 +15,10 @@ On the wire, every message is ``u32 length | u16 reply length | reply subject | 
 the reply subject is the call's unique id (the same string the NATS path would reply to) and
 the frame is the msgpack `ResponseFrame` that NATS would have carried.
 
-A callee that cannot connect to the named address (a firewall, a caller behind NAT) answers
-on the NATS reply subject instead; the caller listens on both. A callee whose connection to a
+A callee that cannot connect to the named address (a firewall, a caller behind NAT), or one
+that is not a registered caller's listener (every process registers its own under
+``responders/`` in etcd, with its lease), answers on the NATS reply subject instead; the
+caller listens on both. A callee whose connection to a
 caller drops takes the caller for gone and cancels that caller's streams, which is how a
 SIGKILLed caller stops engines from generating for nobody.
 """
@@ -252,12 +254,23 @@ class ReplyConnections:
     unreachable), so its streams should be cancelled.
     """
 
-    def __init__(self, on_caller_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        on_caller_lost: Callable[[str], None],
+        allowed: Callable[[str], bool] | None = None,
+    ) -> None:
         self._on_caller_lost = on_caller_lost
+        self._allowed = allowed  # None: any address (no registry to check against)
         self._conns: dict[str, _ReplyConnection] = {}
         self._opening: dict[str, asyncio.Task[_ReplyConnection | None]] = {}
         self._refused: dict[str, float] = {}  # address -> when TCP to it last failed
         self._closed = False
+
+    def allows(self, address: str) -> bool:
+        """Whether a request naming ``address`` may be answered by connecting to it: only a
+        registered caller's listener (`AddressWatcher`), so nobody can make this process
+        open a connection to a host of their choosing."""
+        return self._allowed is None or self._allowed(address)
 
     def ready(self, address: str) -> _ReplyConnection | None:
         """The open connection to `address`, if there is one (no awaiting)."""

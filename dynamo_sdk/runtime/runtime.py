@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 
 from dynamo_sdk.runtime.client import CallDispatcher, EndpointClient
 from dynamo_sdk.runtime.discovery import (
+    AddressWatcher,
     InstanceInfo,
     InstanceWatcher,
     Lease,
@@ -33,6 +34,7 @@ from dynamo_sdk.runtime.discovery import (
     encode_instance,
     endpoint_prefix,
     instance_key,
+    responder_key,
 )
 from dynamo_sdk.runtime.errors import RuntimeConnectionError
 from dynamo_sdk.runtime.response_plane import ReplyConnections, listen_host
@@ -161,7 +163,11 @@ class DistributedRuntime:
         self.dispatcher.on_instance_failed(self._instance_failed)
         # Connections to the callers of this process's endpoints (TCP response plane); None
         # with DYN_RESPONSE_TRANSPORT=nats: this process then answers over NATS too.
-        self.replies = ReplyConnections(self._caller_lost) if tcp else None
+        # the listeners of registered callers: the only addresses this process connects to
+        self.responders = AddressWatcher(etcd) if tcp else None
+        self.replies = (
+            ReplyConnections(self._caller_lost, allowed=self._registered_caller) if tcp else None
+        )
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}
         self._registered: dict[str, InstanceInfo] = {}
@@ -224,7 +230,14 @@ class DistributedRuntime:
         await runtime.lease.grant()
         runtime._instance_id = runtime.lease.id
         await runtime.dispatcher.start()
+        if runtime.responders is not None:
+            runtime.responders.start()
+            address = runtime.dispatcher.reply_addr
+            await runtime.put_leased(responder_key(runtime.instance_id), address.encode())
         return runtime
+
+    def _registered_caller(self, address: str) -> bool:
+        return self.responders is not None and address in self.responders
 
     @property
     def instance_id(self) -> int:
@@ -418,6 +431,8 @@ class DistributedRuntime:
             await server.close()
         for watcher in self._watchers.values():
             await watcher.stop()
+        if self.responders is not None:
+            await self.responders.stop()
         await self.dispatcher.close()
         if self.replies is not None:
             self.replies.close()

@@ -187,7 +187,9 @@ class EndpointServer:
             error = ErrorInfo("BadRequestError", str(exc), ErrorCode.INVALID_REQUEST)
             await self._send(_Stream("", msg.reply), FrameKind.ERROR, [], error)
             return
-        addr = frame.reply_addr if self.replies is not None else ""
+        addr = frame.reply_addr
+        if addr and (self.replies is None or not self.replies.allows(addr)):
+            addr = ""  # not a registered caller's listener: answer over NATS
         if not self._accepting:
             await self._send(
                 _Stream(frame.request_id, msg.reply, addr),
