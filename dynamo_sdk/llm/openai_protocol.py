@@ -269,29 +269,32 @@ def parse_request(kind: Literal["chat", "completion"], raw: bytes) -> OpenAIRequ
         raise RequestError("request body is not a valid request", None) from None
 
 
+def prompt_size(body: OpenAIRequest) -> tuple[int, str]:
+    """How big the prompt is before tokenizing, and in what: characters of text (a chat's
+    message contents together) or token ids."""
+    if isinstance(body, ChatCompletionRequest):
+        return sum(m.text_chars() for m in body.messages), "characters of message content"
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return len(prompt), "characters"
+    if prompt and isinstance(prompt[0], str):
+        return len(prompt[0]), "characters"
+    return len(prompt), "token ids"
+
+
 def check_limits(body: OpenAIRequest, *, max_prompt_chars: int, max_messages: int) -> None:
     """A `RequestError` when the request is over the server's size limits, checked before
     anything tokenizes it (tokenizing costs time in proportion to the text): at most
     ``max_messages`` chat messages, at most ``max_prompt_chars`` characters of prompt text
     (a completion's prompt, or a chat's messages together), and a prompt of token ids at
     most as many ids."""
-    if isinstance(body, ChatCompletionRequest):
-        if len(body.messages) > max_messages:
-            raise RequestError(
-                f"messages: {len(body.messages)} messages is over this server's limit of "
-                f"{max_messages}",
-                "messages",
-            )
-        chars = sum(m.text_chars() for m in body.messages)
-        what = "characters of message content"
-    else:
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            chars, what = len(prompt), "characters"
-        elif prompt and isinstance(prompt[0], str):
-            chars, what = len(prompt[0]), "characters"
-        else:
-            chars, what = len(prompt), "token ids"
+    if isinstance(body, ChatCompletionRequest) and len(body.messages) > max_messages:
+        raise RequestError(
+            f"messages: {len(body.messages)} messages is over this server's limit of "
+            f"{max_messages}",
+            "messages",
+        )
+    chars, what = prompt_size(body)
     if chars > max_prompt_chars:
         param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         raise RequestError(

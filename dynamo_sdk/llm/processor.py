@@ -10,6 +10,7 @@ a worker over the runtime), in a Processor service, and in-process in `dynamo ru
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +23,7 @@ from dynamo_sdk.llm.openai_protocol import (
     ChatCompletionRequest,
     OpenAIRequest,
     SamplingFields,
+    prompt_size,
 )
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
@@ -37,6 +39,10 @@ from dynamo_sdk.llm.protocol import (
 from dynamo_sdk.llm.tokenizer import ChatPrompt, Tokenizer, TokenizerError
 
 EngineCall = Callable[[PreprocessedRequest], AsyncIterator[EngineOutput]]
+
+# Prompts longer than this are prepared on a thread (`OpenAIProcessor.generate`): ~1 ms of
+# tokenizing, about what a thread hop costs in latency under load.
+OFF_LOOP_PROMPT_CHARS = 4_096
 
 
 class Prepared:
@@ -133,8 +139,16 @@ class OpenAIProcessor:
         engine_call: EngineCall,
         context_length: int,
     ) -> AsyncIterator[TextDelta]:
-        """Run one request; the last delta carries finish_reason and usage."""
-        prepared = self.prepare(request_id, body, context_length)
+        """Run one request; the last delta carries finish_reason and usage.
+
+        A long prompt is tokenized (and its chat template rendered) on a thread: a megabyte
+        of text takes the tokenizer a second or more, which on the event loop would stall
+        every other stream of this process, its heartbeats included. Short ones stay inline,
+        where a thread hop would cost more than the work."""
+        if prompt_size(body)[0] > OFF_LOOP_PROMPT_CHARS:
+            prepared = await asyncio.to_thread(self.prepare, request_id, body, context_length)
+        else:
+            prepared = self.prepare(request_id, body, context_length)
         engine_request = prepared.engine_request
         prompt_len = len(engine_request.token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, engine_request.token_ids)

@@ -46,6 +46,7 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
+_GIL_FREE_CHARS = 4_096  # longer texts are encoded with the GIL released (`_encoding`)
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
@@ -136,8 +137,18 @@ class Tokenizer:
         """Token ids of `text`; no BOS by default, since chat templates add their own."""
         if self._backend is not None:
             # `.ids` builds a new list on each access: no copy needed
-            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._encoding(text, add_special_tokens).ids
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def _encoding(self, text: str, add_special_tokens: bool) -> Any:
+        """The backend's encoding of ``text``. A long text goes through ``encode_batch``,
+        which releases the GIL while it works (``encode`` holds it: half a second for a
+        megabyte, during which no other thread of the process runs, the event loop's
+        included, even with the call on a thread of its own)."""
+        assert self._backend is not None
+        if len(text) > _GIL_FREE_CHARS:
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return self._backend.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if self._backend is None:
@@ -187,7 +198,7 @@ class Tokenizer:
         backend = self._backend
         if backend is None:
             return ChatPrompt(self.encode(text, add_special_tokens=False))
-        encoding = backend.encode(text, add_special_tokens=False)
+        encoding = self._encoding(text, add_special_tokens=False)
         ids = encoding.ids
         content = normalized[-1].get("content") if normalized else None
         return ChatPrompt(ids, _span_of(encoding, text, content))
