@@ -213,3 +213,36 @@ def test_dynamo_serve_restarts_its_embedded_server(tmp_path: Path, victim: str) 
         assert log.count("started ") == started, "a worker was restarted"
     finally:
         serve.stop()
+
+
+async def test_health_is_503_while_nats_is_away_and_live_stays_200(
+    own_servers: EmbeddedServers,
+) -> None:
+    """The Frontend's /health says whether the graph can serve (not only whether a model was
+    announced): with NATS gone it is 503 and says why, /live stays 200, and both recover."""
+    import httpx
+
+    from dynamo_sdk.llm.frontend import OpenAIServer
+    from dynamo_sdk.llm.serving import PipelineConfig, ServedModels
+
+    rt = await DistributedRuntime.connect(settings_for(own_servers))
+    backend = ServedModels(rt, PipelineConfig())
+    backend.model_names = lambda: ["m"]  # type: ignore[method-assign] (no worker needed here)
+    app = OpenAIServer(backend).app
+    nats_server = own_servers.nats
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            assert (await client.get("/health")).status_code == 200
+            nats_server.proc.kill()
+            nats_server.proc.wait()
+            await until(lambda: not rt.nc.is_connected, 10, "the disconnect")
+            down = await client.get("/health")
+            assert down.status_code == 503 and "NATS" in down.json()["status"]
+            assert (await client.get("/live")).status_code == 200
+            await asyncio.to_thread(nats_server.restart)
+            await until(lambda: rt.nc.is_connected, 15, "the reconnect")
+            assert (await client.get("/health")).status_code == 200
+    finally:
+        await rt.shutdown()

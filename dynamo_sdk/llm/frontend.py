@@ -381,11 +381,16 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self) -> JSONResponse:
+        """200 while a request can be served end to end; 503 with why not: the backend's own
+        reason (an optional ``unavailable()``: NATS is disconnected, say) or no live model
+        (no worker, or no Processor in the scale-out form). ``/live`` says only that this
+        process answers."""
+        check = getattr(self.backend, "unavailable", None)
+        problem = str(check()) if check is not None else ""
         names = self.backend.model_names()
-        status = 200 if names else 503
-        return JSONResponse(
-            {"status": "healthy" if names else "no models", "models": names}, status
-        )
+        if problem or not names:
+            return JSONResponse({"status": problem or "no models", "models": names}, 503)
+        return JSONResponse({"status": "healthy", "models": names}, 200)
 
     async def live(self) -> JSONResponse:
         return JSONResponse({"status": "live"})

@@ -127,6 +127,10 @@ class ServedModels:
     def summary(self) -> str:
         return self.models.summary() if self.model_names() else ""
 
+    def unavailable(self) -> str:
+        """Why nothing can be served now, or "" (the Frontend's /health)."""
+        return _transport_problem(self.runtime)
+
     def router_state(self, model: str) -> RouterState | None:
         """The KV router's view of ``model``'s workers (None unless routed by KV here)."""
         pipeline = self.pipelines.get(model)
@@ -187,6 +191,11 @@ class ServedModels:
         return tokenizer
 
 
+def _transport_problem(runtime: DistributedRuntime) -> str:
+    """Requests travel over NATS: without a connection nothing is served."""
+    return "" if runtime.nc.is_connected else "NATS is disconnected (reconnecting)"
+
+
 class ProcessorBackend:
     """Requests go to a Processor service; models are live while a Processor is."""
 
@@ -208,6 +217,10 @@ class ProcessorBackend:
 
     def summary(self) -> str:
         return self.models.summary()
+
+    def unavailable(self) -> str:
+        """Why nothing can be served now, or "" (the Frontend's /health)."""
+        return _transport_problem(self.models.runtime)
 
     def generate(self, request_id: str, body: OpenAIRequest) -> AsyncIterator[TextDelta]:
         return self.processor.generate(ProcessorRequest.of(request_id, body))
