@@ -1,0 +1,229 @@
+"""Chaos: random workers SIGKILLed under steady load; with migration on, streams complete.
+
+The mocker graph (`graphs.agg:Frontend -f configs/agg_mocker.yaml`) with ``--workers`` (3)
+Worker processes behind the Frontend, served by `dynamo serve` on its embedded servers (its
+supervisor restarts each killed worker). A closed loop of ``--concurrency`` (48) streamed
+completions (`soak.py`'s requests: 64-512 words in, 32-256 tokens out, ``ignore_eos``) runs
+while every ``--interval`` (2) seconds one worker, chosen at random among those up for at
+least ``--min-up`` seconds, is killed with SIGKILL, ``--kills`` (100) times, only while at
+least two are up (the issue's "2+ workers": one must be there to take the streams over). A
+stream counts as completed when it ends with ``[DONE]`` and all its ``max_tokens`` tokens,
+with no error frame.
+
+Target (the reliability issue's): >= 99.9% of streams complete across the kills. Also
+printed: the streams that were running on a killed worker (the Frontend's migration log
+lines), and the longest gap between completions (the worst pause a client saw).
+
+Usage::
+
+    python benchmarks/chaos.py [--kills 100] [--workers 3] [--concurrency 48] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import harness  # noqa: F401 (first: puts the repository root on sys.path)
+import psutil
+from harness.launch import serve_graph, stop_graph
+from harness.report import check, format_targets, summary
+
+from dynamo_sdk.serve.embedded import free_port
+from tests.serving import answers_a_completion
+
+MODEL = "dynamo-mocker"
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+@dataclass
+class Tally:
+    completed: int = 0
+    failed: int = 0
+    short: int = 0  # ended without all their tokens
+    errors: dict[str, int] = field(default_factory=dict)
+    finished_at: list[float] = field(default_factory=list)
+
+    def fail(self, why: str) -> None:
+        self.failed += 1
+        self.errors[why[:120]] = self.errors.get(why[:120], 0) + 1
+
+
+async def one_stream(session: Any, url: str, rng: random.Random, tally: Tally) -> None:
+    max_tokens = rng.randint(32, 256)
+    body = {"model": MODEL, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512))),
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    tokens = None
+    try:
+        async with session.post(url, json=body, timeout=120) as response:
+            if response.status != 200:
+                tally.fail(f"HTTP {response.status}: {(await response.text())[:80]}")
+                return
+            async for line in response.content:
+                if line.startswith(b"data: [DONE]"):
+                    break
+                if b'"error"' in line:
+                    tally.fail(line.decode(errors="replace")[:120])
+                    return
+                if b'"completion_tokens"' in line:
+                    tokens = json.loads(line.removeprefix(b"data: "))["usage"]["completion_tokens"]
+            else:
+                tally.fail("stream ended without [DONE]")
+                return
+    except Exception as exc:
+        tally.fail(f"{type(exc).__name__}: {exc}")
+        return
+    if tokens != max_tokens:
+        tally.short += 1
+        tally.fail(f"{tokens} of {max_tokens} tokens")
+        return
+    tally.completed += 1
+    tally.finished_at.append(time.monotonic())
+
+
+def up_workers(serve: Any, workers: int, min_up: float) -> list[tuple[str, int]]:
+    """(label, pid) of the workers whose newest process has been up ``min_up`` seconds."""
+    out = []
+    now = time.time()
+    for i in range(workers):
+        label = f"Worker:{i}"
+        pids = serve.worker_pids(label)
+        if not pids:
+            continue
+        try:
+            proc = psutil.Process(pids[-1])
+            if proc.is_running() and now - proc.create_time() >= min_up:
+                out.append((label, pids[-1]))
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    port = free_port()
+    overrides = [
+        f"--Worker.ServiceArgs.workers={args.workers}",
+        f"--Worker.speedup={args.speedup}",
+        "--Frontend.ServiceArgs.workers=1",
+        "--Frontend.router_mode=round_robin",
+    ]
+    serve = serve_graph("graphs.agg:Frontend", "configs/agg_mocker.yaml", overrides, port=port,
+                        log_path=Path(args.log_dir) / "chaos_serve.log",
+                        env={"DYN_LEASE_TTL": "5"})  # fmt: skip
+    tally = Tally()
+    kills: list[dict[str, Any]] = []
+    rng = random.Random(args.seed)
+    try:
+
+        def ready() -> bool:
+            return serve.output().count("ready: instance") >= args.workers + 1 and (
+                answers_a_completion(f"{serve.base}/v1", MODEL)
+            )
+
+        serve.wait_for(ready, 180, "the graph")
+        url = f"{serve.base}/v1/completions"
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def loop(i: int) -> None:
+                r = random.Random(args.seed * 7919 + i)
+                while not stop.is_set():
+                    await one_stream(session, url, r, tally)
+
+            async def killer() -> None:
+                while len(kills) < args.kills:
+                    await asyncio.sleep(args.interval)
+                    up = up_workers(serve, args.workers, args.min_up)
+                    if len(up) < 2:
+                        continue  # another worker must be up to take the streams over
+                    label, pid = rng.choice(up)
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append({"t": time.monotonic(), "worker": label, "pid": pid})
+                    if len(kills) % 10 == 0:
+                        print(f"  {len(kills)} kills: {tally.completed} completed, "
+                              f"{tally.failed} failed", flush=True)  # fmt: skip
+                await asyncio.sleep(args.interval)  # the last kill's streams finish
+                stop.set()
+
+            started = time.monotonic()
+            await asyncio.gather(killer(), *(loop(i) for i in range(args.concurrency)))
+            run_s = time.monotonic() - started
+    finally:
+        log = serve.output()
+        stop_graph(serve)
+    done = sorted(tally.finished_at)
+    gap = max((b - a for a, b in itertools.pairwise(done)), default=float("nan"))
+    return {"settings": vars(args), "run_s": run_s, "kills": len(kills),
+            "tally": {k: v for k, v in asdict(tally).items() if k != "finished_at"},
+            "migrations": log.count("continuing on another worker"),
+            "exhausted": log.count("worker failed after"), "longest_gap_s": gap}  # fmt: skip
+
+
+def report(result: dict[str, Any]) -> list[str]:
+    t = result["tally"]
+    total = t["completed"] + t["failed"]
+    share = t["completed"] / total if total else float("nan")
+    lines = [
+        f"chaos: {result['kills']} SIGKILLs of random workers ({result['settings']['workers']} "
+        f"workers, one every {result['settings']['interval']:g} s) under "
+        f"{result['settings']['concurrency']} concurrent streams, {result['run_s']:.0f} s",
+        f"streams: {t['completed']:,} completed, {t['failed']:,} failed ({share:.3%} complete); "
+        f"{result['migrations']} migrations, {result['exhausted']} ran out of migrations; "
+        f"longest gap between completions {result['longest_gap_s']:.2f} s",
+    ]
+    for why, n in sorted(t["errors"].items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"  {n} x {why}")
+    targets = [
+        check(
+            ">= 99.9% of streams complete across the kills",
+            share * 100,
+            "%",
+            lambda v: v >= 99.9,
+            digits=3,
+        ),
+        check(
+            "every planned kill made",
+            float(result["kills"]),
+            "kills",
+            lambda v: v >= result["settings"]["kills"],
+        ),
+    ]
+    result["targets"] = [asdict(x) for x in targets]
+    return [*lines, "", *format_targets(targets), summary(targets)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kills", type=int, default=100)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=48)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between kills")
+    p.add_argument("--min-up", type=float, default=3.0, help="a worker's age before a kill")
+    p.add_argument("--speedup", type=float, default=20.0, help="the mocker's clock speed-up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", default="/tmp/dynamo-chaos")
+    p.add_argument("--json")
+    args = p.parse_args()
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    result = asyncio.run(run(args))
+    print("\n".join(report(result)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
