@@ -3,7 +3,7 @@
 The mocker graph (`graphs.agg:Frontend -f configs/agg_mocker.yaml`) with ``--workers`` (3)
 Worker processes behind the Frontend, served by `dynamo serve` on its embedded servers (its
 supervisor restarts each killed worker). A closed loop of ``--concurrency`` (48) streamed
-completions (`soak.py`'s requests: 64-512 words in, 32-256 tokens out, ``ignore_eos``) runs
+completions (`soak.random_request`: 64-512 words in, 32-256 tokens out, ``ignore_eos``) runs
 while every ``--interval`` (2) seconds one worker, chosen at random among those up for at
 least ``--min-up`` seconds, is killed with SIGKILL, ``--kills`` (100) times, only while at
 least two are up (the issue's "2+ workers": one must be there to take the streams over). A
@@ -36,14 +36,13 @@ from typing import Any
 
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
+from harness.client import stream_request
 from harness.launch import serve_graph, stop_graph
 from harness.report import check, format_targets, summary
+from soak import MODEL, random_request
 
 from dynamo_sdk.serve.embedded import free_port
 from tests.serving import answers_a_completion
-
-MODEL = "dynamo-mocker"
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 
 
 @dataclass
@@ -60,36 +59,16 @@ class Tally:
 
 
 async def one_stream(session: Any, url: str, rng: random.Random, tally: Tally) -> None:
-    max_tokens = rng.randint(32, 256)
-    body = {"model": MODEL, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512))),
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    tokens = None
-    try:
-        async with session.post(url, json=body, timeout=120) as response:
-            if response.status != 200:
-                tally.fail(f"HTTP {response.status}: {(await response.text())[:80]}")
-                return
-            async for line in response.content:
-                if line.startswith(b"data: [DONE]"):
-                    break
-                if b'"error"' in line:
-                    tally.fail(line.decode(errors="replace")[:120])
-                    return
-                if b'"completion_tokens"' in line:
-                    tokens = json.loads(line.removeprefix(b"data: "))["usage"]["completion_tokens"]
-            else:
-                tally.fail("stream ended without [DONE]")
-                return
-    except Exception as exc:
-        tally.fail(f"{type(exc).__name__}: {exc}")
-        return
-    if tokens != max_tokens:
+    body = random_request(rng)
+    result = await stream_request(session, url, body)
+    if not result.ok:
+        tally.fail(result.error)
+    elif result.tokens != body["max_tokens"]:
         tally.short += 1
-        tally.fail(f"{tokens} of {max_tokens} tokens")
-        return
-    tally.completed += 1
-    tally.finished_at.append(time.monotonic())
+        tally.fail(f"{result.tokens} of {body['max_tokens']} tokens")
+    else:
+        tally.completed += 1
+        tally.finished_at.append(time.monotonic())
 
 
 def up_workers(serve: Any, workers: int, min_up: float) -> list[tuple[str, int]]:
@@ -136,7 +115,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.wait_for(ready, 180, "the graph")
         url = f"{serve.base}/v1/completions"
         stop = asyncio.Event()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+        ) as session:
 
             async def loop(i: int) -> None:
                 r = random.Random(args.seed * 7919 + i)

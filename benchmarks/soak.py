@@ -38,6 +38,7 @@ from typing import Any
 
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
+from harness.client import completion_body
 from harness.launch import serve_graph, stop_graph
 from harness.report import check, format_targets, summary, table
 
@@ -117,12 +118,16 @@ async def sample(session: Any, serve: Any, t: float) -> Sample:
     )
 
 
+def random_request(rng: random.Random) -> dict[str, Any]:
+    """A streamed completion of 64-512 words asking for 32-256 tokens (soak and chaos)."""
+    prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512)))
+    return completion_body(MODEL, prompt, rng.randint(32, 256))
+
+
 async def one_request(
     session: Any, url: str, rng: random.Random, args: Any, counts: Counts
 ) -> None:
-    prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512)))
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(32, 256), "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = random_request(rng)
     leave = rng.random() < args.disconnect
     try:
         async with session.post(url, json=body, timeout=args.request_timeout) as response:
