@@ -47,12 +47,15 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Any], AsyncIterator[Any] | Awaitable[Any]]
 
 MAX_ITEMS_PER_FRAME = 256
+# Bursts bigger than this leave through `_send`, which splits them to fit a frame.
+_HOT_PATH_BYTES = 1 << 20
 _frame_encoder = msgspec.msgpack.Encoder()
 
 
 class _Stream:
     __slots__ = (
-        "addr", "buf", "flush_scheduled", "last_sent", "pending", "reply", "request_id", "task",
+        "addr", "buf", "ended", "flush_scheduled", "last_sent", "pending", "reply", "request_id",
+        "task",
     )  # fmt: skip
 
     def __init__(self, request_id: str, reply: str, addr: str = "") -> None:
@@ -64,6 +67,7 @@ class _Stream:
         self.pending: asyncio.Task[None] | None = None
         self.last_sent = time.monotonic()
         self.task: asyncio.Task[None] | None = None
+        self.ended = False  # an error frame ended it (a too-large item): nothing more is sent
 
 
 class EndpointServer:
@@ -187,6 +191,15 @@ class EndpointServer:
             error = ErrorInfo("BadRequestError", str(exc), ErrorCode.INVALID_REQUEST)
             await self._send(_Stream("", msg.reply), FrameKind.ERROR, [], error)
             return
+        if frame.request_id in self._active:
+            # An id is unique to its call (the caller's reply subject), so a second request
+            # under a live stream's id is forged, by someone who read the first on NATS. Run,
+            # it would take the live stream's place here (the victim's cancel would stop the
+            # forgery and a drain would not wait for the victim); answered, even with an
+            # error, its reply subject may be the victim's. Dropped unanswered.
+            log.warning("%s: a second request under the live id %.64s dropped",
+                        self.queue_subject, frame.request_id)  # fmt: skip
+            return
         addr = frame.reply_addr
         if addr and (self.replies is None or not self.replies.allows(addr)):
             addr = ""  # not a registered caller's listener: answer over NATS
@@ -301,7 +314,8 @@ class EndpointServer:
             # The hot path of a token stream: nothing queued before this frame and the
             # connection open, so write it now rather than in a task of its own.
             conn = self.replies.ready(stream.addr)
-            if conn is not None and conn.writable:
+            small = sum(len(item) for item in stream.buf) < _HOT_PATH_BYTES
+            if conn is not None and conn.writable and small:
                 items, stream.buf = stream.buf, []
                 conn.write_now(self._message(stream, FrameKind.DATA, items))
                 stream.last_sent = time.monotonic()
@@ -347,23 +361,30 @@ class EndpointServer:
         error: ErrorInfo | None,
         probe: str = "",
     ) -> None:
+        if stream.ended:
+            return
         conn = None
         if stream.addr and self.replies is not None:
             conn = self.replies.ready(stream.addr) or await self.replies.get(stream.addr)
             if conn is None:
                 stream.addr = ""  # unreachable over TCP: this stream answers over NATS now
-        data = self._frame(kind, items, error)
         limit = MAX_MESSAGE - 6 - len(stream.reply) if conn is not None else self.nc.max_payload
-        if len(data) > limit:
-            if len(items) > 1:  # many items: several frames
-                half = len(items) // 2
-                await self._send(stream, FrameKind.DATA, items[:half], None)
-                await self._send(stream, kind, items[half:], error)
-                return
+        # A frame is its items plus a few bytes of msgpack per item: split a burst too big for
+        # one frame before encoding it (encoding it whole at every halving would hold the
+        # event loop for seconds on a burst of large items).
+        size = sum(len(item) for item in items) + 64 + len(error.message.encode() if error else b"")
+        if size > limit and len(items) > 1:  # many items: several frames
+            half = len(items) // 2
+            await self._send(stream, FrameKind.DATA, items[:half], None)
+            await self._send(stream, kind, items[half:], error)
+            return
+        data = self._frame(kind, items, error) if size <= limit else b""
+        if len(data) > limit or size > limit:
             path = "TCP" if conn is not None else "NATS"
-            message = f"a response item of {len(data):,} bytes exceeds the {path} limit ({limit:,})"
+            message = f"a response item of {size:,} bytes exceeds the {path} limit ({limit:,})"
             log.warning("%s: %s; failing the stream", self.queue_subject, message)
             data = self._frame(FrameKind.ERROR, [], ErrorInfo("ResponseTooLarge", message))
+            stream.ended = True
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel("response too large")
         if conn is not None:
