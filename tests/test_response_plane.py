@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import msgspec
 import pytest
 
 from dynamo_sdk.runtime import (
@@ -17,7 +18,13 @@ from dynamo_sdk.runtime import (
     StreamLostError,
 )
 from dynamo_sdk.runtime.discovery import responder_key
-from dynamo_sdk.runtime.response_plane import _FrameReader, encode_message, listen_host
+from dynamo_sdk.runtime.response_plane import (
+    _HELLO,
+    _FrameReader,
+    _mac,
+    encode_message,
+    listen_host,
+)
 from dynamo_sdk.serve.embedded import EmbeddedServers
 from tests.conftest import connected, knowing_each_other, settings_for
 
@@ -25,9 +32,15 @@ from tests.conftest import connected, knowing_each_other, settings_for
 class _Transport:
     def __init__(self) -> None:
         self.closed = False
+        self.written = bytearray()
 
     def close(self) -> None:
         self.closed = True
+
+    abort = close
+
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     def get_extra_info(self, name: str) -> None:
         return None
@@ -56,6 +69,55 @@ def test_a_corrupt_header_closes_the_connection() -> None:
     reader.connection_made(transport)  # type: ignore[arg-type]
     reader.data_received(b"\xff\xff\xff\xff\x01\x00" + b"x" * 10)  # 4 GiB message
     assert transport.closed and got == []
+
+
+SECRET = "a-graph-secret-of-enough-length"
+
+
+def test_a_listener_with_a_secret_reads_no_frame_before_the_peer_proves_it() -> None:
+    """Forged frames from a peer that skips the handshake (or fakes it) are never delivered."""
+    for proof in (b"", b"\0" * 48, bytes(16) + _mac(b"another graph's secret", b"", b"", b"")):
+        got: list[tuple[str, bytes]] = []
+        reader = _FrameReader(lambda r, f, c, got=got: got.append((r, f)), secret=SECRET.encode())
+        transport = _Transport()
+        reader.connection_made(transport)  # type: ignore[arg-type]
+        assert transport.written[:4] == b"DYRP" and transport.written[5] == 1  # auth required
+        reader.data_received(proof + encode_message("_INBOX.x.1", b"forged") * 8)
+        assert got == [] and transport.closed
+
+
+def test_a_listener_delivers_frames_once_the_peer_proved_the_secret() -> None:
+    got: list[tuple[str, bytes]] = []
+    reader = _FrameReader(lambda r, f, c: got.append((r, f)), secret=SECRET.encode())
+    transport = _Transport()
+    reader.connection_made(transport)  # type: ignore[arg-type]
+    _, _, _, nonce = _HELLO.unpack(bytes(transport.written))
+    mine = bytes(range(16))
+    proof = mine + _mac(SECRET.encode(), b"callee", nonce, mine)
+    reader.data_received(proof + encode_message("_INBOX.x.1", b"real"))
+    assert got == [("_INBOX.x.1", b"real")] and not transport.closed
+    # ... and it proved itself back: the callee can check the listener is the graph's too
+    assert transport.written[_HELLO.size :] == _mac(SECRET.encode(), b"caller", mine, nonce)
+
+
+def test_graph_secret_must_be_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_GRAPH_SECRET", "short")
+    with pytest.raises(ValueError, match="DYN_GRAPH_SECRET must be at least 16"):
+        RuntimeSettings.from_env()
+    monkeypatch.setenv("DYN_GRAPH_SECRET", SECRET)
+    assert RuntimeSettings.from_env().graph_secret == SECRET
+    assert SECRET not in repr(RuntimeSettings.from_env())
+
+
+def test_dynamo_serve_hands_its_processes_a_generated_secret() -> None:
+    from dynamo_sdk.serve.run import with_graph_secret
+
+    env = with_graph_secret({"NATS_SERVER": "n"}, joining=False, environ={})
+    assert len(env["DYN_GRAPH_SECRET"]) >= 32 and env["NATS_SERVER"] == "n"
+    again = with_graph_secret({"NATS_SERVER": "n"}, joining=False, environ={})
+    assert again["DYN_GRAPH_SECRET"] != env["DYN_GRAPH_SECRET"]
+    given = with_graph_secret({}, joining=True, environ={"DYN_GRAPH_SECRET": SECRET})
+    assert "DYN_GRAPH_SECRET" not in given  # inherited from the environment as it is
 
 
 def test_listen_host() -> None:
@@ -134,6 +196,79 @@ async def test_a_callee_connects_only_to_registered_callers(
     finally:
         trap.close()
         await trap.wait_closed()
+
+
+async def test_peers_with_the_graph_secret_stream_over_tcp(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    secret = {"graph_secret": SECRET}
+    async with connected(servers, secret, secret) as (callee, caller):
+        await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
+        client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
+        assert [i async for i in client(2000)] == list(range(2000))
+        assert callee.replies.ready(caller.dispatcher.reply_addr) is not None
+
+
+@pytest.mark.parametrize(
+    "callee_secret, caller_secret",
+    [("", SECRET), (SECRET, ""), (SECRET, "another-graph-secret-entirely")],
+    ids=["callee-without", "caller-without", "different"],
+)
+async def test_peers_that_do_not_share_the_secret_answer_over_nats(
+    servers: EmbeddedServers, unique_ns: str, callee_secret: str, caller_secret: str
+) -> None:
+    """No stream travels over a connection either side could not authenticate; the call
+    still succeeds, over NATS, and the callee does not retry TCP for a while."""
+    async with connected(
+        servers, {"graph_secret": callee_secret}, {"graph_secret": caller_secret}
+    ) as (callee, caller):
+        await callee.serve_endpoint(unique_ns, "Count", "count", _count, request_type=int)
+        client = caller.endpoint_client(unique_ns, "Count", "count", response_type=int)
+        assert [i async for i in client(300)] == list(range(300))
+        address = caller.dispatcher.reply_addr
+        assert callee.replies.ready(address) is None and callee.replies.refused(address)
+
+
+async def test_forged_frames_on_a_callers_listener_never_reach_its_streams(
+    servers: EmbeddedServers, unique_ns: str
+) -> None:
+    """An attacker who knows a live call's reply subject connects to the caller's listener and
+    writes frames for it: the listener cuts it off before reading one, and the real stream
+    completes with the callee's items only."""
+    release = asyncio.Event()
+
+    async def slow(n: int) -> AsyncIterator[int]:
+        await release.wait()
+        for i in range(n):
+            yield i
+
+    secret = {"graph_secret": SECRET}
+    async with connected(servers, secret, secret) as (callee, caller):
+        await callee.serve_endpoint(unique_ns, "Slow", "gen", slow, request_type=int)
+        client = caller.endpoint_client(unique_ns, "Slow", "gen", response_type=int)
+        stream = client(5)
+        task = asyncio.ensure_future(_collect(stream))
+        await asyncio.sleep(0.2)
+        (token,) = list(caller.dispatcher._streams)
+        reply = f"{caller.dispatcher._prefix}.{token}"
+        from dynamo_sdk.runtime.protocol import FrameKind, ResponseFrame
+
+        forged = msgspec.msgpack.encode(
+            ResponseFrame(FrameKind.END, 0, [msgspec.Raw(msgspec.msgpack.encode(666))])
+        )
+        host, _, port = caller.dispatcher.reply_addr.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        hello = await reader.readexactly(_HELLO.size)
+        assert hello[5] == 1  # the listener asks for proof
+        writer.write(bytes(48) + encode_message(reply, forged))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # cut off
+        writer.close()
+        release.set()
+        assert await asyncio.wait_for(task, 10) == [0, 1, 2, 3, 4]
+
+
+async def _collect(stream: AsyncIterator[int]) -> list[int]:
+    return [i async for i in stream]
 
 
 async def test_nats_only_when_configured(servers: EmbeddedServers, unique_ns: str) -> None:
@@ -237,19 +372,28 @@ async def test_a_caller_that_stops_reading_holds_up_nobody_else(
     servers: EmbeddedServers, unique_ns: str
 ) -> None:
     fast = {"heartbeat_interval": 0.3, "stream_timeout": 1.5}
-    sink = socket.socket()  # accepted by the kernel, never read
-    sink.bind(("127.0.0.1", 0))
-    sink.listen(8)
+
+    held: list[asyncio.BaseTransport] = []  # a transport that does not read is not polled:
+    # only this reference keeps it from being collected (and its socket closed)
+
+    class Sink(asyncio.Protocol):  # says hello as a listener does, then never reads
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(_HELLO.pack(b"DYRP", 1, 0, bytes(16)))
+            transport.pause_reading()
+            held.append(transport)
+
+    sink = await asyncio.get_running_loop().create_server(Sink, "127.0.0.1", 0)
     try:
         async with connected(servers, fast, fast, fast) as (callee, stuck, other):
             await callee.serve_endpoint(unique_ns, "F", "flood", _flood, request_type=int)
             await callee.serve_endpoint(unique_ns, "Q", "quiet", _quiet, request_type=int)
-            await listening_at(stuck, f"127.0.0.1:{sink.getsockname()[1]}", callee)
+            await listening_at(stuck, f"127.0.0.1:{sink.sockets[0].getsockname()[1]}", callee)
             flood = stuck.endpoint_client(unique_ns, "F", "flood", response_type=bytes)(0)
             pending = asyncio.create_task(anext(aiter(flood)))
             await asyncio.sleep(1.0)  # the flood fills the socket buffers; the connection pauses
             conn = callee.replies.ready(stuck.dispatcher.reply_addr)
-            assert conn is not None and not conn.writable
+            assert conn is not None and not conn.writable and not conn.lost
             # Heartbeats still reach another caller's quiet stream, and draining is bounded.
             quiet = other.endpoint_client(unique_ns, "Q", "quiet", response_type=int)
             assert [i async for i in quiet(2)] == [2]
@@ -258,7 +402,10 @@ async def test_a_caller_that_stops_reading_holds_up_nobody_else(
             assert time.monotonic() - started < 8.0
             pending.cancel()
     finally:
+        for transport in held:
+            transport.close()
         sink.close()
+        await sink.wait_closed()
 
 
 async def test_oversized_items_fail_their_stream_and_big_bursts_are_split(

@@ -59,12 +59,19 @@ _END = object()
 class CallDispatcher:
     """Owns the process's reply inbox and response listener; routes frames to open streams."""
 
-    def __init__(self, nc: NATS, stream_timeout: float, listen_host: str | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        stream_timeout: float,
+        listen_host: str | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.nc = nc
         self.stream_timeout = stream_timeout
-        # None: responses come over NATS only (DYN_RESPONSE_TRANSPORT=nats)
+        # None: responses come over NATS only (DYN_RESPONSE_TRANSPORT=nats); callees connecting
+        # to the listener must prove `secret` (the graph's, DYN_GRAPH_SECRET) when there is one
         self._listener = (
-            ResponseListener(listen_host, self._deliver, self._connection_lost)
+            ResponseListener(listen_host, self._deliver, self._connection_lost, secret)
             if listen_host
             else None
         )

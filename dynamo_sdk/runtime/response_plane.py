@@ -21,14 +21,26 @@ that is not a registered caller's listener (every process registers its own unde
 caller listens on both. A callee whose connection to a
 caller drops takes the caller for gone and cancels that caller's streams, which is how a
 SIGKILLed caller stops engines from generating for nobody.
+
+Both ends prove they hold the graph's secret (``DYN_GRAPH_SECRET``, which `dynamo serve`
+generates for the processes it starts) before a frame moves: the listener opens with a hello
+naming a fresh nonce, the callee answers with its own nonce and an HMAC-SHA256 over both, and
+the listener answers with its HMAC over both the other way round. A process that cannot prove
+it (no secret, another graph's, a port scanner writing forged frames) is cut off before any of
+its bytes are read as frames, and a callee never sends a stream to a listener that did not
+prove it either: the callee then answers that caller over NATS. Without a secret on either
+side the hello says so and nothing is authenticated (processes started by hand, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -49,6 +61,23 @@ CONNECT_TIMEOUT = 1.5
 # A caller that has not read for this long (its socket buffers full) is taken for dead: its
 # connection is aborted and its streams cancelled, rather than holding producers forever.
 STALL_TIMEOUT = 30.0
+
+
+# The handshake (see the module docstring): the listener's hello, the callee's proof (its
+# nonce, then its MAC), the listener's proof (its MAC). Fixed sizes: nothing to parse wrong.
+_HELLO = struct.Struct("<4sBB16s")  # magic, version, 1 if the listener authenticates, nonce
+_MAGIC, _VERSION = b"DYRP", 1
+_NONCE, _MAC = 16, 32
+# A peer that has not finished the handshake by then is cut off (it holds a socket for nothing).
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class HandshakeError(ConnectionError):
+    """The other end of a response connection did not prove the graph's secret."""
+
+
+def _mac(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(secret, role + first + second, hashlib.sha256).digest()
 
 
 def _tune(sock: socket.socket | None, keepalive: bool = False) -> None:
@@ -80,23 +109,60 @@ class _FrameReader(asyncio.Protocol):
         deliver: Deliver,
         live: set[_FrameReader] | None = None,
         on_lost: Callable[[object], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self._deliver = deliver
         self._on_lost = on_lost
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._live = live if live is not None else set()
+        self._secret = secret
+        self._nonce = os.urandom(_NONCE)
+        self._proven = secret is None  # no secret: frames follow the hello at once
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         self._live.add(self)
         _tune(transport.get_extra_info("socket"))
+        auth = self._secret is not None
+        self._transport.write(_HELLO.pack(_MAGIC, _VERSION, int(auth), self._nonce))
+        if not self._proven:
+            with contextlib.suppress(RuntimeError):  # no running loop: unit tests drive it
+                loop = asyncio.get_running_loop()
+                self._deadline = loop.call_later(HANDSHAKE_TIMEOUT, self._refuse, "timed out")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._live.discard(self)
-        if self._on_lost is not None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._on_lost is not None and self._proven:
             self._on_lost(self)
+
+    def _refuse(self, why: str) -> None:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        log.warning("refused a response connection from %s: %s (is DYN_GRAPH_SECRET the "
+                    "same on every process of the graph?)", peer, why)  # fmt: skip
+        self._buf.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _check_proof(self) -> bool:
+        """The callee's nonce and MAC, once they are all here; False while waiting (or cut)."""
+        if len(self._buf) < _NONCE + _MAC:
+            return False
+        assert self._secret is not None and self._transport is not None
+        theirs, mac = bytes(self._buf[:_NONCE]), bytes(self._buf[_NONCE : _NONCE + _MAC])
+        del self._buf[: _NONCE + _MAC]
+        if not hmac.compare_digest(mac, _mac(self._secret, b"callee", self._nonce, theirs)):
+            self._refuse("its proof of the graph's secret is wrong")
+            return False
+        self._transport.write(_mac(self._secret, b"caller", theirs, self._nonce))
+        self._proven = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+        return True
 
     def close(self) -> None:
         if self._transport is not None:
@@ -105,6 +171,8 @@ class _FrameReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
+        if not self._proven and not self._check_proof():
+            return
         offset, end = 0, len(buf)
         while end - offset >= 6:
             size, token_len = _HEADER.unpack_from(buf, offset)
@@ -130,11 +198,16 @@ class ResponseListener:
     `on_lost(connection)` runs when a callee's connection drops (its process died)."""
 
     def __init__(
-        self, host: str, deliver: Deliver, on_lost: Callable[[object], None] | None = None
+        self,
+        host: str,
+        deliver: Deliver,
+        on_lost: Callable[[object], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.host = host
         self._deliver = deliver
         self._on_lost = on_lost
+        self._secret = secret
         self._server: asyncio.AbstractServer | None = None
         self._readers: set[_FrameReader] = set()
         self.address = ""  # "host:port" once started: what requests name as reply_addr
@@ -142,7 +215,7 @@ class ResponseListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _FrameReader(self._deliver, self._readers, self._on_lost),
+            lambda: _FrameReader(self._deliver, self._readers, self._on_lost, self._secret),
             self.host,
             0,
             backlog=1024,
@@ -170,20 +243,64 @@ class _ReplyConnection(asyncio.Protocol):
     it: a frame is never held back behind an await, and many streams' frames share a syscall.
     """
 
-    def __init__(self, on_lost: Callable[[_ReplyConnection], None]) -> None:
+    def __init__(
+        self, on_lost: Callable[[_ReplyConnection], None], secret: bytes | None = None
+    ) -> None:
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._out: list[bytes] = []
         self._writable = asyncio.Event()
         self._writable.set()
+        self._secret = secret
+        self._nonce = os.urandom(_NONCE)
+        self._theirs = b""  # the listener's nonce, once its hello is in
+        self._inbox = bytearray()
+        # done when the listener has proved the graph's secret (or neither side has one)
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # a failure nobody awaits any more (its opening timed out) is not an unhandled error
+        self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         _tune(transport.get_extra_info("socket"), keepalive=True)
 
-    def data_received(self, data: bytes) -> None:  # callers never write back
-        pass
+    def data_received(self, data: bytes) -> None:
+        """The listener's hello and proof; after them callers never write."""
+        if self.handshake.done():
+            return
+        self._inbox += data
+        if not self._theirs:
+            if len(self._inbox) < _HELLO.size:
+                return
+            magic, version, auth, nonce = _HELLO.unpack_from(self._inbox)
+            del self._inbox[: _HELLO.size]
+            if magic != _MAGIC or version != _VERSION:
+                return self._fail("it is not a response listener of this version")
+            if bool(auth) != (self._secret is not None):
+                return self._fail(
+                    "it requires DYN_GRAPH_SECRET and this process has none"
+                    if auth
+                    else "it has no DYN_GRAPH_SECRET and this process has one"
+                )
+            if self._secret is None:
+                return self.handshake.set_result(None)
+            self._theirs = nonce
+            assert self.transport is not None
+            self.transport.write(self._nonce + _mac(self._secret, b"callee", nonce, self._nonce))
+        if len(self._inbox) < _MAC:
+            return
+        assert self._secret is not None
+        expected = _mac(self._secret, b"caller", self._nonce, self._theirs)
+        if not hmac.compare_digest(bytes(self._inbox[:_MAC]), expected):
+            return self._fail("its proof of the graph's secret is wrong")
+        self._inbox.clear()
+        self.handshake.set_result(None)
+
+    def _fail(self, why: str) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError(why))
+        self.abort()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -195,6 +312,8 @@ class _ReplyConnection(asyncio.Protocol):
         self.lost = True
         self._out.clear()
         self._writable.set()
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError("it closed the connection"))
         self._on_lost(self)
 
     @property
@@ -258,8 +377,10 @@ class ReplyConnections:
         self,
         on_caller_lost: Callable[[str], None],
         allowed: Callable[[str], bool] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self._on_caller_lost = on_caller_lost
+        self._secret = secret
         self._allowed = allowed  # None: any address (no registry to check against)
         self._conns: dict[str, _ReplyConnection] = {}
         self._opening: dict[str, asyncio.Task[_ReplyConnection | None]] = {}
@@ -313,12 +434,16 @@ class ReplyConnections:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         loop = asyncio.get_running_loop()
+        conn: _ReplyConnection | None = None
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _ReplyConnection(self._lost), host, int(port)),
-                CONNECT_TIMEOUT,
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, conn = await loop.create_connection(
+                    lambda: _ReplyConnection(self._lost, self._secret), host, int(port)
+                )
+                await conn.handshake
         except (OSError, TimeoutError, ValueError) as exc:
+            if conn is not None:
+                conn.abort()
             self._refused[address] = time.monotonic()
             log.warning(
                 "cannot open a response connection to %s (%s); answering that caller over NATS",

@@ -38,7 +38,13 @@ from dynamo_sdk.runtime.discovery import (
 )
 from dynamo_sdk.runtime.errors import RuntimeConnectionError
 from dynamo_sdk.runtime.response_plane import ReplyConnections, listen_host
-from dynamo_sdk.runtime.security import EtcdSecurity, NatsSecurity, redact
+from dynamo_sdk.runtime.security import (
+    GRAPH_SECRET_ENV,
+    MIN_SECRET_LENGTH,
+    EtcdSecurity,
+    NatsSecurity,
+    redact,
+)
 from dynamo_sdk.runtime.server import EndpointServer, Handler
 
 if TYPE_CHECKING:
@@ -113,6 +119,9 @@ class RuntimeSettings:
     # DYN_RESPONSE_HOST: the address callees reach this process's response listener at
     # ("" = the loopback address on one machine, else the interface that routes to NATS)
     response_host: str = ""
+    # DYN_GRAPH_SECRET: what the TCP response plane's peers prove to each other ("" = no
+    # authentication; `dynamo serve` generates one for the processes it starts)
+    graph_secret: str = field(default="", repr=False)
     # credentials and TLS (NATS_USER, NATS_TLS_CA, ETCD_USER, ETCD_CA_CERT, ...: security.py)
     nats_security: NatsSecurity = field(default_factory=NatsSecurity)
     etcd_security: EtcdSecurity = field(default_factory=EtcdSecurity)
@@ -134,6 +143,7 @@ class RuntimeSettings:
             heartbeat_interval=_env_float("DYN_HEARTBEAT_INTERVAL", 1.0),
             response_transport=os.environ.get("DYN_RESPONSE_TRANSPORT", "tcp").strip().lower(),
             response_host=os.environ.get("DYN_RESPONSE_HOST", "").strip(),
+            graph_secret=os.environ.get(GRAPH_SECRET_ENV, "").strip(),
             nats_security=NatsSecurity.from_env(),
             etcd_security=EtcdSecurity.from_env(),
         )
@@ -141,6 +151,11 @@ class RuntimeSettings:
             raise ValueError(
                 "DYN_RESPONSE_TRANSPORT must be 'tcp' or 'nats', "
                 f"got {settings.response_transport!r}"
+            )
+        if settings.graph_secret and len(settings.graph_secret) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"{GRAPH_SECRET_ENV} must be at least {MIN_SECRET_LENGTH} characters "
+                "(a random one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         if settings.lease_ttl < 1:
             raise ValueError("DYN_LEASE_TTL must be >= 1 second")
@@ -159,14 +174,17 @@ class DistributedRuntime:
         self.lease = Lease(etcd, settings.lease_ttl, self._lease_lost)
         tcp = settings.response_transport == "tcp"
         host = (settings.response_host or listen_host(settings.nats_url)) if tcp else None
-        self.dispatcher = CallDispatcher(nc, settings.stream_timeout, host)
+        secret = settings.graph_secret.encode() or None
+        self.dispatcher = CallDispatcher(nc, settings.stream_timeout, host, secret)
         self.dispatcher.on_instance_failed(self._instance_failed)
         # Connections to the callers of this process's endpoints (TCP response plane); None
         # with DYN_RESPONSE_TRANSPORT=nats: this process then answers over NATS too.
         # the listeners of registered callers: the only addresses this process connects to
         self.responders = AddressWatcher(etcd) if tcp else None
         self.replies = (
-            ReplyConnections(self._caller_lost, allowed=self._registered_caller) if tcp else None
+            ReplyConnections(self._caller_lost, allowed=self._registered_caller, secret=secret)
+            if tcp
+            else None
         )
         self.servers: list[EndpointServer] = []
         self._watchers: dict[str, PrefixWatcher] = {}

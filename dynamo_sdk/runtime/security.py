@@ -11,6 +11,10 @@ workers) or from the URL itself (`nats://user:pass@host:4222`, `https://user:pas
   when ``ETCD_CA_CERT`` is set) with ``ETCD_CA_CERT`` and, for client certificates,
   ``ETCD_CERT`` + ``ETCD_KEY``.
 
+The TCP response plane's peers prove ``DYN_GRAPH_SECRET`` to each other (`response_plane`);
+`dynamo serve` generates one when it is unset (`new_graph_secret`). A graph across hosts sets
+the same value on every host.
+
 URLs are redacted (`redact`) wherever they are logged or put in an error.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aetcd
 import grpc
 from aetcd import rpc
+
+GRAPH_SECRET_ENV = "DYN_GRAPH_SECRET"
+MIN_SECRET_LENGTH = 16
+
+
+def new_graph_secret() -> str:
+    """A random per-graph secret (256 bits, URL-safe text) for `GRAPH_SECRET_ENV`."""
+    return secrets.token_urlsafe(32)
 
 
 class SecurityConfigError(ValueError):

@@ -10,7 +10,7 @@ import socket
 from typing import Any
 
 from dynamo_sdk.http.server import PortInUseError, listen_socket
-from dynamo_sdk.runtime.security import redact
+from dynamo_sdk.runtime.security import GRAPH_SECRET_ENV, new_graph_secret, redact
 from dynamo_sdk.sdk.config import CONFIG_ENV
 from dynamo_sdk.serve.config_loader import ConfigError
 from dynamo_sdk.serve.embedded import EmbeddedServers, configured_servers, start_embedded
@@ -36,6 +36,24 @@ def worker_env(plan: GraphPlan, server_env: dict[str, str]) -> dict[str, str]:
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = plan.cwd + (os.pathsep + path if path else "")
     return env
+
+
+def with_graph_secret(
+    server_env: dict[str, str], *, joining: bool, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """``server_env`` plus a generated `GRAPH_SECRET_ENV` unless the environment sets one.
+
+    The response plane's peers prove it to each other, so only this graph's processes (which
+    inherit it) can write streams to its callers.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(GRAPH_SECRET_ENV, "").strip():
+        return server_env
+    if joining:
+        log.info("%s is unset: this host's processes share a generated one (set the same value "
+                 "on every host of the graph to stream responses between hosts over TCP; "
+                 "without it they answer each other over NATS)", GRAPH_SECRET_ENV)  # fmt: skip
+    return {**server_env, GRAPH_SECRET_ENV: new_graph_secret()}
 
 
 def bind_http(plan: GraphPlan) -> dict[str, socket.socket]:
@@ -89,6 +107,7 @@ def serve_graph(plan: GraphPlan, *, grace: float = 10.0) -> int:
     else:
         log.info("joining NATS %s, etcd %s", redact(servers["NATS_SERVER"]),
                  redact(servers["ETCD_ENDPOINTS"]))  # fmt: skip
+    servers = with_graph_secret(servers, joining=embedded is None)
     try:
         supervisor = Supervisor(
             plan.graph,
