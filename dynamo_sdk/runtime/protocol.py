@@ -10,6 +10,7 @@ caller's type. Several items produced without the generator pausing travel in on
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
 
@@ -23,10 +24,18 @@ class FrameKind(enum.IntEnum):
     HEARTBEAT = 3  # nothing new, but the callee is alive and still working
 
 
+# A request id is its caller's reply subject (`_INBOX.<22-character NUID>.<hex counter>`, under
+# 50 characters). The bound keeps what anyone on NATS can make a server hold small: the cancels
+# it remembers because their request has not arrived (10,000 of them) and the live streams.
+MAX_REQUEST_ID = 256
+RequestId = Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID)]
+
+
 class RequestFrame(msgspec.Struct, array_like=True):
-    request_id: str
+    request_id: RequestId
     payload: msgspec.Raw
-    reply_addr: str = ""  # "host:port" of the caller's response listener; "" = reply on NATS
+    # "host:port" of the caller's response listener; "" = reply on NATS
+    reply_addr: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID)] = ""
 
 
 class ErrorInfo(msgspec.Struct, array_like=True):
@@ -43,7 +52,7 @@ class ResponseFrame(msgspec.Struct, array_like=True):
 
 
 class CancelFrame(msgspec.Struct, array_like=True):
-    request_id: str
+    request_id: RequestId
 
 
 request_encoder = msgspec.msgpack.Encoder()
