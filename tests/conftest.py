@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,6 +31,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer
 @pytest.fixture
 def server_env(servers: EmbeddedServers) -> dict[str, str]:
     return servers.env()
+
+
+def bare(url: str) -> str:
+    """``url`` without its credentials: what an outsider who found the port has."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def settings_for(servers: EmbeddedServers, **overrides: object) -> RuntimeSettings:

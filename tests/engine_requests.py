@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
+
 from dynamo_sdk.llm.engines.base import Engine
 from dynamo_sdk.llm.protocol import (
     EngineOutput,
@@ -45,3 +49,16 @@ async def collect(engine: Engine, request: PreprocessedRequest) -> list[EngineOu
 
 def tokens(outputs: list[EngineOutput]) -> list[int]:
     return [t for out in outputs for t in out.token_ids]
+
+
+def wire(request: PreprocessedRequest, **changes: Any) -> bytes:
+    """``request`` as a hostile caller would send it (msgpack), any field set to anything:
+    ``sampling__temperature=-5`` reaches into nested structs."""
+    body = msgspec.to_builtins(request)
+    for path, value in changes.items():
+        node = body
+        *parents, leaf = path.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return msgspec.msgpack.encode(body)

@@ -109,17 +109,11 @@ from dynamo_sdk.runtime.protocol import (
 )
 from dynamo_sdk.runtime.server import EndpointServer, cancel_frame
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
-from tests.conftest import connected
-from tests.engine_requests import make_request
-from tests.serving import REPO_ROOT, ServeProcess
+from tests.conftest import bare, connected
+from tests.engine_requests import make_request, wire
+from tests.serving import REPO_ROOT, ServeProcess, answers_a_completion
 
 # ---- the attackers' tools -----------------------------------------------------------------
-
-
-def bare(url: str) -> str:
-    """``url`` without its credentials: what an outsider who found the port has."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def with_password(url: str, password: str) -> str:
@@ -135,14 +129,7 @@ def call_frame(request_id: str, payload: bytes, reply_addr: str = "") -> bytes:
 
 def hostile(**changes: Any) -> bytes:
     """A worker request (msgpack) with any field set to anything: ``sampling__temperature``."""
-    body = msgspec.to_builtins(make_request([5, 6, 7], 4, model="dynamo-mocker"))
-    for path, value in changes.items():
-        node = body
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return msgspec.msgpack.encode(body)
+    return wire(make_request([5, 6, 7], 4, model="dynamo-mocker"), **changes)
 
 
 def guessed_ids(prefixes: int = 20, per_prefix: int = 100) -> list[str]:
@@ -459,19 +446,14 @@ def graph(servers: EmbeddedServers, tmp_path_factory: pytest.TempPathFactory) ->
     )
     g = Graph(serve, port, f"http://127.0.0.1:{port}")
     try:
-        serve.wait_for(lambda: _serves(g.base), 120, "the mocker graph to serve")
+        serve.wait_for(
+            lambda: answers_a_completion(f"{g.base}/v1", MODEL), 120, "the mocker graph to serve"
+        )
         yield g
         serve.check()
         assert "Traceback" not in serve.output(), serve.log_tail(60)
     finally:
         serve.stop()
-
-
-def _serves(base: str) -> bool:
-    try:
-        return _complete(base).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _complete(base: str, **extra: Any) -> httpx.Response:

@@ -56,21 +56,9 @@ from dynamo_sdk.llm.worker.config import worker_config
 from dynamo_sdk.llm.worker.worker import LLMWorker, model_vocab_size
 from dynamo_sdk.runtime import DistributedRuntime
 from dynamo_sdk.runtime.errors import ErrorCode, RemoteError
-from tests.engine_requests import collect, make_request, tokens
+from tests.engine_requests import collect, make_request, tokens, wire
 
 GREEDY = SamplingOptions(temperature=0.0)
-
-
-def wire(request: PreprocessedRequest, **changes: Any) -> bytes:
-    """``request`` as a hostile caller would send it: any field set to anything."""
-    body = msgspec.to_builtins(request)
-    for path, value in changes.items():
-        node = body
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return msgspec.msgpack.encode(body)
 
 
 def decode(data: bytes) -> PreprocessedRequest:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
-from tests.serving import REPO_ROOT, ServeProcess
+from tests.serving import REPO_ROOT, ServeProcess, answers_a_completion
 
 pytestmark = pytest.mark.slow
 
@@ -255,20 +255,14 @@ def frontend(
     )
     served = Served(f"http://127.0.0.1:{port}", serve)
     try:
-        serve.wait_for(lambda: _serves(served.base), 90, "the echo graph to serve")
+        serve.wait_for(
+            lambda: answers_a_completion(f"{served.base}/v1", MODEL), 90, "the echo graph to serve"
+        )
         yield served
         serve.check()
         assert "Traceback" not in serve.output(), serve.log_tail(60)
     finally:
         serve.stop()
-
-
-def _serves(base: str) -> bool:
-    body = {"model": MODEL, "prompt": "ping", "max_tokens": 2}
-    try:
-        return httpx.post(f"{base}/v1/completions", json=body, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _check_error(payload: Any, where: str) -> None:

@@ -30,12 +30,7 @@ from dynamo_sdk.serve.embedded import (
     find_binary,
     free_port,
 )
-
-
-def bare(url: str) -> str:
-    """``url`` without its credentials."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+from tests.conftest import bare
 
 
 async def test_the_embedded_servers_refuse_clients_without_their_credentials(
