@@ -174,20 +174,28 @@ class KvAware(Routing):
 
 
 class ViaRouterService(Routing):
-    """Asks the Router service which worker; tells it when the stream ended."""
+    """Asks the Router service which worker; tells the same Router when the stream ended.
+
+    Routers are picked round robin among the registered ones (not through NATS's queue group,
+    which also reaches a Router that subscribed but is not ready yet, and one this process saw
+    fail), and the release goes to the Router that made the decision: with several Routers,
+    another one does not hold the assignment, and the deciding one would count it as load on
+    its worker until it expired.
+    """
 
     def __init__(self, client: EndpointClient, router: Any) -> None:
         super().__init__(client)
         self.router = router  # the Router service's client: route / release endpoints
 
     async def stream(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        decision = await self.router.route(RouteRequest(request.token_ids, request.request_id))
+        call = self.router.route.round_robin(RouteRequest(request.token_ids, request.request_id))
+        decision = await call
         try:
             async for output in batched(self.client.direct(decision.worker_id, request)):
                 yield output
         finally:
             with contextlib.suppress(Exception):  # the router also expires leaked assignments
-                await self.router.release(request.request_id)
+                await self.router.release.direct(call.instance_id, request.request_id)
 
 
 async def routing_for(

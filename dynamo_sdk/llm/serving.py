@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from msgspec import Meta
 
 from dynamo_sdk.llm.errors import ServiceUnavailableError
-from dynamo_sdk.llm.migration import Migrating
+from dynamo_sdk.llm.migration import Migrating, worker_failed
 from dynamo_sdk.llm.model_registry import LiveModels
 from dynamo_sdk.llm.model_resolver import resolve_model
 from dynamo_sdk.llm.openai_protocol import OpenAIRequest
@@ -197,11 +197,22 @@ def _transport_problem(runtime: DistributedRuntime) -> str:
 
 
 class ProcessorBackend:
-    """Requests go to a Processor service; models are live while a Processor is."""
+    """Requests go to a Processor service; models are live while a Processor is.
 
-    def __init__(self, models: LiveModels, processor: Any) -> None:
+    Processors are picked round robin among the registered (ready) ones: NATS's queue group
+    would also reach one that was restarted and subscribed but has no pipeline yet (a 503 for
+    each request it gets then), and one this process saw fail. A request whose Processor
+    fails (dies, goes silent, drains) before its first answer is sent to another one, up to
+    ``retries`` times: nothing of it reached the client yet. A stream that had answered is
+    cut: its Processor held its state (the detokenizer's, the stop strings'), which no other
+    one can take over.
+    """
+
+    def __init__(self, models: LiveModels, processor: Any, retries: int = 3) -> None:
         self.models = models
         self.processor = processor  # the Processor service's client
+        self.retries = retries
+        self.retried = 0  # requests sent to another Processor (tests, logs)
 
     async def start(self) -> None:
         await self.models.wait_ready()
@@ -222,5 +233,25 @@ class ProcessorBackend:
         """Why nothing can be served now, or "" (the Frontend's /health)."""
         return _transport_problem(self.models.runtime)
 
-    def generate(self, request_id: str, body: OpenAIRequest) -> AsyncIterator[TextDelta]:
-        return self.processor.generate(ProcessorRequest.of(request_id, body))
+    async def generate(self, request_id: str, body: OpenAIRequest) -> AsyncIterator[TextDelta]:
+        request = ProcessorRequest.of(request_id, body)
+        attempt = 0
+        while True:
+            stream = self.processor.generate.round_robin(request)
+            answered = False
+            try:
+                async for delta in stream:
+                    answered = True
+                    yield delta
+                return
+            except Exception as exc:
+                if answered or attempt >= self.retries or not worker_failed(exc):
+                    raise
+                attempt += 1
+                self.retried += 1
+                log.warning("request %s: %s; sending it to another Processor (retry %d of %d)",
+                            request_id, exc, attempt, self.retries)  # fmt: skip
+                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()

@@ -117,7 +117,9 @@ class Frontend:
             through = runtime.watcher(
                 service_of(Processor).namespace, service_of(Processor).name, "generate"
             )
-            self.backend = ProcessorBackend(LiveModels(runtime, through), self.processor)
+            self.backend = ProcessorBackend(
+                LiveModels(runtime, through), self.processor, self.config.migration_limit
+            )
         else:
             router = self.router if self.config.router_mode == "service" else None
             self.backend = ServedModels(runtime, self.config, router)

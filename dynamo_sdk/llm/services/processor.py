@@ -5,6 +5,10 @@ in the Frontend's section, it sends each validated request (a typed `ProcessorRe
 instead, and this service does exactly what the Frontend would have done
 (`dynamo_sdk/llm/serving.py`): chat template, tokenizer, context length, routing to a worker
 (`router_mode`, `service` to ask the Router service), detokenization and stop strings.
+
+It is ready (registered in discovery, so routed to) only once a model can be served end to end:
+a Processor restarted while the graph runs must not take requests in the moment between its
+start and its pipelines being built (each would fail with a 503).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dynamo_sdk import (
     depends,
     dynamo_context,
     endpoint,
+    readiness,
     service,
     service_of,
 )
@@ -51,6 +56,12 @@ class Processor:
         assert self.models is not None
         async for delta in self.models.generate(request.request_id, request.body):
             yield delta
+
+    @readiness
+    def serving(self) -> str:
+        """Ready once a model's pipeline is built: "model dynamo-tiny, 2 workers"."""
+        assert self.models is not None
+        return self.models.summary()
 
     @async_on_shutdown
     async def stop(self) -> None:
