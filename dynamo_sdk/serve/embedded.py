@@ -54,21 +54,26 @@ def find_binary(name: str) -> str:
     )
 
 
-def free_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+def _wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], name: str, timeout: float, host: str = LOOPBACK
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise EmbeddedServerError(f"{name} exited with code {proc.returncode} while starting")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.05)
-    raise EmbeddedServerError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+    raise EmbeddedServerError(f"{name} did not listen on {host}:{port} within {timeout:.0f} s")
 
 
 def _spawn(cmd: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -94,6 +99,7 @@ class ServerProcess:
     port: int = 0  # the port it serves clients on (the same after a restart)
     start_timeout: float = 30.0
     restarts: int = 0
+    host: str = LOOPBACK  # the address it listens on
 
     def restart(self) -> None:
         """Start it again with the same command: the same ports and data directory, so
@@ -101,7 +107,7 @@ class ServerProcess:
         self.stop(timeout=2.0)
         with open(self.log_path, "ab") as log:
             self.proc = _spawn(self.cmd, log)
-        _wait_for_port(self.port, self.proc, self.name, self.start_timeout)
+        _wait_for_port(self.port, self.proc, self.name, self.start_timeout, self.host)
         self.restarts += 1
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -178,31 +184,35 @@ def _secret_file(path: Path, text: str) -> Path:
     return path
 
 
-def start_nats(workdir: Path, timeout: float = 15.0, auth: bool = True) -> ServerProcess:
-    port = free_port()
+def start_nats(
+    workdir: Path, timeout: float = 15.0, auth: bool = True, host: str = LOOPBACK
+) -> ServerProcess:
+    """nats-server with JetStream on a free port of `host` (loopback unless told otherwise:
+    a multi-host test listens on an interface other hosts reach)."""
+    port = free_port(host)
     log_path = workdir / "nats.log"
     store = workdir / "jetstream"
-    config = f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{store}" }}\n'
-    url = f"nats://127.0.0.1:{port}"
+    config = f'listen: "{host}:{port}"\njetstream {{ store_dir: "{store}" }}\n'
+    url = f"nats://{host}:{port}"
     if auth:  # the password in a file, not on a command line every local user can read
         password = secrets.token_urlsafe(24)
         config += f'authorization {{ user: "{NATS_USER}", password: "{password}" }}\n'
-        url = f"nats://{NATS_USER}:{password}@127.0.0.1:{port}"
+        url = f"nats://{NATS_USER}:{password}@{host}:{port}"
     conf = _secret_file(workdir / "nats.conf", config)
     cmd = [find_binary("nats-server"), "-c", str(conf)]
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
-    _wait_for_port(port, proc, "nats-server", timeout)
-    return ServerProcess("nats-server", url, proc, log_path, cmd, port, timeout)
+    _wait_for_port(port, proc, "nats-server", timeout, host)
+    return ServerProcess("nats-server", url, proc, log_path, cmd, port, timeout, host=host)
 
 
-def _enable_etcd_auth(port: int, password: str, timeout: float) -> None:
+def _enable_etcd_auth(port: int, password: str, timeout: float, host: str = LOOPBACK) -> None:
     """Add etcd's ``root`` user with ``password`` and turn authentication on (over a plain
     gRPC channel of its own: no event loop is involved, whoever calls this)."""
     import grpc
     from aetcd import rpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = rpc.AuthStub(channel)
         stub.UserAdd(rpc.AuthUserAddRequest(name=ETCD_USER, password=password), timeout=timeout)
         stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=ETCD_USER, role="root"),
@@ -210,11 +220,14 @@ def _enable_etcd_auth(port: int, password: str, timeout: float) -> None:
         stub.AuthEnable(rpc.AuthEnableRequest(), timeout=timeout)
 
 
-def start_etcd(workdir: Path, timeout: float = 30.0, auth: bool = True) -> ServerProcess:
-    client_port, peer_port = free_port(), free_port()
+def start_etcd(
+    workdir: Path, timeout: float = 30.0, auth: bool = True, host: str = LOOPBACK
+) -> ServerProcess:
+    """etcd (one member, auth on unless ``auth`` is False) on free ports of `host`."""
+    client_port, peer_port = free_port(host), free_port(host)
     log_path = workdir / "etcd.log"
-    client_url = f"http://127.0.0.1:{client_port}"
-    peer_url = f"http://127.0.0.1:{peer_port}"
+    client_url = f"http://{host}:{client_port}"
+    peer_url = f"http://{host}:{peer_port}"
     cmd = [
         find_binary("etcd"),
         "--name", "dynamo-embedded",
@@ -232,28 +245,31 @@ def start_etcd(workdir: Path, timeout: float = 30.0, auth: bool = True) -> Serve
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
-    _wait_for_port(client_port, proc, "etcd", timeout)
-    server = ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout)
+    _wait_for_port(client_port, proc, "etcd", timeout, host)
+    server = ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout,
+                           host=host)  # fmt: skip
     if auth:
         password = secrets.token_urlsafe(24)
         try:
-            _enable_etcd_auth(client_port, password, timeout)
+            _enable_etcd_auth(client_port, password, timeout, host)
         except Exception as exc:
             server.stop()
             raise EmbeddedServerError(f"etcd: cannot enable authentication: {exc}") from exc
-        server.url = f"http://{ETCD_USER}:{password}@127.0.0.1:{client_port}"
+        server.url = f"http://{ETCD_USER}:{password}@{host}:{client_port}"
     return server
 
 
-def start_embedded(workdir: Path | None = None, auth: bool = True) -> EmbeddedServers:
-    """Start nats-server (JetStream on) and etcd on free loopback ports, each requiring
-    generated credentials unless ``auth`` is False (see module docstring)."""
+def start_embedded(
+    workdir: Path | None = None, auth: bool = True, host: str = LOOPBACK
+) -> EmbeddedServers:
+    """Start nats-server (JetStream on) and etcd on free ports of `host` (loopback), each
+    requiring generated credentials unless ``auth`` is False (see module docstring)."""
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="dynamo-embedded-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
-    nats = start_nats(root, auth=auth)
+    nats = start_nats(root, auth=auth, host=host)
     try:
-        etcd = start_etcd(root, auth=auth)
+        etcd = start_etcd(root, auth=auth, host=host)
     except BaseException:
         nats.stop()
         raise
