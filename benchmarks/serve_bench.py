@@ -114,6 +114,7 @@ from dynamo_sdk.llm.protocol import (
     Usage,
 )
 from dynamo_sdk.runtime import DistributedRuntime, EndpointClient, RuntimeSettings
+from dynamo_sdk.runtime.security import EtcdSecurity
 from dynamo_sdk.serve.embedded import EmbeddedServers, start_embedded
 
 # Targets (echo engine): what the pipeline adds to TTFT p50 at c=1, and streamed tokens/s.
@@ -596,6 +597,7 @@ async def run_benchmark(args: argparse.Namespace, session: Session, results: Res
     settings = RuntimeSettings.from_env()  # DYN_RESPONSE_TRANSPORT etc., as the graph sees them
     settings.nats_url = env["NATS_SERVER"]
     settings.etcd_endpoints = env["ETCD_ENDPOINTS"].split(",")
+    settings.etcd_security = EtcdSecurity.from_env({**os.environ, **env})  # embedded: TLS files
     runtime = await asyncio.wait_for(DistributedRuntime.connect(settings), 30.0)
     try:
         for name in args.engines:

@@ -33,6 +33,12 @@ def server_env(servers: EmbeddedServers) -> dict[str, str]:
     return servers.env()
 
 
+def child_env(servers: EmbeddedServers) -> dict[str, str]:
+    """This process's environment plus what a child process needs to reach `servers`
+    (their URLs and etcd's TLS files)."""
+    return {**os.environ, **servers.env()}
+
+
 def bare(url: str) -> str:
     """``url`` without its credentials: what an outsider who found the port has."""
     parts = urlsplit(url)
@@ -40,7 +46,11 @@ def bare(url: str) -> str:
 
 
 def settings_for(servers: EmbeddedServers, **overrides: object) -> RuntimeSettings:
-    settings = RuntimeSettings(nats_url=servers.nats.url, etcd_endpoints=[servers.etcd.url])
+    settings = RuntimeSettings(
+        nats_url=servers.nats.url,
+        etcd_endpoints=[servers.etcd.url],
+        etcd_security=servers.etcd_security,
+    )
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings

