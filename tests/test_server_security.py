@@ -38,6 +38,12 @@ async def test_the_embedded_servers_refuse_clients_without_their_credentials(
 ) -> None:
     assert "@" in servers.nats.url and "@" in servers.etcd.url
     assert stat.S_IMODE((servers.workdir / "nats.conf").stat().st_mode) == 0o600
+    tls = servers.workdir / "tls"  # etcd's CA and certificates: the owner's alone
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in tls.iterdir()} == {
+        name: 0o600 for name in ("ca.pem", "server.pem", "server-key.pem", "client.pem",
+                                 "client-key.pem")
+    }  # fmt: skip
     with pytest.raises(Exception, match=r"(?i)authorization"):
         await nats.connect(bare(servers.nats.url), allow_reconnect=False, connect_timeout=2)
     # etcd takes no client without a certificate from the graph's CA: not one call is read
