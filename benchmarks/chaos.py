@@ -27,9 +27,11 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from typing import Any
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
 from harness.client import stream_request
-from harness.launch import serve_graph, stop_graph
+from harness.launch import run_args, serve_graph, stop_graph
 from harness.report import check, format_targets, summary
 from soak import MODEL, random_request
 
@@ -52,31 +54,71 @@ class Tally:
     short: int = 0  # ended without all their tokens
     errors: dict[str, int] = field(default_factory=dict)
     finished_at: list[float] = field(default_factory=list)
+    # (sent, ended, "" or why it failed) of every stream, time.monotonic(): which streams
+    # were in flight at a disruption (benchmarks/chaos_suite.py)
+    spans: list[tuple[float, float, str]] = field(default_factory=list)
 
     def fail(self, why: str) -> None:
         self.failed += 1
         self.errors[why[:120]] = self.errors.get(why[:120], 0) + 1
 
 
-async def one_stream(session: Any, url: str, rng: random.Random, tally: Tally) -> None:
-    body = random_request(rng)
+async def one_stream(
+    session: Any,
+    url: str,
+    rng: random.Random,
+    tally: Tally,
+    make_body: Callable[[random.Random], dict[str, Any]] = random_request,
+) -> None:
+    body = make_body(rng)
+    sent = time.monotonic()
     result = await stream_request(session, url, body)
+    why = ""
     if not result.ok:
-        tally.fail(result.error)
+        why = result.error or "failed"
+        tally.fail(why)
     elif result.tokens != body["max_tokens"]:
         tally.short += 1
-        tally.fail(f"{result.tokens} of {body['max_tokens']} tokens")
+        why = f"{result.tokens} of {body['max_tokens']} tokens"
+        tally.fail(why)
     else:
         tally.completed += 1
         tally.finished_at.append(time.monotonic())
+    tally.spans.append((sent, time.monotonic(), why))
 
 
-def up_workers(serve: Any, workers: int, min_up: float) -> list[tuple[str, int]]:
-    """(label, pid) of the workers whose newest process has been up ``min_up`` seconds."""
+def load_session() -> Any:
+    """The closed loop's aiohttp session: no connection limit, 120 s a stream at most."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    )
+
+
+async def stream_loop(
+    session: Any,
+    url: str,
+    seed: int,
+    i: int,
+    tally: Tally,
+    stop: asyncio.Event,
+    make_body: Callable[[random.Random], dict[str, Any]] = random_request,
+) -> None:
+    """Stream `i` of the closed loop: one stream after another until `stop` is set."""
+    rng = random.Random(seed * 7919 + i)
+    while not stop.is_set():
+        await one_stream(session, url, rng, tally, make_body)
+
+
+def up_workers(
+    serve: Any, workers: int, min_up: float, service: str = "Worker"
+) -> list[tuple[str, int]]:
+    """(label, pid) of the `service` workers whose newest process has been up ``min_up`` s."""
     out = []
     now = time.time()
     for i in range(workers):
-        label = f"Worker:{i}"
+        label = f"{service}:{i}"
         pids = serve.worker_pids(label)
         if not pids:
             continue
@@ -90,8 +132,6 @@ def up_workers(serve: Any, workers: int, min_up: float) -> list[tuple[str, int]]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import aiohttp
-
     port = free_port()
     overrides = [
         f"--Worker.ServiceArgs.workers={args.workers}",
@@ -115,14 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.wait_for(ready, 180, "the graph")
         url = f"{serve.base}/v1/completions"
         stop = asyncio.Event()
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
-        ) as session:
-
-            async def loop(i: int) -> None:
-                r = random.Random(args.seed * 7919 + i)
-                while not stop.is_set():
-                    await one_stream(session, url, r, tally)
+        async with load_session() as session:
 
             async def killer() -> None:
                 while len(kills) < args.kills:
@@ -140,7 +173,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stop.set()
 
             started = time.monotonic()
-            await asyncio.gather(killer(), *(loop(i) for i in range(args.concurrency)))
+            await asyncio.gather(killer(), *(stream_loop(session, url, args.seed, i, tally, stop)
+                                             for i in range(args.concurrency)))  # fmt: skip
             run_s = time.monotonic() - started
     finally:
         log = serve.output()
@@ -148,8 +182,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     done = sorted(tally.finished_at)
     gap = max((b - a for a, b in itertools.pairwise(done)), default=float("nan"))
     return {"settings": vars(args), "run_s": run_s, "kills": len(kills),
-            "tally": {k: v for k, v in asdict(tally).items() if k != "finished_at"},
+            "tally": {k: v for k, v in asdict(tally).items() if k not in ("finished_at", "spans")},
             "migrations": log.count("continuing on another worker"),
+            "restarts": len(re.findall(r"exited with code -?\d+; restart #", log)),
             "exhausted": log.count("worker failed after"), "longest_gap_s": gap}  # fmt: skip
 
 
@@ -193,10 +228,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=48)
     p.add_argument("--interval", type=float, default=2.0, help="seconds between kills")
     p.add_argument("--min-up", type=float, default=3.0, help="a worker's age before a kill")
-    p.add_argument("--speedup", type=float, default=20.0, help="the mocker's clock speed-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", default="/tmp/dynamo-chaos")
-    p.add_argument("--json")
+    run_args(p, speedup=20.0, log_dir="/tmp/dynamo-chaos")
     args = p.parse_args()
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args))

@@ -39,7 +39,7 @@ from typing import Any
 import harness  # noqa: F401 (first: puts the repository root on sys.path)
 import psutil
 from harness.client import completion_body
-from harness.launch import serve_graph, stop_graph
+from harness.launch import run_args, serve_graph, stop_graph
 from harness.report import check, format_targets, summary, table
 
 from dynamo_sdk.serve.embedded import free_port
@@ -279,15 +279,12 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=512)
     p.add_argument("--disconnect", type=float, default=0.1, help="share abandoned mid-stream")
-    p.add_argument("--speedup", type=float, default=50.0, help="the mocker's clock speed-up")
     p.add_argument("--num-blocks", type=int, default=65536, help="the Worker's KV blocks")
     p.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=0.2, help="share of the run before RSS counts")
     p.add_argument("--settle", type=float, default=15.0, help="seconds the servers get to idle")
     p.add_argument("--request-timeout", type=float, default=120.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", default="/tmp/dynamo-soak")
-    p.add_argument("--json")
+    run_args(p, speedup=50.0, log_dir="/tmp/dynamo-soak")
     args = p.parse_args()
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args))

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -67,7 +67,9 @@ class ServeProcess:
     default: `die_with_parent` (the graph gets SIGTERM if this process dies), `new_session` (a
     process group of its own, out of reach of the terminal's Ctrl-C), `profile_dir` (every
     served Python process dumps `profile_dir/<Service>-<pid>.prof` at exit; the hook is a
-    `sitecustomize.py` written beside the log and put first on `PYTHONPATH`).
+    `sitecustomize.py` written beside the log and put first on `PYTHONPATH`), `wrap` (a
+    command that runs it, e.g. ``["ip", "netns", "exec", "host-b"]``: one that execs, so the
+    process started is `dynamo serve` itself).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class ServeProcess:
         die_with_parent: bool = False,
         new_session: bool = False,
         profile_dir: Path | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.log_path = log_path
         self.base = ""  # set by tests that serve HTTP
@@ -99,6 +102,7 @@ class ServeProcess:
         command = [*DYNAMO, "serve", *args]
         if die_with_parent:
             command = [sys.executable, "-c", DIE_WITH_PARENT_LAUNCHER, "serve", *args]
+        command = [*wrap, *command]
         self._log = open(log_path, "wb")
         self.started = time.monotonic()  # just before the launch: for "start to serving"
         self.proc = subprocess.Popen(

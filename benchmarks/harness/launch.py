@@ -10,6 +10,7 @@ kills what is left after `STOP_TIMEOUT` seconds.
 
 from __future__ import annotations
 
+import argparse
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "ServeProcess",
     "find_config",
     "free_port",
+    "run_args",
     "serve_graph",
     "stop_graph",
 ]
@@ -57,11 +59,14 @@ def serve_graph(
     profile_dir: Path | None = None,
     port_key: str = "Frontend.port",
     cwd: Path = REPO_ROOT,
+    wrap: Sequence[str] = (),
 ) -> ServeProcess:
     """Start `dynamo serve` for `graph` (e.g. ``graphs.agg:Frontend``); its HTTP on `port`.
 
     `cwd` (default: this checkout) is where the graph, its configs and, ahead of the installed
-    package, `dynamo_sdk` itself are imported from: another checkout serves that tree.
+    package, `dynamo_sdk` itself are imported from: another checkout serves that tree. `wrap`
+    runs it through a command that execs it (``ip netns exec HOST``: a graph on another
+    simulated host).
     """
     args = [graph]
     if config:
@@ -75,6 +80,7 @@ def serve_graph(
         die_with_parent=True,
         new_session=True,
         profile_dir=profile_dir,
+        wrap=wrap,
     )
     serve.base = f"http://127.0.0.1:{port}"
     return serve
@@ -83,3 +89,12 @@ def serve_graph(
 def stop_graph(serve: ServeProcess, timeout: float = STOP_TIMEOUT) -> None:
     """Drain (SIGINT), then SIGKILL whatever is left after `timeout` seconds. Idempotent."""
     serve.stop(signal.SIGINT, timeout)
+
+
+def run_args(p: argparse.ArgumentParser, *, speedup: float, log_dir: str) -> None:
+    """The options every mocker-graph run takes: ``--speedup`` (the mocker's clock),
+    ``--seed``, ``--log-dir`` (the graph's logs) and ``--json`` (the result)."""
+    p.add_argument("--speedup", type=float, default=speedup, help="the mocker's clock speed-up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", default=log_dir)
+    p.add_argument("--json")
